@@ -1,0 +1,1 @@
+"""Model backends: one package per runtime, each behind the interface in ``backends.base``."""

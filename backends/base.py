@@ -1,0 +1,86 @@
+"""The interface every backend implements, and how backends are found by name.
+
+A backend is a class; the server creates one object per model instance (one copy of one version on one device)
+and calls ``execute`` with a whole batch. Backends know nothing of HTTP, gRPC, queues or batching. Third parties
+publish a backend by declaring an entry point in the ``modeldock.backends`` group whose name is what
+``backend:`` in ``config.yaml`` refers to.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from server.config import ModelConfig
+from server.devices import Device
+from server.errors import ModelLoadError
+
+ENTRY_POINT_GROUP = "modeldock.backends"
+
+# Built into this distribution; used when the package runs from a source tree without being installed.
+_BUILTIN: dict[str, str] = {
+    "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
+}
+
+
+class Backend(ABC):
+    """One loaded copy of a model version on one device."""
+
+    #: File name looked for in a version folder when the config gives no ``default_model_filename``.
+    default_model_filename: ClassVar[str] = "model"
+    #: Whether ``execute`` releases the GIL for most of its time; if not, instances run in worker processes.
+    releases_gil: ClassVar[bool] = True
+    #: Whether the backend accepts GPU instances at all.
+    supports_gpu: ClassVar[bool] = False
+
+    def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        self.config = config
+        self.version_dir = version_dir
+        self.device = device
+
+    @classmethod
+    def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
+        """Fill in what the config leaves out (inputs, outputs) from the model file itself."""
+        return config
+
+    @classmethod
+    def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
+        return version_dir / (config.default_model_filename or cls.default_model_filename)
+
+    @abstractmethod
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        """Run one batch. ``output_names`` lists the outputs the batch's requests need."""
+
+    def unload(self) -> None:
+        """Release memory and device resources; the object is not used afterwards."""
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under ``name``, via entry points first, then the built-in table."""
+    if not name:
+        raise ModelLoadError("field 'backend': no backend given (e.g. backend: onnxruntime)")
+    target = None
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            target = ep.value
+            break
+    if target is None:
+        target = _BUILTIN.get(name)
+    if target is None:
+        known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | set(_BUILTIN))
+        raise ModelLoadError(f"field 'backend': unknown backend '{name}'; installed backends: {known}")
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ModelLoadError(f"backend '{name}' cannot be imported ({exc}); is its extra installed?") from exc
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise ModelLoadError(f"backend '{name}': {target} is not a Backend subclass")
+    return cls

@@ -1,0 +1,5 @@
+"""ONNX Runtime backend (``backend: onnxruntime``)."""
+
+from backends.onnxruntime.backend import OnnxRuntimeBackend
+
+__all__ = ["OnnxRuntimeBackend"]

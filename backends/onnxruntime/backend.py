@@ -1,0 +1,170 @@
+"""Runs ``model.onnx`` in an ONNX Runtime session on the CPU or on one CUDA device.
+
+Session options come from config ``parameters`` so they can be tuned per model without code:
+``intra_op_thread_count``, ``inter_op_thread_count``, ``graph_optimization_level`` (disable/basic/extended/all),
+``execution_mode`` (sequential/parallel), ``enable_mem_pattern`` and ``cudnn_conv_algo_search``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import onnxruntime as ort
+
+from backends.base import Backend
+from server.config import ModelConfig, TensorConfig
+from server.devices import Device
+from server.errors import BackendError, ConfigError, ModelLoadError
+
+# ONNX tensor element type names (as ORT reports them) -> config data types.
+_ORT_TO_CONFIG: dict[str, str] = {
+    "tensor(bool)": "TYPE_BOOL",
+    "tensor(uint8)": "TYPE_UINT8",
+    "tensor(uint16)": "TYPE_UINT16",
+    "tensor(uint32)": "TYPE_UINT32",
+    "tensor(uint64)": "TYPE_UINT64",
+    "tensor(int8)": "TYPE_INT8",
+    "tensor(int16)": "TYPE_INT16",
+    "tensor(int32)": "TYPE_INT32",
+    "tensor(int64)": "TYPE_INT64",
+    "tensor(float16)": "TYPE_FP16",
+    "tensor(float)": "TYPE_FP32",
+    "tensor(double)": "TYPE_FP64",
+    "tensor(string)": "TYPE_STRING",
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def _int_parameter(config: ModelConfig, key: str) -> int | None:
+    if key not in config.parameters:
+        return None
+    try:
+        value = int(config.parameters[key])
+    except ValueError:
+        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': expected an integer") from None
+    if value < 0:
+        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': must be >= 0")
+    return value
+
+
+def session_options(config: ModelConfig) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    intra = _int_parameter(config, "intra_op_thread_count")
+    if intra is not None:
+        options.intra_op_num_threads = intra
+    inter = _int_parameter(config, "inter_op_thread_count")
+    if inter is not None:
+        options.inter_op_num_threads = inter
+    level = config.parameters.get("graph_optimization_level")
+    if level is not None:
+        if level.lower() not in _OPT_LEVELS:
+            raise ConfigError(
+                f"model '{config.name}': field 'parameters.graph_optimization_level': "
+                f"expected one of {sorted(_OPT_LEVELS)}, got '{level}'"
+            )
+        options.graph_optimization_level = _OPT_LEVELS[level.lower()]
+    mode = config.parameters.get("execution_mode")
+    if mode is not None:
+        if mode.lower() not in ("sequential", "parallel"):
+            raise ConfigError(f"model '{config.name}': field 'parameters.execution_mode': sequential or parallel")
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if mode.lower() == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+    if config.parameters.get("enable_mem_pattern", "").lower() == "false":
+        options.enable_mem_pattern = False
+    return options
+
+
+def _dims_from_ort(shape: list[object]) -> list[int]:
+    return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
+
+
+class OnnxRuntimeBackend(Backend):
+    default_model_filename: ClassVar[str] = "model.onnx"
+    releases_gil: ClassVar[bool] = True
+    supports_gpu: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        super().__init__(config, version_dir, device)
+        path = self.model_path(config, version_dir)
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found")
+        providers: list[object]
+        if device.is_gpu:
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ModelLoadError(
+                    f"model '{config.name}': KIND_GPU instance needs onnxruntime's CUDAExecutionProvider, which "
+                    f"this install lacks (available: {ort.get_available_providers()}); install onnxruntime-gpu "
+                    "or use kind: KIND_CPU"
+                )
+            cuda_options = {"device_id": device.index}
+            if "cudnn_conv_algo_search" in config.parameters:
+                cuda_options["cudnn_conv_algo_search"] = config.parameters["cudnn_conv_algo_search"]
+            providers = [("CUDAExecutionProvider", cuda_options)]
+        else:
+            providers = ["CPUExecutionProvider"]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=session_options(config), providers=providers)
+        except ModelLoadError:
+            raise
+        except Exception as exc:  # ORT raises its own exception types for every kind of bad file
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+        self._input_names = [i.name for i in self.session.get_inputs()]
+        self._output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
+        path = cls.model_path(config, version_dir)
+        if config.input and config.output:
+            return config
+        if not path.is_file():
+            raise ModelLoadError(f"{path}: model file not found (needed to fill in inputs/outputs)")
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+        config = config.model_copy(deep=True)
+
+        def describe(args: list[ort.NodeArg]) -> list[TensorConfig]:
+            tensors = []
+            for arg in args:
+                data_type = _ORT_TO_CONFIG.get(arg.type)
+                if data_type is None:
+                    raise ModelLoadError(f"{path}: tensor '{arg.name}' has unsupported type {arg.type}")
+                dims = _dims_from_ort(list(arg.shape))
+                if config.max_batch_size > 0:
+                    if not dims or dims[0] != -1:
+                        raise ModelLoadError(
+                            f"{path}: max_batch_size is {config.max_batch_size} but tensor '{arg.name}' has no "
+                            "variable leading (batch) dimension"
+                        )
+                    dims = dims[1:]
+                tensors.append(TensorConfig(name=arg.name, data_type=data_type, dims=dims))
+            return tensors
+
+        if not config.input:
+            config.input = describe(session.get_inputs())
+        if not config.output:
+            config.output = describe(session.get_outputs())
+        return config
+
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        names = [n for n in output_names if n in self._output_names] or self._output_names
+        feed = {name: inputs[name] for name in self._input_names if name in inputs}
+        try:
+            results = self.session.run(names, feed)
+        except Exception as exc:
+            raise BackendError(f"model '{self.config.name}': ONNX Runtime failed: {exc}") from None
+        return dict(zip(names, results, strict=True))
+
+    def unload(self) -> None:
+        del self.session

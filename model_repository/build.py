@@ -1,0 +1,100 @@
+"""Builds the bundled example models with ``onnx.helper`` so every file in the repository can be regenerated.
+
+Run ``python model_repository/build.py`` from the repository root; the output is deterministic (fixed seed), so
+regenerating produces the committed files byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+HERE = Path(__file__).resolve().parent
+OPSET = 17
+IR_VERSION = 8
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    onnx.checker.check_model(model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(model.SerializeToString())
+
+
+def build_simple() -> onnx.ModelProto:
+    """Triton's ``simple`` example in FP32: OUTPUT0 = INPUT0 + INPUT1, OUTPUT1 = INPUT0 - INPUT1."""
+    shape = ["batch", 16]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["INPUT0", "INPUT1"], ["OUTPUT0"]),
+            helper.make_node("Sub", ["INPUT0", "INPUT1"], ["OUTPUT1"]),
+        ],
+        "simple",
+        [
+            helper.make_tensor_value_info("INPUT0", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("INPUT1", TensorProto.FLOAT, shape),
+        ],
+        [
+            helper.make_tensor_value_info("OUTPUT0", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("OUTPUT1", TensorProto.FLOAT, shape),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+MLP_FEATURES = 256
+MLP_HIDDEN = 1024
+MLP_CLASSES = 10
+
+
+def build_mlp(seed: int = 0) -> onnx.ModelProto:
+    """A 3-layer MLP classifier: ``features`` [batch, 256] -> ``logits`` and ``probabilities`` [batch, 10]."""
+    rng = np.random.default_rng(seed)
+
+    def dense(name: str, fan_in: int, fan_out: int) -> list[onnx.TensorProto]:
+        scale = np.sqrt(2.0 / fan_in)
+        weight = (rng.standard_normal((fan_in, fan_out)) * scale).astype(np.float32)
+        bias = (rng.standard_normal(fan_out) * 0.01).astype(np.float32)
+        return [numpy_helper.from_array(weight, f"{name}.weight"), numpy_helper.from_array(bias, f"{name}.bias")]
+
+    initializers = (
+        dense("fc1", MLP_FEATURES, MLP_HIDDEN) + dense("fc2", MLP_HIDDEN, MLP_HIDDEN) + dense("fc3", MLP_HIDDEN, MLP_CLASSES)
+    )
+    nodes = [
+        helper.make_node("Gemm", ["features", "fc1.weight", "fc1.bias"], ["h1_pre"]),
+        helper.make_node("Relu", ["h1_pre"], ["h1"]),
+        helper.make_node("Gemm", ["h1", "fc2.weight", "fc2.bias"], ["h2_pre"]),
+        helper.make_node("Relu", ["h2_pre"], ["h2"]),
+        helper.make_node("Gemm", ["h2", "fc3.weight", "fc3.bias"], ["logits"]),
+        helper.make_node("Softmax", ["logits"], ["probabilities"], axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "mlp_classifier",
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", MLP_FEATURES])],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", MLP_CLASSES]),
+            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", MLP_CLASSES]),
+        ],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
+def build(out: Path = HERE) -> list[Path]:
+    written = []
+    for name, model in (("simple", build_simple()), ("mlp_classifier", build_mlp())):
+        path = out / name / "1" / "model.onnx"
+        _save(model, path)
+        written.append(path)
+    return written
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, default=HERE, help="repository folder to write into")
+    for path in build(parser.parse_args().out):
+        print(f"wrote {path}")

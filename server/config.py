@@ -1,0 +1,319 @@
+"""The model configuration schema: Triton's ``config.pbtxt`` field names, written as YAML.
+
+Triton users should be able to translate a ``config.pbtxt`` into ``config.yaml`` field for field. Unknown fields
+and wrong types are errors that name the file and the field, because a silently ignored typo (``max_batchsize``)
+is the kind of mistake that costs an afternoon.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from server.errors import ConfigError
+from server.protocol.datatypes import CONFIG_DATATYPES, CONFIG_TO_WIRE
+
+CONFIG_FILENAME = "config.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Reshape(_Strict):
+    shape: list[int]
+
+
+class TensorConfig(_Strict):
+    """One input or output tensor of a model. ``dims`` excludes the batch dimension when batching is on."""
+
+    name: str = Field(min_length=1)
+    data_type: str
+    dims: list[int]
+    reshape: Reshape | None = None
+    optional: bool = False
+    allow_ragged_batch: bool = False
+    label_filename: str | None = None
+
+    @field_validator("data_type")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in CONFIG_DATATYPES:
+            raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _valid_dims(cls, value: list[int]) -> list[int]:
+        if any(d < -1 for d in value):
+            raise ValueError("dims must be -1 (variable) or non-negative")
+        return value
+
+    @property
+    def wire_datatype(self) -> str:
+        return CONFIG_TO_WIRE[self.data_type]
+
+
+class InstanceKind(str, Enum):
+    KIND_AUTO = "KIND_AUTO"
+    KIND_CPU = "KIND_CPU"
+    KIND_GPU = "KIND_GPU"
+    KIND_MODEL = "KIND_MODEL"
+
+
+class InstanceGroup(_Strict):
+    """``count`` copies of the model per listed GPU (or ``count`` on the CPU)."""
+
+    name: str | None = None
+    count: int = Field(default=1, ge=1)
+    kind: InstanceKind = InstanceKind.KIND_AUTO
+    gpus: list[int] = Field(default_factory=list)
+
+    @field_validator("gpus")
+    @classmethod
+    def _non_negative(cls, value: list[int]) -> list[int]:
+        if any(g < 0 for g in value):
+            raise ValueError("gpu ids must be non-negative")
+        return value
+
+
+class TimeoutAction(str, Enum):
+    REJECT = "REJECT"
+    DELAY = "DELAY"
+
+
+class QueuePolicy(_Strict):
+    """Triton's ``ModelQueuePolicy``: how long requests may wait and how many may wait."""
+
+    timeout_action: TimeoutAction = TimeoutAction.REJECT
+    default_timeout_microseconds: int = Field(default=0, ge=0)
+    allow_timeout_override: bool = False
+    max_queue_size: int = Field(default=0, ge=0)
+
+
+class DynamicBatching(_Strict):
+    preferred_batch_size: list[int] = Field(default_factory=list)
+    max_queue_delay_microseconds: int = Field(default=0, ge=0)
+    preserve_ordering: bool = False
+    priority_levels: int = Field(default=0, ge=0)
+    default_priority_level: int = Field(default=0, ge=0)
+    default_queue_policy: QueuePolicy = Field(default_factory=QueuePolicy)
+    priority_queue_policy: dict[int, QueuePolicy] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _levels_consistent(self) -> DynamicBatching:
+        if any(size < 1 for size in self.preferred_batch_size):
+            raise ValueError("preferred_batch_size entries must be >= 1")
+        if self.priority_levels:
+            if not 1 <= self.default_priority_level <= self.priority_levels:
+                raise ValueError(
+                    f"default_priority_level must be between 1 and priority_levels ({self.priority_levels})"
+                )
+            bad = [level for level in self.priority_queue_policy if not 1 <= level <= self.priority_levels]
+            if bad:
+                raise ValueError(f"priority_queue_policy levels {bad} are outside 1..{self.priority_levels}")
+        elif self.default_priority_level or self.priority_queue_policy:
+            raise ValueError("default_priority_level and priority_queue_policy need priority_levels > 0")
+        return self
+
+
+class LatestPolicy(_Strict):
+    num_versions: int = Field(default=1, ge=1)
+
+
+class AllPolicy(_Strict):
+    pass
+
+
+class SpecificPolicy(_Strict):
+    versions: list[int] = Field(min_length=1)
+
+
+class VersionPolicy(_Strict):
+    """Exactly one of ``latest``, ``all`` or ``specific``, as in Triton."""
+
+    latest: LatestPolicy | None = None
+    all: AllPolicy | None = None
+    specific: SpecificPolicy | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> VersionPolicy:
+        chosen = [k for k in ("latest", "all", "specific") if getattr(self, k) is not None]
+        if len(chosen) > 1:
+            raise ValueError(f"choose one of latest, all, specific (got {', '.join(chosen)})")
+        if not chosen:
+            self.latest = LatestPolicy()
+        return self
+
+    def select(self, available: list[int]) -> list[int]:
+        """The versions to serve out of those present on disk, newest first."""
+        ordered = sorted(available, reverse=True)
+        if self.all is not None:
+            return ordered
+        if self.specific is not None:
+            return [v for v in ordered if v in self.specific.versions]
+        assert self.latest is not None
+        return ordered[: self.latest.num_versions]
+
+
+class WarmupInput(_Strict):
+    data_type: str
+    dims: list[int]
+    zero_data: bool | None = None
+    random_data: bool | None = None
+    input_data_file: str | None = None
+
+    @field_validator("data_type")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in CONFIG_DATATYPES:
+            raise ValueError(f"unknown data_type '{value}'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> WarmupInput:
+        sources = [s for s in ("zero_data", "random_data", "input_data_file") if getattr(self, s)]
+        if len(sources) != 1:
+            raise ValueError("set exactly one of zero_data, random_data, input_data_file")
+        return self
+
+
+class ModelWarmup(_Strict):
+    name: str
+    batch_size: int = Field(default=1, ge=1)
+    inputs: dict[str, WarmupInput]
+    count: int = Field(default=1, ge=1)
+
+
+class ModelConfig(_Strict):
+    """A model's ``config.yaml``; the folder name is the model name unless ``name`` says otherwise."""
+
+    name: str = ""
+    platform: str = ""
+    backend: str = ""
+    max_batch_size: int = Field(default=0, ge=0)
+    input: list[TensorConfig] = Field(default_factory=list)
+    output: list[TensorConfig] = Field(default_factory=list)
+    instance_group: list[InstanceGroup] = Field(default_factory=list)
+    dynamic_batching: DynamicBatching | None = None
+    version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
+    parameters: dict[str, str] = Field(default_factory=dict)
+    default_model_filename: str = ""
+    model_warmup: list[ModelWarmup] = Field(default_factory=list)
+
+    @field_validator("parameters", mode="before")
+    @classmethod
+    def _flatten_parameters(cls, value: Any) -> Any:
+        """Accept Triton's ``{key: {string_value: "1"}}`` as well as plain ``{key: 1}``."""
+        if not isinstance(value, dict):
+            return value
+        flat: dict[str, Any] = {}
+        for key, item in value.items():
+            if isinstance(item, dict) and set(item) == {"string_value"}:
+                item = item["string_value"]
+            if isinstance(item, bool):
+                item = "true" if item else "false"
+            if isinstance(item, (int, float)):
+                item = str(item)
+            flat[str(key)] = item
+        return flat
+
+    @model_validator(mode="after")
+    def _unique_tensor_names(self) -> ModelConfig:
+        for kind in ("input", "output"):
+            names = [t.name for t in getattr(self, kind)]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {kind} names: {dupes}")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backend_from_platform(cls, data: Any) -> Any:
+        """Triton lets ``platform: onnxruntime_onnx`` stand in for ``backend``; so do we."""
+        if isinstance(data, dict) and not data.get("backend") and data.get("platform"):
+            backend = PLATFORM_TO_BACKEND.get(str(data["platform"]))
+            if backend:
+                data = {**data, "backend": backend}
+        return data
+
+    def input_by_name(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.input if t.name == name), None)
+
+    def output_by_name(self, name: str) -> TensorConfig | None:
+        return next((t for t in self.output if t.name == name), None)
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The config as Triton's JSON model-config shape (what ``/v2/models/{m}/config`` returns)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        data["parameters"] = {k: {"string_value": v} for k, v in self.parameters.items()}
+        return data
+
+
+PLATFORM_TO_BACKEND: dict[str, str] = {
+    "onnxruntime_onnx": "onnxruntime",
+    "pytorch_libtorch": "pytorch",
+    "tensorrt_plan": "tensorrt",
+}
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(root)"
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        loc = tuple(p for p in item["loc"] if p not in ("function-after", "function-before"))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown field"
+        problems.append(f"field '{_format_location(loc)}': {msg}")
+    return f"{source}: " + "; ".join(problems)
+
+
+def parse_model_config(data: Any, source: str, model_name: str) -> ModelConfig:
+    """Validate a config mapping; ``source`` names where it came from in error messages."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+    try:
+        config = ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(source, exc)) from None
+    if config.name and config.name != model_name:
+        raise ConfigError(f"{source}: field 'name': '{config.name}' does not match the model folder '{model_name}'")
+    config.name = model_name
+    return config
+
+
+def load_model_config(model_dir: Path) -> ModelConfig:
+    """Read ``<model_dir>/config.yaml``; a missing file means "all defaults, auto-complete the rest"."""
+    path = model_dir / CONFIG_FILENAME
+    if not path.exists():
+        return parse_model_config({}, str(path), model_dir.name)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from None
+    return parse_model_config(data, str(path), model_dir.name)
+

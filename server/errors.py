@@ -1,0 +1,81 @@
+"""Error types raised along the request path.
+
+Every failure a client can cause or observe is one of these types, so the front ends map them to HTTP status
+codes and gRPC status codes in exactly one place (``http_status`` / ``grpc_code`` below) and a client mistake
+never surfaces as a 500 or UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class ModelDockError(Exception):
+    """Base of all errors the server reports to clients."""
+
+    http_status: int = 500
+    grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ModelDockError):
+    """The request is malformed: bad tensor name, shape, datatype or body."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ModelNotFound(ModelDockError):
+    """No model (or no such version of it) is known to the repository."""
+
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotReady(ModelDockError):
+    """The model exists but cannot serve right now (loading, failed, unloading)."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class QueueFull(ModelDockError):
+    """The model's queue is at its configured limit; the client should back off."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class RequestTimeout(ModelDockError):
+    """The request waited in the queue longer than its timeout allows."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelLoadError(ModelDockError):
+    """A model could not be loaded: broken config, missing or broken model file, unavailable device."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ConfigError(ModelLoadError):
+    """A config file is invalid; the message names the file and the field."""
+
+
+class BackendError(ModelDockError):
+    """The backend failed while executing a request that passed validation."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+
+
+class Unsupported(ModelDockError):
+    """The request asks for a feature this server does not offer."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.UNIMPLEMENTED

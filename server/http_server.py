@@ -1,0 +1,120 @@
+"""The KServe v2 HTTP/REST front end: routes translate between HTTP and ``InferenceServer`` calls only."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from server.core import InferenceServer
+from server.errors import InvalidInput, ModelDockError
+from server.protocol.http_codec import HEADER_LENGTH, decode_request, encode_response
+
+log = logging.getLogger(__name__)
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    body = await request.body()
+    if not body.strip():
+        return {}
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidInput("request body must be a JSON object")
+    return data
+
+
+def create_app(core: InferenceServer) -> FastAPI:
+    app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
+    app.state.core = core
+
+    @app.exception_handler(ModelDockError)
+    async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:
+        if exc.http_status >= 500:
+            log.warning("request failed: %s", exc.message)
+        return _error(exc.http_status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json(core.server_metadata())
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200 if core.live else 503)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        return Response(status_code=200 if core.is_ready() else 503)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    async def model_metadata(model: str, version: str = "") -> Response:
+        return _json(core.model_metadata(model, version))
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    async def model_ready(model: str, version: str = "") -> Response:
+        return Response(status_code=200 if core.model_ready(model, version) else 400)
+
+    @app.get("/v2/models/{model}/config")
+    @app.get("/v2/models/{model}/versions/{version}/config")
+    async def model_config(model: str, version: str = "") -> Response:
+        return _json(core.model_config(model, version))
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def infer(model: str, request: Request, version: str = "") -> Response:
+        body = await request.body()
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is not None:
+            if not header_length.isdigit():
+                raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
+        infer_request = decode_request(body, int(header_length) if header_length else None, model, version)
+        response = await core.infer(infer_request)
+        payload, json_length = encode_response(response, infer_request)
+        headers = {HEADER_LENGTH: str(json_length)} if json_length is not None else None
+        media_type = "application/octet-stream" if json_length is not None else "application/json"
+        return Response(payload, media_type=media_type, headers=headers)
+
+    @app.post("/v2/repository/index")
+    async def repository_index(request: Request) -> Response:
+        body = await _json_body(request)
+        return _json(core.repository_index(ready_only=bool(body.get("ready", False))))
+
+    @app.post("/v2/repository/models/{model}/load")
+    async def load_model(model: str, request: Request) -> Response:
+        body = await _json_body(request)
+        parameters = body.get("parameters") or {}
+        override = parameters.get("config") if isinstance(parameters, dict) else None
+        if isinstance(override, str):
+            try:
+                override = orjson.loads(override)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"parameters.config is not valid JSON: {exc}") from None
+        await core.load_model(model, override)
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{model}/unload")
+    async def unload_model(model: str) -> Response:
+        await core.unload_model(model)
+        return Response(status_code=200)
+
+    return app

@@ -1,0 +1,262 @@
+"""Loads, serves and unloads models, tracking each version's state for the repository index.
+
+A load builds the new versions completely (config, auto-complete, every instance) before they replace the old
+ones, and old versions drain their accepted requests before they are released, so a reload never drops a
+request and a failed load leaves what was serving in place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from backends.base import Backend, backend_class
+from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
+from server.dispatcher import InstancePool, create_instances
+from server.errors import ConfigError, InvalidInput, ModelDockError, ModelLoadError, ModelNotFound, ModelNotReady
+from server.protocol.types import InferRequest, InferResponse
+from server.repository import ModelRepository, guess_backend, version_dirs
+from server.scheduler import DirectScheduler, Scheduler
+from server.validation import validate_request
+
+log = logging.getLogger(__name__)
+
+
+class ModelState(str, Enum):
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    LOADING = "LOADING"
+    UNLOADING = "UNLOADING"
+
+
+class ServedVersion:
+    """One loaded version: its instances and the scheduler in front of them."""
+
+    def __init__(self, config: ModelConfig, version: int, backend_cls: type[Backend], pool: InstancePool) -> None:
+        self.config = config
+        self.version = version
+        self.backend_cls = backend_cls
+        self.pool = pool
+        self.scheduler: Scheduler = make_scheduler(config, str(version), pool)
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        validate_request(self.config, request)
+        pending = self.scheduler.submit(request)
+        async for response in pending.responses():
+            yield response
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        last: InferResponse | None = None
+        async for response in self.stream(request):
+            last = response
+        if last is None:
+            raise ModelNotReady(f"model '{self.config.name}' returned no response")
+        return last
+
+    async def close(self) -> None:
+        await self.scheduler.close()
+        await asyncio.to_thread(self.pool.unload)
+
+
+def make_scheduler(config: ModelConfig, version: str, pool: InstancePool) -> Scheduler:
+    return DirectScheduler(config, version, pool)
+
+
+@dataclass
+class VersionRecord:
+    version: int
+    state: ModelState
+    reason: str = ""
+    served: ServedVersion | None = None
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    path: Path | None
+    config: ModelConfig | None = None
+    versions: dict[int, VersionRecord] = field(default_factory=dict)
+    # A failure that concerns the whole model (bad config, no versions), shown with an empty version.
+    reason: str = ""
+    state: ModelState = ModelState.UNAVAILABLE
+
+
+class ModelManager:
+    def __init__(self, repository: ModelRepository) -> None:
+        self.repository = repository
+        self.records: dict[str, ModelRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def load_all(self) -> None:
+        found, problems = self.repository.scan()
+        for name, reason in problems.items():
+            log.error("repository: %s", reason)
+            if name in found or "/" not in name:
+                self.records[name] = ModelRecord(name, None, reason=reason)
+        await asyncio.gather(*(self.load(name) for name in found if name not in problems), return_exceptions=True)
+
+    async def load(self, name: str, config_override: dict[str, Any] | None = None) -> None:
+        """Load (or reload) a model; raise ``ModelLoadError`` if nothing new could be served."""
+        async with self._lock(name):
+            location = self.repository.locate(name)
+            if location is None:
+                raise ModelNotFound(f"model '{name}' is not in the model repository")
+            record = self.records.setdefault(name, ModelRecord(name, location.path))
+            record.path = location.path
+            if not record.versions or all(v.state != ModelState.READY for v in record.versions.values()):
+                record.state = ModelState.LOADING
+            try:
+                config, backend_cls, selected = await asyncio.to_thread(
+                    prepare_model, location.path, config_override
+                )
+            except ModelDockError as exc:
+                self._fail(record, str(exc))
+                raise
+            new: dict[int, ServedVersion] = {}
+            failures: dict[int, str] = {}
+            for version, version_dir in selected.items():
+                try:
+                    instances = await asyncio.to_thread(create_instances, config, version_dir, backend_cls)
+                except ModelDockError as exc:
+                    failures[version] = exc.message
+                    continue
+                except Exception as exc:  # backend bug while loading: report it, keep serving the rest
+                    log.exception("model '%s' version %d failed to load", name, version)
+                    failures[version] = f"{type(exc).__name__}: {exc}"
+                    continue
+                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances))
+
+            if not new:
+                reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"
+                self._fail(record, reason)
+                raise ModelLoadError(f"model '{name}' failed to load: {reason}")
+
+            old = {v: r.served for v, r in record.versions.items() if r.served is not None}
+            record.config = config
+            record.reason = ""
+            record.state = ModelState.READY
+            record.versions = {v: VersionRecord(v, ModelState.READY, served=s) for v, s in new.items()}
+            for version, reason in failures.items():
+                log.error("model '%s' version %d: %s", name, version, reason)
+                record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
+            log.info("model '%s' ready (versions %s)", name, sorted(new))
+        await asyncio.gather(*(served.close() for served in old.values()))
+
+    def _fail(self, record: ModelRecord, reason: str) -> None:
+        """Record a failed load; versions already serving keep serving."""
+        log.error("model '%s' failed to load: %s", record.name, reason)
+        serving = [v for v in record.versions.values() if v.state == ModelState.READY]
+        if serving:
+            record.reason = f"reload failed, still serving the previous load: {reason}"
+            record.state = ModelState.READY
+        else:
+            record.reason = reason
+            record.state = ModelState.UNAVAILABLE
+            record.versions = {}
+
+    async def unload(self, name: str) -> None:
+        async with self._lock(name):
+            record = self.records.get(name)
+            if record is None:
+                raise ModelNotFound(f"model '{name}' is not loaded")
+            old = [v for v in record.versions.values() if v.served is not None]
+            for entry in old:
+                entry.state = ModelState.UNLOADING
+            await asyncio.gather(*(entry.served.close() for entry in old if entry.served is not None))
+            record.versions = {}
+            record.state = ModelState.UNAVAILABLE
+            record.reason = "unloaded"
+            log.info("model '%s' unloaded", name)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.unload(name) for name in list(self.records)), return_exceptions=True)
+
+    def record(self, name: str) -> ModelRecord:
+        record = self.records.get(name)
+        if record is None:
+            raise ModelNotFound(f"unknown model '{name}'")
+        return record
+
+    def get(self, name: str, version: str = "") -> ServedVersion:
+        """The version that serves a request; the newest ready one when none is named."""
+        record = self.record(name)
+        if version:
+            if not version.isdigit():
+                raise InvalidInput(f"model version must be a positive integer, got '{version}'")
+            entry = record.versions.get(int(version))
+            if entry is None:
+                raise ModelNotFound(f"unknown version {version} of model '{name}'")
+            if entry.state != ModelState.READY or entry.served is None:
+                raise ModelNotReady(f"version {version} of model '{name}' is {entry.state.value}: {entry.reason}")
+            return entry.served
+        ready = [v for v in record.versions.values() if v.state == ModelState.READY and v.served is not None]
+        if not ready:
+            detail = f": {record.reason}" if record.reason else ""
+            raise ModelNotReady(f"model '{name}' is not ready{detail}")
+        return max(ready, key=lambda v: v.version).served  # type: ignore[return-value]
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.get(name, version)
+        except ModelDockError:
+            return False
+        return True
+
+    def index(self, ready_only: bool = False) -> list[dict[str, str]]:
+        """Triton's repository index: one row per version, or per model when no version is known."""
+        rows: list[dict[str, str]] = []
+        found, _ = self.repository.scan()
+        for name in sorted(set(found) | set(self.records)):
+            record = self.records.get(name)
+            if record is None:
+                rows.append({"name": name, "version": "", "state": ModelState.UNAVAILABLE.value, "reason": "not loaded"})
+                continue
+            if not record.versions:
+                rows.append({"name": name, "version": "", "state": record.state.value, "reason": record.reason})
+            for version in sorted(record.versions):
+                entry = record.versions[version]
+                reason = entry.reason or (record.reason if entry.state == ModelState.READY else "")
+                rows.append({"name": name, "version": str(version), "state": entry.state.value, "reason": reason})
+        if ready_only:
+            rows = [r for r in rows if r["state"] == ModelState.READY.value]
+        return rows
+
+
+def prepare_model(
+    model_dir: Path, config_override: dict[str, Any] | None = None
+) -> tuple[ModelConfig, type[Backend], dict[int, Path]]:
+    """Read and complete a model's config and choose its versions; blocking, so run in a thread."""
+    if config_override is not None:
+        config = parse_model_config(config_override, f"config override for model '{model_dir.name}'", model_dir.name)
+    else:
+        config = load_model_config(model_dir)
+    available = version_dirs(model_dir)
+    if not available:
+        raise ModelLoadError(f"{model_dir}: no numbered version folders (e.g. {model_dir}/1/)")
+    selected_numbers = config.version_policy.select(list(available))
+    if not selected_numbers:
+        raise ConfigError(
+            f"{model_dir}: field 'version_policy': selects none of the versions present {sorted(available)}"
+        )
+    selected = {v: available[v] for v in selected_numbers}
+    newest = selected[max(selected)]
+    if not config.backend:
+        config.backend = guess_backend(newest)
+        if not config.backend:
+            raise ConfigError(f"{model_dir}/config.yaml: field 'backend': not set and no known model file in {newest}")
+    try:
+        backend_cls = backend_class(config.backend)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
+    config = backend_cls.auto_complete_config(config, newest)
+    if not config.input or not config.output:
+        raise ConfigError(f"{model_dir}/config.yaml: field 'input'/'output': not given and the backend cannot infer them")
+    return config, backend_cls, selected

@@ -1,0 +1,142 @@
+"""The KServe v2 HTTP/REST body format, with Triton's binary tensor data extension.
+
+A body is a JSON document, optionally followed by raw tensor bytes; ``Inference-Header-Content-Length`` says where
+the JSON ends. Each binary input carries ``parameters.binary_data_size``; binary outputs are asked for per output
+(``parameters.binary_data``) or for all outputs (request parameter ``binary_data_output``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import orjson
+
+from server.errors import InvalidInput
+from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
+from server.protocol.tensor_codec import check_shape, deserialize_raw, from_list, is_utf8, serialize_raw, to_list
+from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def _load_json(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+
+
+def decode_request(body: bytes, header_length: int | None, model_name: str, model_version: str) -> InferRequest:
+    if header_length is None:
+        header, binary = _load_json(body), memoryview(b"")
+    else:
+        if header_length < 0 or header_length > len(body):
+            raise InvalidInput(
+                f"{HEADER_LENGTH} is {header_length} but the body holds only {len(body)} bytes"
+            )
+        view = memoryview(body)
+        header, binary = _load_json(bytes(view[:header_length])), view[header_length:]
+    if not isinstance(header, dict):
+        raise InvalidInput("request body must be a JSON object")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("request must have a non-empty 'inputs' list")
+
+    request = InferRequest(model_name=model_name, model_version=model_version)
+    request_id = header.get("id", "")
+    request.id = request_id if isinstance(request_id, str) else str(request_id)
+    parameters = header.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("request 'parameters' must be an object")
+    request.parameters = dict(parameters)
+
+    offset = 0
+    for position, item in enumerate(inputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f"inputs[{position}] must be an object with a 'name'")
+        name = item["name"]
+        if name in request.inputs:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        datatype = item.get("datatype")
+        if datatype not in WIRE_DATATYPES:
+            raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}")
+        shape = check_shape(item.get("shape"), name)
+        item_params = item.get("parameters") or {}
+        if not isinstance(item_params, dict):
+            raise InvalidInput(f"input '{name}': 'parameters' must be an object")
+        if "shared_memory_region" in item_params:
+            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported")
+        size = item_params.get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+            if offset + size > len(binary):
+                raise InvalidInput(
+                    f"input '{name}': binary_data_size {size} runs past the end of the binary data"
+                )
+            array = deserialize_raw(datatype, shape, binary[offset : offset + size], name)
+            offset += size
+        else:
+            if "data" not in item:
+                raise InvalidInput(f"input '{name}' has neither 'data' nor 'binary_data_size'")
+            array = from_list(datatype, shape, item["data"], name)
+        request.inputs[name] = array
+        request.input_datatypes[name] = datatype
+    if offset != len(binary):
+        raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
+
+    outputs = header.get("outputs") or []
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    seen: set[str] = set()
+    for position, item in enumerate(outputs):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidInput(f"outputs[{position}] must be an object with a 'name'")
+        if item["name"] in seen:
+            raise InvalidInput(f"output '{item['name']}' is requested more than once")
+        seen.add(item["name"])
+        out_params = item.get("parameters") or {}
+        if not isinstance(out_params, dict):
+            raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
+        if "shared_memory_region" in out_params:
+            raise InvalidInput(f"output '{item['name']}': shared-memory outputs are not supported")
+        if out_params.get("classification"):
+            raise InvalidInput(f"output '{item['name']}': the classification extension is not supported")
+        request.outputs.append(RequestedOutput(item["name"], dict(out_params)))
+    return request
+
+
+def encode_response(response: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header's length."""
+    binary_default = bool(request.parameters.get("binary_data_output", False))
+    per_output = {o.name: o.parameters.get("binary_data") for o in request.outputs}
+
+    header_outputs: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in response.outputs.items():
+        entry: dict[str, Any] = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
+        wanted = per_output.get(name)
+        binary = binary_default if wanted is None else bool(wanted)
+        if not binary and entry["datatype"] == "BYTES" and not is_utf8(array):
+            binary = True
+        if binary:
+            raw = serialize_raw(array)
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        elif entry["datatype"] in ("BYTES", "FP16", "BOOL"):
+            entry["data"] = to_list(array)
+        else:
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
+        header_outputs.append(entry)
+
+    header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        header["id"] = response.id
+    if response.parameters:
+        header["parameters"] = response.parameters
+    header["outputs"] = header_outputs
+    encoded = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not chunks:
+        return encoded, None
+    return b"".join([encoded, *chunks]), len(encoded)

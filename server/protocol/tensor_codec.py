@@ -1,0 +1,150 @@
+"""Tensor (de)serialisation shared by the HTTP and gRPC front ends.
+
+Raw little-endian buffers (HTTP binary extension, gRPC ``raw_*_contents``), JSON / typed-list contents, and the
+BYTES wire form (each element prefixed by its 4-byte little-endian length) all go through here, so both front
+ends accept and produce exactly the same tensors and report the same errors.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from server.errors import InvalidInput
+from server.protocol.datatypes import element_size, numpy_dtype
+
+_LENGTH = struct.Struct("<I")
+
+
+def element_count(shape: Sequence[int]) -> int:
+    return math.prod(shape) if shape else 1
+
+
+def check_shape(shape: Any, name: str) -> list[int]:
+    if not isinstance(shape, (list, tuple)) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    return [int(d) for d in shape]
+
+
+def serialize_bytes_tensor(array: np.ndarray) -> bytes:
+    """BYTES tensor -> length-prefixed elements, row-major."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        elif not isinstance(item, (bytes, bytearray)):
+            item = str(item).encode("utf-8")
+        parts.append(_LENGTH.pack(len(item)))
+        parts.append(bytes(item))
+    return b"".join(parts)
+
+
+def deserialize_bytes_tensor(buffer: bytes | memoryview, shape: Sequence[int], name: str) -> np.ndarray:
+    view = memoryview(buffer)
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise InvalidInput(f"input '{name}': truncated BYTES element length at offset {offset}")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise InvalidInput(f"input '{name}': BYTES element of length {length} runs past the end of the data")
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    expected = element_count(shape)
+    if len(items) != expected:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} needs {expected} BYTES elements, got {len(items)}")
+    out = np.empty(len(items), dtype=np.object_)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def deserialize_raw(datatype: str, shape: Sequence[int], buffer: bytes | memoryview, name: str) -> np.ndarray:
+    """A raw buffer as a numpy array, checking that its size matches ``shape``."""
+    if datatype == "BYTES":
+        return deserialize_bytes_tensor(buffer, shape, name)
+    dtype = numpy_dtype(datatype, name)
+    expected = element_count(shape) * element_size(datatype)
+    if len(buffer) != expected:
+        raise InvalidInput(
+            f"input '{name}': {datatype} shape {list(shape)} needs {expected} bytes of data, got {len(buffer)}"
+        )
+    return np.frombuffer(buffer, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def serialize_raw(array: np.ndarray) -> bytes:
+    if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
+        return serialize_bytes_tensor(array)
+    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def _flatten(data: Any) -> list[Any]:
+    if not isinstance(data, list):
+        return [data]
+    if not data or not isinstance(data[0], list):
+        return data
+    out: list[Any] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.ndarray:
+    """JSON ``data`` (flat or nested) or gRPC typed contents as a numpy array of ``shape``."""
+    flat = _flatten(data)
+    expected = element_count(shape)
+    if len(flat) != expected:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} needs {expected} elements, got {len(flat)}")
+    if datatype == "BYTES":
+        out = np.empty(len(flat), dtype=np.object_)
+        try:
+            out[:] = [x if isinstance(x, bytes) else x.encode("utf-8") for x in flat]
+        except AttributeError:
+            raise InvalidInput(f"input '{name}': BYTES data must be strings") from None
+        return out.reshape(shape)
+    dtype = numpy_dtype(datatype, name)
+    if dtype.kind == "b":
+        if not all(isinstance(x, bool) for x in flat):
+            raise InvalidInput(f"input '{name}': BOOL data must be true/false")
+    elif any(isinstance(x, (str, bytes, bool, dict, type(None))) for x in flat):
+        raise InvalidInput(f"input '{name}': {datatype} data must be numbers")
+    elif dtype.kind in ("i", "u") and any(isinstance(x, float) and not x.is_integer() for x in flat):
+        raise InvalidInput(f"input '{name}': {datatype} data must be integers")
+    try:
+        return np.array(flat, dtype=dtype).reshape(shape)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise InvalidInput(f"input '{name}': data does not fit {datatype}: {exc}") from None
+
+
+def to_list(array: np.ndarray) -> list[Any]:
+    """A flat list for JSON; BYTES elements become text (callers check ``is_utf8`` first)."""
+    flat = array.reshape(-1)
+    if array.dtype == np.object_ or array.dtype.kind == "S":
+        return [x.decode("utf-8") if isinstance(x, (bytes, bytearray)) else str(x) for x in flat]
+    return flat.tolist()
+
+
+def is_utf8(array: np.ndarray) -> bool:
+    try:
+        for x in array.reshape(-1):
+            if isinstance(x, (bytes, bytearray)):
+                x.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

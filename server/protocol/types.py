@@ -1,0 +1,59 @@
+"""Wire-independent inference request and response types.
+
+The HTTP and gRPC codecs turn their messages into these and back; everything between the front ends and the
+backends (validation, queues, batching, instances) only sees these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(slots=True)
+class RequestedOutput:
+    name: str
+    # Protocol parameters such as ``binary_data`` or ``classification``; kept for the encoder.
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class InferRequest:
+    model_name: str
+    model_version: str = ""
+    id: str = ""
+    inputs: dict[str, np.ndarray] = field(default_factory=dict)
+    # The datatype each input arrived with, so a BYTES vs FP32 mix-up is reported against the wire type.
+    input_datatypes: dict[str, str] = field(default_factory=dict)
+    # Empty means "all outputs".
+    outputs: list[RequestedOutput] = field(default_factory=list)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def priority(self) -> int:
+        value = self.parameters.get("priority", 0)
+        return int(value) if isinstance(value, (int, float, str)) and str(value).lstrip("-").isdigit() else 0
+
+    @property
+    def timeout_us(self) -> int:
+        value = self.parameters.get("timeout", 0)
+        return int(value) if isinstance(value, (int, float, str)) and str(value).isdigit() else 0
+
+    @property
+    def batch_size(self) -> int:
+        """The leading dimension; only meaningful for batching models (validated before use)."""
+        first = next(iter(self.inputs.values()), None)
+        return int(first.shape[0]) if first is not None and first.ndim else 1
+
+
+@dataclass(slots=True)
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str = ""
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    # Set on the last response of a request; a streaming model sends several responses before it.
+    final: bool = True

@@ -1,0 +1,72 @@
+"""Starts the front ends and the model manager in one event loop, and shuts them down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+from rich.console import Console
+from rich.table import Table
+
+from server.core import InferenceServer
+from server.http_server import create_app
+from server.model_manager import ModelManager
+from server.repository import ModelRepository
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    model_repositories: list[Path]
+    host: str = "0.0.0.0"
+    http_port: int = 8000
+    log_level: str = "info"
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
+    console = console or Console(stderr=True)
+    table = Table(title="ModelDock models", title_justify="left")
+    table.add_column("Model")
+    table.add_column("Version")
+    table.add_column("State")
+    table.add_column("Reason", overflow="fold")
+    for row in core.repository_index():
+        style = "green" if row["state"] == "READY" else "red"
+        table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
+    console.print(table)
+    console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
+
+
+async def serve(settings: ServeSettings) -> None:
+    manager = ModelManager(ModelRepository(settings.model_repositories))
+    core = InferenceServer(manager)
+    app = create_app(core)
+    http = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.http_port,
+            log_level=settings.log_level,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=30,
+        )
+    )
+    # Listen first so liveness answers while models load; readiness waits for the load to finish.
+    http_task = asyncio.create_task(http.serve())
+    try:
+        await manager.load_all()
+        core.started = True
+        print_banner(core, settings)
+        await http_task
+    finally:
+        core.live = False
+        http.should_exit = True
+        if not http_task.done():
+            await asyncio.wait_for(http_task, timeout=10)
+        await manager.close()

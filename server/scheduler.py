@@ -1,0 +1,183 @@
+"""How queued requests reach instances: the request/response hand-off and the default (unbatched) scheduler.
+
+A ``PendingRequest`` carries a stream of responses rather than a single future, so a model that answers one
+request with many responses (token streaming, decoupled models) uses the same path as one that answers once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from server.config import ModelConfig
+from server.dispatcher import InstancePool, ModelInstance
+from server.errors import BackendError, ModelDockError, ModelNotReady
+from server.protocol.types import InferRequest, InferResponse
+
+_END = object()
+
+
+class PendingRequest:
+    """A validated request waiting for, or being served by, an instance."""
+
+    __slots__ = ("request", "arrival_ns", "_responses", "_done")
+
+    def __init__(self, request: InferRequest) -> None:
+        self.request = request
+        self.arrival_ns = time.monotonic_ns()
+        self._responses: asyncio.Queue[object] = asyncio.Queue()
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def send(self, response: InferResponse) -> None:
+        if self._done:
+            return
+        self._responses.put_nowait(response)
+        if response.final:
+            self._done = True
+            self._responses.put_nowait(_END)
+
+    def fail(self, error: BaseException) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._responses.put_nowait(error)
+        self._responses.put_nowait(_END)
+
+    async def responses(self) -> AsyncIterator[InferResponse]:
+        while True:
+            item = await self._responses.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, InferResponse)
+            yield item
+
+
+class Scheduler(ABC):
+    """Owns a model version's queue and decides which requests run together on which instance."""
+
+    def __init__(self, config: ModelConfig, version: str, pool: InstancePool) -> None:
+        self.config = config
+        self.version = version
+        self.pool = pool
+        self._closed = False
+        self._in_flight: set[asyncio.Task[None]] = set()
+
+    @abstractmethod
+    def enqueue(self, pending: PendingRequest) -> None:
+        """Accept a request or raise (``QueueFull``) at once; never block the caller."""
+
+    def submit(self, request: InferRequest) -> PendingRequest:
+        if self._closed:
+            raise ModelNotReady(f"model '{self.config.name}' version {self.version} is unloading")
+        pending = PendingRequest(request)
+        self.enqueue(pending)
+        return pending
+
+    async def close(self) -> None:
+        """Stop taking requests and wait for those already accepted to finish."""
+        self._closed = True
+        while self._in_flight:
+            await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        await self.pool.drain()
+
+    def _spawn(self, coro: object) -> None:
+        task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+        self._in_flight.add(task)
+        task.add_done_callback(self._in_flight.discard)
+
+    async def run_batch(self, batch: list[PendingRequest]) -> None:
+        """Run requests as one batch on the next idle instance and give each its own slice of the outputs."""
+        instance = await self.pool.acquire()
+        try:
+            await self._execute_on(instance, batch)
+        finally:
+            self.pool.release(instance)
+
+    async def _execute_on(self, instance: ModelInstance, batch: list[PendingRequest]) -> None:
+        try:
+            inputs = merge_inputs(self.config, [p.request for p in batch])
+            output_names = requested_output_names(self.config, [p.request for p in batch])
+            outputs = await instance.execute(inputs, output_names)
+            for pending, response in zip(batch, split_outputs(self.config, self.version, batch, outputs), strict=True):
+                pending.send(response)
+        except ModelDockError as exc:
+            for pending in batch:
+                pending.fail(exc)
+        except Exception as exc:  # a backend bug fails this batch, not the server
+            error = BackendError(f"model '{self.config.name}': {type(exc).__name__}: {exc}")
+            for pending in batch:
+                pending.fail(error)
+
+
+class DirectScheduler(Scheduler):
+    """Triton's default scheduler: every request runs on its own, on the next idle instance."""
+
+    def enqueue(self, pending: PendingRequest) -> None:
+        self._spawn(self.run_batch([pending]))
+
+
+def requested_output_names(config: ModelConfig, requests: list[InferRequest]) -> list[str]:
+    if any(not r.outputs for r in requests):
+        return [t.name for t in config.output]
+    wanted = {o.name for r in requests for o in r.outputs}
+    return [t.name for t in config.output if t.name in wanted]
+
+
+def merge_inputs(config: ModelConfig, requests: list[InferRequest]) -> dict[str, np.ndarray]:
+    """Concatenate along the batch dimension (one request: passed through untouched)."""
+    if len(requests) == 1:
+        return _reshaped(config, dict(requests[0].inputs))
+    names = requests[0].inputs.keys()
+    return _reshaped(config, {name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in names})
+
+
+def _reshaped(config: ModelConfig, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Apply ``reshape`` from the config, which changes what the model sees, not what the client sends."""
+    for tensor in config.input:
+        if tensor.reshape is not None and tensor.name in inputs:
+            array = inputs[tensor.name]
+            lead = list(array.shape[:1]) if config.batching else []
+            inputs[tensor.name] = array.reshape(lead + list(tensor.reshape.shape))
+    return inputs
+
+
+def split_outputs(
+    config: ModelConfig, version: str, batch: list[PendingRequest], outputs: dict[str, np.ndarray]
+) -> list[InferResponse]:
+    sizes = [p.request.batch_size for p in batch] if config.batching else [1]
+    total = sum(sizes)
+    responses: list[InferResponse] = []
+    for position, pending in enumerate(batch):
+        request = pending.request
+        wanted = [o.name for o in request.outputs] or [t.name for t in config.output]
+        response = InferResponse(model_name=config.name, model_version=version, id=request.id)
+        start = sum(sizes[:position])
+        for name in wanted:
+            if name not in outputs:
+                raise BackendError(f"model '{config.name}' did not produce output '{name}'")
+            array = np.asarray(outputs[name]) if not isinstance(outputs[name], np.ndarray) else outputs[name]
+            tensor = config.output_by_name(name)
+            if config.batching:
+                if array.ndim == 0 or array.shape[0] != total:
+                    raise BackendError(
+                        f"model '{config.name}': output '{name}' has leading dimension "
+                        f"{array.shape[0] if array.ndim else 'none'} for a batch of {total}"
+                    )
+                array = array[start : start + sizes[position]] if len(batch) > 1 else array
+                if tensor is not None and tensor.reshape is not None:
+                    array = array.reshape([sizes[position], *tensor.dims])
+            elif tensor is not None and tensor.reshape is not None:
+                array = array.reshape(tensor.dims)
+            response.outputs[name] = array
+        responses.append(response)
+    return responses

@@ -1,0 +1,101 @@
+"""Fixtures that start the real server as a separate process on free ports."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLED_REPOSITORY = ROOT / "model_repository"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """``modeldock serve`` in a child process; ``url`` is its HTTP base address."""
+
+    def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
+        self.http_port = free_port()
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.log_path = log_path
+        repositories = repository if isinstance(repository, list) else [repository]
+        args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port)]
+        for repo in repositories:
+            args += ["--model-repository", str(repo)]
+        args += extra_args
+        self._log = open(log_path, "wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/v2/health/ready", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: ``start_server(repo, *extra_args)`` starts a server and waits until it is ready."""
+    started: list[ServerProcess] = []
+
+    def start(repository: Path | list[Path], *extra_args: str, wait: bool = True) -> ServerProcess:
+        log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+        server = ServerProcess(repository, list(extra_args), log_path)
+        started.append(server)
+        if wait:
+            server.wait_ready()
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private copy of the bundled repository, so no test can alter the committed one."""
+    target = tmp_path_factory.mktemp("bundled") / "model_repository"
+    shutil.copytree(BUNDLED_REPOSITORY, target, ignore=shutil.ignore_patterns("build.py", "__pycache__"))
+    return target
+
+
+@pytest.fixture(scope="session")
+def server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
+    """One server on the bundled models, shared by the read-only end-to-end tests."""
+    return start_server(bundled_repository)
