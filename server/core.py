@@ -7,10 +7,11 @@ metadata, inference and repository control behave identically on both.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from enum import Enum
 from typing import Any
 
 from server import __version__
-from server.errors import ModelNotFound
+from server.errors import ModelNotFound, NotAllowed, VersionRetired
 from server.model_manager import ModelManager
 from server.protocol.types import InferRequest, InferResponse
 from server.validation import expected_shape
@@ -24,9 +25,18 @@ EXTENSIONS = [
 ]
 
 
+class ModelControlMode(str, Enum):
+    """Triton's ``--model-control-mode``: who decides what is loaded."""
+
+    NONE = "none"  # everything at start-up, then nothing changes
+    POLL = "poll"  # the repository folders: models follow what is on disk
+    EXPLICIT = "explicit"  # clients, through the repository API (and --load-model at start-up)
+
+
 class InferenceServer:
-    def __init__(self, models: ModelManager) -> None:
+    def __init__(self, models: ModelManager, control_mode: ModelControlMode = ModelControlMode.EXPLICIT) -> None:
         self.models = models
+        self.control_mode = control_mode
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False
@@ -68,19 +78,41 @@ class InferenceServer:
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
         served = self.models.get(request.model_name, request.model_version)
-        return await served.infer(request)
+        try:
+            return await served.infer(request)
+        except VersionRetired:
+            # Not accepted by the replaced version, so running it on its replacement cannot run it twice.
+            return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        served = self.models.get(request.model_name, request.model_version)
-        async for response in served.stream(request):
+        stream = self.models.get(request.model_name, request.model_version).stream(request)
+        try:
+            try:
+                first = await anext(stream)
+            except VersionRetired:
+                stream = self.models.get(request.model_name, request.model_version).stream(request)
+                first = await anext(stream)
+        except StopAsyncIteration:
+            return
+        yield first
+        async for response in stream:
             yield response
 
     # -- repository ---------------------------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:
         return self.models.index(ready_only)
 
+    def _check_explicit(self, action: str) -> None:
+        if self.control_mode != ModelControlMode.EXPLICIT:
+            raise NotAllowed(
+                f"explicit model {action} is not allowed in model control mode '{self.control_mode.value}'; "
+                "start the server with --model-control-mode explicit"
+            )
+
     async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
+        self._check_explicit("load")
         await self.models.load(name, config_override)
 
     async def unload_model(self, name: str) -> None:
+        self._check_explicit("unload")
         await self.models.unload(name)

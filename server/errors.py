@@ -79,3 +79,14 @@ class Unsupported(ModelDockError):
 
     http_status = 400
     grpc_code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class NotAllowed(ModelDockError):
+    """The request is valid but the server's configuration forbids it (load/unload outside explicit mode)."""
+
+    http_status = 400
+    grpc_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class VersionRetired(ModelNotReady):
+    """A reload replaced the version a request was about to use; the request was not accepted and may be retried."""

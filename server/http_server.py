@@ -11,7 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
 from server.core import InferenceServer
-from server.errors import InvalidInput, ModelDockError
+from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.protocol.http_codec import HEADER_LENGTH, decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,10 @@ def create_app(core: InferenceServer) -> FastAPI:
         body = await _json_body(request)
         parameters = body.get("parameters") or {}
         override = parameters.get("config") if isinstance(parameters, dict) else None
+        if isinstance(parameters, dict) and any(str(key).startswith("file:") for key in parameters):
+            raise Unsupported(
+                "loading model files sent with the load request is not supported; copy them into the repository"
+            )
         if isinstance(override, str):
             try:
                 override = orjson.loads(override)
@@ -113,7 +117,9 @@ def create_app(core: InferenceServer) -> FastAPI:
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{model}/unload")
-    async def unload_model(model: str) -> Response:
+    async def unload_model(model: str, request: Request) -> Response:
+        # Triton's ``parameters.unload_dependents`` is accepted; models here have no dependents (no ensembles).
+        await _json_body(request)
         await core.unload_model(model)
         return Response(status_code=200)
 

@@ -17,12 +17,21 @@ from typing import Any
 
 from backends.base import Backend, backend_class
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
-from server.dispatcher import InstancePool, create_instances
-from server.errors import ConfigError, InvalidInput, ModelDockError, ModelLoadError, ModelNotFound, ModelNotReady
+from server.dispatcher import InstancePool
+from server.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelDockError,
+    ModelLoadError,
+    ModelNotFound,
+    ModelNotReady,
+    VersionRetired,
+)
 from server.protocol.types import InferRequest, InferResponse
 from server.repository import ModelRepository, guess_backend, version_dirs
 from server.scheduler import DirectScheduler, Scheduler
 from server.validation import validate_request
+from server.warmup import create_warm_instances
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +52,14 @@ class ServedVersion:
         self.backend_cls = backend_cls
         self.pool = pool
         self.scheduler: Scheduler = make_scheduler(config, str(version), pool)
+        # Set when a reload has swapped in a replacement, so a request that picked this version just before the
+        # swap is resubmitted to the replacement instead of failing.
+        self.retired = False
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         validate_request(self.config, request)
+        if self.retired:
+            raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
         pending = self.scheduler.submit(request)
         async for response in pending.responses():
             yield response
@@ -120,11 +134,16 @@ class ModelManager:
             except ModelDockError as exc:
                 self._fail(record, str(exc))
                 raise
+            except Exception as exc:  # a backend's auto-complete bug: a failed load, not a crashed watcher
+                log.exception("model '%s': preparing the load failed", name)
+                error = ModelLoadError(f"model '{name}' failed to load: {type(exc).__name__}: {exc}")
+                self._fail(record, error.message)
+                raise error from None
             new: dict[int, ServedVersion] = {}
             failures: dict[int, str] = {}
             for version, version_dir in selected.items():
                 try:
-                    instances = await asyncio.to_thread(create_instances, config, version_dir, backend_cls)
+                    instances = await asyncio.to_thread(create_warm_instances, config, version_dir, backend_cls)
                 except ModelDockError as exc:
                     failures[version] = exc.message
                     continue
@@ -139,14 +158,27 @@ class ModelManager:
                 self._fail(record, reason)
                 raise ModelLoadError(f"model '{name}' failed to load: {reason}")
 
-            old = {v: r.served for v, r in record.versions.items() if r.served is not None}
+            previous = record.versions
             record.config = config
             record.reason = ""
             record.state = ModelState.READY
             record.versions = {v: VersionRecord(v, ModelState.READY, served=s) for v, s in new.items()}
             for version, reason in failures.items():
                 log.error("model '%s' version %d: %s", name, version, reason)
-                record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
+                kept = previous.get(version)
+                if kept is not None and kept.state == ModelState.READY and kept.served is not None:
+                    # The same version number failed to reload: its previous load keeps serving.
+                    kept.reason = f"reload failed, still serving the previous load: {reason}"
+                    record.versions[version] = kept
+                else:
+                    record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
+            old = {
+                v: r.served
+                for v, r in previous.items()
+                if r.served is not None and record.versions.get(v) is not r
+            }
+            for served in old.values():
+                served.retired = True
             log.info("model '%s' ready (versions %s)", name, sorted(new))
         await asyncio.gather(*(served.close() for served in old.values()))
 
@@ -166,7 +198,9 @@ class ModelManager:
         async with self._lock(name):
             record = self.records.get(name)
             if record is None:
-                raise ModelNotFound(f"model '{name}' is not loaded")
+                if self.repository.locate(name) is not None:
+                    return  # in the repository but never loaded: already unloaded
+                raise ModelNotFound(f"model '{name}' is not in the model repository")
             old = [v for v in record.versions.values() if v.served is not None]
             for entry in old:
                 entry.state = ModelState.UNLOADING

@@ -1,0 +1,112 @@
+"""``modeldock validate``: checks model repositories the way a load would, without starting a server.
+
+Every check a load makes before creating instances runs here (config schema, backend, version folders, version
+policy, model files, auto-complete, warm-up samples), so a repository can be checked in CI or before a copy into
+a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from backends.base import Backend, backend_class
+from server.config import CONFIG_FILENAME, ModelConfig, load_model_config
+from server.errors import ModelDockError
+from server.repository import MODEL_FILE_BACKENDS, ModelRepository, guess_backend, version_dirs
+from server.warmup import warmup_request
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    model: str
+    file: str
+    reason: str
+
+
+def _problem(model: str, path: Path, message: str) -> Problem:
+    """A problem whose reason does not repeat the file name already shown in its own column."""
+    for prefix in (f"{path}: ", f"{path.parent}: "):
+        if message.startswith(prefix):
+            message = message[len(prefix) :]
+            break
+    return Problem(model, str(path), message)
+
+
+def model_files(config: ModelConfig, backend_cls: type[Backend], version_dir: Path) -> list[Path]:
+    """The files a version folder may hold for its backend; any one of them is enough."""
+    candidates = [backend_cls.model_path(config, version_dir)]
+    if not config.default_model_filename:
+        candidates += [version_dir / name for name, backend in MODEL_FILE_BACKENDS if backend == config.backend]
+    return candidates
+
+
+def validate_model(model_dir: Path) -> list[Problem]:
+    name = model_dir.name
+    config_path = model_dir / CONFIG_FILENAME
+    try:
+        config = load_model_config(model_dir)
+    except ModelDockError as exc:
+        return [_problem(name, config_path, exc.message)]
+
+    available = version_dirs(model_dir)
+    if not available:
+        return [_problem(name, model_dir, "no numbered version folders (e.g. 1/)")]
+    selected = config.version_policy.select(list(available))
+    if not selected:
+        return [
+            _problem(name, config_path, f"field 'version_policy': selects none of the versions {sorted(available)}")
+        ]
+    newest = available[max(selected)]
+
+    if not config.backend:
+        config.backend = guess_backend(newest)
+        if not config.backend:
+            return [_problem(name, config_path, f"field 'backend': not set and no known model file in {newest}")]
+    try:
+        backend_cls = backend_class(config.backend)
+    except ModelDockError as exc:
+        return [_problem(name, config_path, exc.message)]
+
+    problems: list[Problem] = []
+    for version in sorted(selected):
+        candidates = model_files(config, backend_cls, available[version])
+        if not any(path.is_file() for path in candidates):
+            names = " or ".join(sorted({path.name for path in candidates}))
+            problems.append(_problem(name, available[version], f"model file {names} not found"))
+    if problems:
+        return problems
+
+    try:
+        config = backend_cls.auto_complete_config(config, newest)
+    except ModelDockError as exc:
+        return [_problem(name, newest, exc.message)]
+    except Exception as exc:  # the backend cannot read the model file: exactly what a load would hit
+        return [_problem(name, newest, f"{type(exc).__name__}: {exc}")]
+    if not config.input or not config.output:
+        return [_problem(name, config_path, "field 'input'/'output': not given and the backend cannot infer them")]
+
+    for position, sample in enumerate(config.model_warmup):
+        try:
+            warmup_request(config, sample, model_dir)
+        except ModelDockError as exc:
+            problems.append(
+                _problem(name, config_path, f"field 'model_warmup[{position}]' ('{sample.name}'): {exc.message}")
+            )
+    return problems
+
+
+def validate_repositories(roots: list[Path]) -> tuple[list[str], list[Problem]]:
+    """The models checked and every problem found, across all repository folders."""
+    repository = ModelRepository(roots)
+    found, scan_problems = repository.scan()
+    # Scan problems are keyed by model name, or by the repository path when the folder itself is the problem.
+    problems = [
+        Problem("", name, reason) if "/" in name else Problem(name, "", reason)
+        for name, reason in scan_problems.items()
+    ]
+    if not found and not scan_problems:
+        problems.append(Problem("", ", ".join(str(r) for r in repository.roots), "no models found"))
+    for name, location in sorted(found.items()):
+        problems += validate_model(location.path)
+    return sorted(found), problems
