@@ -1,0 +1,73 @@
+"""``modeldock validate`` on good and broken repositories, run as the command users run."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.lifecycle_models import BUNDLED_REPOSITORY, add_simple, append_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def validate(*paths: Path) -> subprocess.CompletedProcess[str]:
+    # A wide terminal so the table does not fold the messages the assertions look for.
+    env = {**os.environ, "COLUMNS": "1000"}
+    return subprocess.run(
+        [sys.executable, "-m", "server", "validate", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_validate_accepts_a_good_repository(tmp_path: Path) -> None:
+    repository = tmp_path / "good"
+    shutil.copytree(BUNDLED_REPOSITORY, repository, ignore=shutil.ignore_patterns("build.py", "__pycache__"))
+    add_simple(tmp_path / "second", "another")
+    result = validate(repository, tmp_path / "second")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout and "simple" in result.stdout and "another" in result.stdout
+
+
+def test_validate_reports_each_problem_with_file_and_field(tmp_path: Path) -> None:
+    repository = tmp_path / "bad"
+    append_config(add_simple(repository, "typo"), "max_batchsize: 4\n")
+    missing = add_simple(repository, "missing_file")
+    (missing / "1" / "model.onnx").unlink()
+    no_backend = add_simple(repository, "unknown_backend")
+    (no_backend / "config.yaml").write_text(
+        (no_backend / "config.yaml").read_text().replace("backend: onnxruntime", "backend: nosuch")
+    )
+    append_config(add_simple(repository, "policy"), "version_policy:\n  specific:\n    versions: [7]\n")
+    append_config(
+        add_simple(repository, "warmup"),
+        "model_warmup:\n  - name: w\n    inputs:\n      INPUT9: {data_type: TYPE_FP32, dims: [16], zero_data: true}\n",
+    )
+    no_versions = repository / "no_versions"
+    no_versions.mkdir()
+    shutil.copy(BUNDLED_REPOSITORY / "simple" / "config.yaml", no_versions / "config.yaml")
+    add_simple(repository, "fine")
+
+    result = validate(repository)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+
+    def line_with(*parts: str) -> str:
+        found = [line for line in lines if all(part in line for part in parts)]
+        assert found, f"no line with {parts} in:\n{result.stdout}"
+        return found[0]
+
+    line_with("typo", str(repository / "typo" / "config.yaml"), "field 'max_batchsize': unknown field")
+    line_with("missing_file", str(repository / "missing_file" / "1"), "model.onnx not found")
+    line_with("unknown_backend", "config.yaml", "unknown backend 'nosuch'")
+    line_with("policy", "config.yaml", "field 'version_policy'", "[1]")
+    line_with("warmup", "config.yaml", "model_warmup[0]", "INPUT9")
+    line_with("no_versions", "no numbered version folders")
+    assert "6 problem(s) in 7 model(s)" in result.stdout
+    assert not any("fine" in line for line in lines)
