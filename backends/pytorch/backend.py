@@ -29,6 +29,7 @@ import inspect
 import json
 import re
 import sys
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,6 +45,9 @@ from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadErro
 MODEL_FILES = ("model.pt2", "model.pt", "model.py")
 WEIGHTS_FILE = "model.safetensors"
 _POSITIONAL = re.compile(r"^.+__(\d+)$")
+# The server loads models on several threads at once, and torch's lazily imported parts (torch._dynamo behind
+# torch.export.load and torch.compile) fail with circular-import errors when two threads import them together.
+_LOAD_LOCK = threading.Lock()
 
 _TORCH_TO_CONFIG: dict[torch.dtype, str] = {
     torch.bool: "TYPE_BOOL",
@@ -180,6 +184,11 @@ class PyTorchBackend(Backend):
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)
+        with _LOAD_LOCK:
+            self._load()
+
+    def _load(self) -> None:
+        config, version_dir, device = self.config, self.version_dir, self.device
         strings = [t.name for t in config.input + config.output if t.data_type == "TYPE_STRING"]
         if strings:
             raise ConfigError(f"model '{config.name}': tensors {strings}: the pytorch backend has no TYPE_STRING")
@@ -250,7 +259,8 @@ class PyTorchBackend(Backend):
                 f"{source}: field 'input'/'output': required for {path.name}; only torch.export programs "
                 "(model.pt2) carry their signature"
             )
-        program = _exported_program(path)
+        with _LOAD_LOCK:
+            program = _exported_program(path)
         config = config.model_copy(deep=True)
         values = {n.name: n.meta.get("val") for n in program.graph.nodes if n.op in ("placeholder", "output")}
 
