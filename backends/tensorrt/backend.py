@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend
-from server.config import ModelConfig, TensorConfig
+from server.config import InstanceKind, ModelConfig, TensorConfig
 from server.devices import Device, gpu_count
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
 from server.protocol.datatypes import WIRE_TO_CONFIG, wire_datatype
@@ -123,6 +123,12 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
+        for position, group in enumerate(config.instance_group):
+            if group.kind == InstanceKind.KIND_CPU:
+                raise ConfigError(
+                    f"{version_dir.parent / 'config.yaml'}: field 'instance_group[{position}].kind': the tensorrt "
+                    "backend runs only on GPUs (use KIND_GPU)"
+                )
         trt = import_tensorrt()
         import_torch()
         if config.input and config.output:
