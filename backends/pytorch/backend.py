@@ -197,7 +197,6 @@ class PyTorchBackend(Backend):
         self.torch_device = torch.device(str(device))
         _set_threads(config)
         path = model_file(config, version_dir)
-        self.path = path
         arg_names: list[str]
         if path.suffix == ".pt2":
             module = _exported_program(path).module()

@@ -120,6 +120,13 @@ class TensorRTBackend(Backend):
                 f"model '{config.name}': tensors {missing} are not in the engine (inputs {self._inputs}, "
                 f"outputs {self._outputs})"
             )
+        for tensor in config.input + config.output:
+            engine_type = wire_datatype(np.empty(0, self._dtypes[tensor.name]))
+            if engine_type != tensor.wire_datatype:
+                raise ConfigError(
+                    f"model '{config.name}': tensor '{tensor.name}': config says {tensor.data_type} but the engine "
+                    f"has {WIRE_TO_CONFIG[engine_type]}"
+                )
 
     @classmethod
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:

@@ -203,3 +203,14 @@ def test_bundled_text_preprocessor_matches_running_it_directly(server: ServerPro
     np.testing.assert_array_equal(result.as_numpy("TOKEN_COUNT"), expected["TOKEN_COUNT"])
     assert result.as_numpy("NORMALIZED")[0, 0] == b"hello, world!"
     assert result.as_numpy("TOKEN_COUNT").ravel().tolist() == [4, 4, 0]
+
+
+def test_shutdown_stops_the_workers_cleanly(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    _write_model(tmp_path, "worker", WORKER_CONFIG, {"model.py": WORKER_MODEL})
+    server = start_server(tmp_path)
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    pid = int(client.infer("worker", _worker_inputs(np.zeros((1, 4), dtype=np.float32), 0)).as_numpy("PID")[0, 0])
+    assert Path(f"/proc/{pid}").exists()
+    server.stop()
+    assert not Path(f"/proc/{pid}").exists()
+    assert "terminating" not in server.log_path.read_text(errors="replace")
