@@ -26,6 +26,9 @@ ENTRY_POINT_GROUP = "modeldock.backends"
 # Built into this distribution; used when the package runs from a source tree without being installed.
 _BUILTIN: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
+    "pytorch": "backends.pytorch:PyTorchBackend",
+    "python": "backends.python:PythonBackend",
+    "tensorrt": "backends.tensorrt:TensorRTBackend",
 }
 
 

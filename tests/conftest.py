@@ -99,3 +99,15 @@ def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
     """One server on the bundled models, shared by the read-only end-to-end tests."""
     return start_server(bundled_repository)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu`` tests on machines without a visible NVIDIA GPU."""
+    from server.devices import gpu_count
+
+    if gpu_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
