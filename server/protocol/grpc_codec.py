@@ -40,7 +40,10 @@ CONTENTS_FIELD: dict[str, str] = {
 }
 
 _INT64_MAX = 2**63 - 1
-_INPUT_ONLY_FIELDS = frozenset({"optional", "allow_ragged_batch"})
+# One TensorConfig type serves inputs and outputs in our schema; Triton's ModelInput and ModelOutput each lack the
+# other's own fields, so those are left out of the side that has no place for them.
+INPUT_ONLY_FIELDS = frozenset({"optional", "allow_ragged_batch"})
+OUTPUT_ONLY_FIELDS = frozenset({"label_filename"})
 
 
 # -- parameters -----------------------------------------------------------------------------------------------
@@ -201,10 +204,8 @@ def model_config_response(config_json: Mapping[str, Any]) -> pb.ModelConfigRespo
     not vanish silently from what clients see.
     """
     data = dict(config_json)
-    # One TensorConfig type serves inputs and outputs here; Triton's ModelOutput has no input-only fields.
-    data["output"] = [
-        {k: v for k, v in tensor.items() if k not in _INPUT_ONLY_FIELDS} for tensor in data.get("output", [])
-    ]
+    for kind, foreign in (("input", OUTPUT_ONLY_FIELDS), ("output", INPUT_ONLY_FIELDS)):
+        data[kind] = [{k: v for k, v in tensor.items() if k not in foreign} for tensor in data.get(kind, [])]
     config = json_format.ParseDict(
         data, config_pb.ModelConfig(), ignore_unknown_fields=False, descriptor_pool=_pool.POOL
     )
