@@ -26,6 +26,8 @@ DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 _Response = TypeVar("_Response")
 _Handler = Callable[..., Awaitable[_Response]]
+# Marks the end of a stream's responses in its outbox.
+_END = object()
 
 
 def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
@@ -39,7 +41,7 @@ def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
             if exc.grpc_code == grpc.StatusCode.INTERNAL:
                 log.warning("%s failed: %s", handler.__name__, exc.message)
             await context.abort(exc.grpc_code, exc.message)
-        except (asyncio.CancelledError, grpc.aio.AbortError):
+        except grpc.aio.AbortError:  # the handler aborted on its own (e.g. UNIMPLEMENTED)
             raise
         except Exception as exc:
             log.exception("%s failed", handler.__name__)
@@ -51,9 +53,6 @@ def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
 
 async def _unimplemented(what: str, context: grpc.aio.ServicerContext) -> Any:
     await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server")
-
-
-_END = object()
 
 
 class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):

@@ -126,7 +126,7 @@ def stub(grpc_server: ServerProcess):
 
 
 def simple_inputs(a: np.ndarray, b: np.ndarray) -> list[triton_grpc.InferInput]:
-    inputs = [triton_grpc.InferInput("INPUT0", list(a.shape), "FP32"), triton_grpc.InferInput("INPUT1", list(b.shape), "FP32")]
+    inputs = [triton_grpc.InferInput(name, list(x.shape), "FP32") for name, x in (("INPUT0", a), ("INPUT1", b))]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(b)
     return inputs
@@ -156,7 +156,9 @@ def test_health_and_server_metadata(client: triton_grpc.InferenceServerClient, g
 
 
 @pytest.mark.parametrize("model", ["simple", "identity_bytes", "identity_fp16"])
-def test_model_metadata_matches_http(client: triton_grpc.InferenceServerClient, grpc_server: ServerProcess, model: str) -> None:
+def test_model_metadata_matches_http(
+    client: triton_grpc.InferenceServerClient, grpc_server: ServerProcess, model: str
+) -> None:
     ours = client.get_model_metadata(model, as_json=True)
     for tensor in ours["inputs"] + ours["outputs"]:
         tensor["shape"] = [int(d) for d in tensor["shape"]]  # protobuf JSON writes int64 as strings
@@ -166,7 +168,8 @@ def test_model_metadata_matches_http(client: triton_grpc.InferenceServerClient, 
 def test_model_config(client: triton_grpc.InferenceServerClient, grpc_server: ServerProcess) -> None:
     config = client.get_model_config("simple").config
     http = httpx.get(f"{grpc_server.url}/v2/models/simple/config").json()
-    assert config.name == "simple" and config.backend == "onnxruntime" and config.max_batch_size == http["max_batch_size"]
+    assert config.name == "simple" and config.backend == "onnxruntime"
+    assert config.max_batch_size == http["max_batch_size"]
     assert [(t.name, list(t.dims)) for t in config.input] == [(t["name"], t["dims"]) for t in http["input"]]
     assert [t.data_type for t in config.output] == [triton_grpc.model_config_pb2.TYPE_FP32] * 2
     assert config.instance_group[0].kind == triton_grpc.model_config_pb2.ModelInstanceGroup.KIND_CPU
@@ -239,7 +242,8 @@ def test_message_limit_is_configurable(
     limited = start_server(bundled_repository, "--grpc-max-message-bytes", str(1024 * 1024))
     with triton_grpc.InferenceServerClient(url=limited.grpc_url) as client:
         small = np.ones((8, 16), np.float32)
-        np.testing.assert_array_equal(client.infer("simple", simple_inputs(small, small)).as_numpy("OUTPUT0"), small * 2)
+        result = client.infer("simple", simple_inputs(small, small))
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), small * 2)
         big = np.ones((2, 100_000), np.float32)  # two 800 kB inputs: over 1 MiB together
         inputs = [triton_grpc.InferInput(f"INPUT{i}", list(big.shape), "FP32") for i in range(2)]
         for item in inputs:

@@ -121,7 +121,9 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
             raise InvalidInput(f"input '{name}' appears more than once")
         datatype = tensor.datatype
         if datatype not in WIRE_DATATYPES:
-            raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(WIRE_DATATYPES)}")
+            raise InvalidInput(
+                f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(WIRE_DATATYPES)}"
+            )
         shape = check_shape(list(tensor.shape), name)
         if "shared_memory_region" in tensor.parameters:
             raise InvalidInput(f"input '{name}': shared-memory inputs are not supported")

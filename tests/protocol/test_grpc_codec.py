@@ -130,7 +130,7 @@ def test_tritonclients_own_request_decodes() -> None:
     """A request built by tritonclient itself (raw by default), carried over as bytes."""
     a = SAMPLES["FP32"]
     text = SAMPLES["BYTES"]
-    inputs = [triton_grpc.InferInput("a", list(a.shape), "FP32"), triton_grpc.InferInput("t", list(text.shape), "BYTES")]
+    inputs = [triton_grpc.InferInput("a", list(a.shape), "FP32"), triton_grpc.InferInput("t", [2, 3], "BYTES")]
     inputs[0].set_data_from_numpy(a)
     inputs[1].set_data_from_numpy(text)
     theirs = triton_grpc._utils._get_inference_request(
@@ -223,7 +223,8 @@ def test_input_without_data() -> None:
         (lambda m: setattr(m.inputs[0], "datatype", "FLOAT"), "unknown datatype 'FLOAT'"),
         (lambda m: m.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
         (lambda m: m.inputs[0].parameters["shared_memory_region"].__setattr__("string_param", "r"), "shared-memory"),
-        (lambda m: m.outputs.add(name="y").parameters["classification"].__setattr__("int64_param", 2), "classification"),
+        (lambda m: m.outputs.add(name="y").parameters["classification"].__setattr__("int64_param", 2),
+         "classification"),
         (lambda m: (m.outputs.add(name="y"), m.outputs.add(name="y")), "'y' is requested more than once"),
     ],
     ids=["duplicate", "datatype", "shape", "shared-memory", "classification", "duplicate-output"],
@@ -317,7 +318,8 @@ def _fields_missing_from_proto(model: type[BaseModel], descriptor, path: str, sk
                     if target.GetOptions().map_entry:
                         target = target.fields_by_name["value"].message_type
                     foreign = {"input": grpc_codec.OUTPUT_ONLY_FIELDS, "output": grpc_codec.INPUT_ONLY_FIELDS}
-                    missing += _fields_missing_from_proto(inner, target, f"{path}.{name}", foreign.get(name, frozenset()))
+                    skip_inner = foreign.get(name, frozenset())
+                    missing += _fields_missing_from_proto(inner, target, f"{path}.{name}", skip_inner)
     return missing
 
 
