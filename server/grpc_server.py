@@ -114,9 +114,7 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 infer_request = grpc_codec.decode_request(message)
                 async for response in self.core.stream_infer(infer_request):
-                    outbox.put_nowait(
-                        pb.ModelStreamInferResponse(infer_response=grpc_codec.encode_response(response, infer_request))
-                    )
+                    outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
             except ModelDockError as exc:
                 outbox.put_nowait(grpc_codec.stream_error(message, exc.message))
             except Exception as exc:

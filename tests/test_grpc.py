@@ -262,7 +262,9 @@ def test_stream_many_requests_matched_by_id(client: triton_grpc.InferenceServerC
             a = np.full((1, 16), i, np.float32)
             b = RNG.standard_normal((1, 16)).astype(np.float32)
             expected[f"req-{i}"] = (a + b, a - b)
-            client.async_stream_infer("simple", simple_inputs(a, b), request_id=f"req-{i}")
+            client.async_stream_infer(
+                "simple", simple_inputs(a, b), request_id=f"req-{i}", enable_empty_final_response=i % 2 == 0
+            )
             if i == 25:  # one bad request in the middle must not end the stream
                 bad = triton_grpc.InferInput("INPUT9", [1, 16], "FP32")
                 bad.set_data_from_numpy(a)
@@ -275,7 +277,12 @@ def test_stream_many_requests_matched_by_id(client: triton_grpc.InferenceServerC
     seen = {}
     for result, error in received:
         if error is None:
-            seen[result.get_response().id] = result
+            response = result.get_response()
+            seen[response.id] = result
+            # Clients that ask are told which response is a request's last; here each request has one.
+            asked = int(response.id.removeprefix("req-")) % 2 == 0
+            assert ("triton_final_response" in response.parameters) == asked
+            assert response.parameters["triton_final_response"].bool_param == asked
     assert set(seen) == set(expected)
     for request_id, (total, difference) in expected.items():
         np.testing.assert_array_equal(seen[request_id].as_numpy("OUTPUT0"), total)

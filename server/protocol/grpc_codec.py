@@ -166,6 +166,14 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
     return message
 
 
+def stream_response(response: InferResponse, request: InferRequest) -> pb.ModelStreamInferResponse:
+    """A response on a stream; clients that ask for it learn which response is a request's last (Triton's flag)."""
+    message = encode_response(response, request)
+    if request.parameters.get("triton_enable_empty_final_response"):
+        message.parameters["triton_final_response"].bool_param = response.final
+    return pb.ModelStreamInferResponse(infer_response=message)
+
+
 def stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
     """A failed request on a stream: the error plus enough of a response for the client to tell which one."""
     return pb.ModelStreamInferResponse(

@@ -240,6 +240,19 @@ def test_no_inputs() -> None:
     assert "at least one input" in _error(pb.ModelInferRequest(model_name="m"))
 
 
+def test_stream_responses_flag_the_final_one_when_asked() -> None:
+    message = _request_with("FP32", SAMPLES["FP32"], raw=True)
+    plain = grpc_codec.decode_request(message)
+    response = InferResponse(model_name="m", model_version="1", outputs={"y": SAMPLES["FP32"]}, final=False)
+    assert "triton_final_response" not in grpc_codec.stream_response(response, plain).infer_response.parameters
+    message.parameters["triton_enable_empty_final_response"].bool_param = True
+    asking = grpc_codec.decode_request(message)
+    for final in (False, True):
+        response.final = final
+        sent = grpc_codec.stream_response(response, asking).infer_response
+        assert sent.id == "req-1" and sent.parameters["triton_final_response"].bool_param is final
+
+
 def test_stream_error_carries_the_request_id() -> None:
     message = pb.ModelInferRequest(model_name="m", model_version="1", id="abc")
     error = grpc_codec.stream_error(message, "boom")
