@@ -21,7 +21,7 @@ import onnx
 import pytest
 import tritonclient.grpc as triton_grpc
 import tritonclient.grpc.aio as triton_grpc_aio
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -91,12 +91,48 @@ def _write_identity(root: Path, datatype: str) -> None:
     (folder / "config.yaml").write_text("backend: onnxruntime\n")
 
 
+def _write_slow_counter(root: Path) -> None:
+    """Y = X + trips, counted one step per Loop iteration: a model whose run time the client chooses (~1 us a trip)."""
+    body = helper.make_graph(
+        [
+            helper.make_node("Add", ["acc_in", "one"], ["acc_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "step",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1]),
+        ],
+        initializer=[numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "always", "X"], ["Y"], body=body)],
+        "slow_counter",
+        [
+            helper.make_tensor_value_info("X", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array(True), "always")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    (root / "slow_counter" / "1").mkdir(parents=True)
+    (root / "slow_counter" / "1" / "model.onnx").write_bytes(model.SerializeToString())
+
+
 @pytest.fixture(scope="module")
 def grpc_repository(tmp_path_factory: pytest.TempPathFactory, bundled_repository: Path) -> Path:
     root = tmp_path_factory.mktemp("grpc") / "models"
     shutil.copytree(bundled_repository / "simple", root / "simple")
     for datatype in IDENTITY_TYPES:
         _write_identity(root, datatype)
+    _write_slow_counter(root)
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(b"this is not an onnx file")
     (root / "broken" / "config.yaml").write_text(
@@ -289,6 +325,28 @@ def test_stream_many_requests_matched_by_id(client: triton_grpc.InferenceServerC
         np.testing.assert_array_equal(seen[request_id].as_numpy("OUTPUT1"), difference)
 
 
+def test_stream_does_not_wait_for_earlier_requests(client: triton_grpc.InferenceServerClient) -> None:
+    """A slow request first, quick ones after it on the same stream: the quick ones are answered before it."""
+    x, trips = np.array([0.5], np.float32), np.array(400_000, np.int64)
+    slow = [triton_grpc.InferInput("X", [1], "FP32"), triton_grpc.InferInput("trips", [], "INT64")]
+    slow[0].set_data_from_numpy(x)
+    slow[1].set_data_from_numpy(trips)
+    order: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: order.put((result, error)))
+    try:
+        client.async_stream_infer("slow_counter", slow, request_id="slow")
+        for i in range(5):
+            quick = np.full((1, 16), i, np.float32)
+            client.async_stream_infer("simple", simple_inputs(quick, quick), request_id=f"quick-{i}")
+    finally:
+        client.stop_stream()
+    received = [order.get(timeout=1) for _ in range(6)]
+    assert all(error is None for _, error in received)
+    ids = [result.get_response().id for result, _ in received]
+    assert ids[-1] == "slow" and sorted(ids[:-1]) == [f"quick-{i}" for i in range(5)]
+    np.testing.assert_array_equal(received[-1][0].as_numpy("Y"), x + trips)
+
+
 def test_stream_errors_carry_the_request_id(stub: service_pb2_grpc.GRPCInferenceServiceStub) -> None:
     def requests():
         good = service_pb2.ModelInferRequest(model_name="simple", id="good")
@@ -340,7 +398,7 @@ async def test_asyncio_client_infer_and_stream(grpc_server: ServerProcess) -> No
 # -- repository ----------------------------------------------------------------------------------------------------
 def test_repository_index(client: triton_grpc.InferenceServerClient) -> None:
     index = {m.name: m for m in client.get_model_repository_index().models}
-    assert set(index) == {"simple", "broken", *(identity_name(d) for d in IDENTITY_TYPES)}
+    assert set(index) == {"simple", "broken", "slow_counter", *(identity_name(d) for d in IDENTITY_TYPES)}
     assert (index["simple"].version, index["simple"].state) == ("1", "READY")
     assert index["broken"].state == "UNAVAILABLE" and "broken" in index["broken"].reason
     ready = {m.name for m in client.get_model_repository_index().models if m.state == "READY"}
