@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.core import InferenceServer
+from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
 from server.http_server import create_app
 from server.model_manager import ModelManager
 from server.repository import ModelRepository
@@ -25,6 +26,8 @@ class ServeSettings:
     host: str = "0.0.0.0"
     http_port: int = 8000
     log_level: str = "info"
+    grpc_port: int = 8001
+    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -40,6 +43,7 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
     console.print(table)
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
+    console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
 
 
 async def serve(settings: ServeSettings) -> None:
@@ -57,7 +61,12 @@ async def serve(settings: ServeSettings) -> None:
             timeout_keep_alive=30,
         )
     )
+    # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
+    grpc_server, settings.grpc_port = create_grpc_server(
+        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+    )
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
+    await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
     try:
         await manager.load_all()
@@ -69,4 +78,6 @@ async def serve(settings: ServeSettings) -> None:
         http.should_exit = True
         if not http_task.done():
             await asyncio.wait_for(http_task, timeout=10)
+        # Let in-flight RPCs finish (streams included) before the models they use are unloaded.
+        await grpc_server.stop(grace=5)
         await manager.close()

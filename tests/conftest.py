@@ -26,16 +26,19 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``modeldock serve`` in a child process; ``url`` is its HTTP base address."""
+    """``modeldock serve`` in a child process; ``url`` is its HTTP base address, ``grpc_url`` its gRPC one."""
 
     def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         repositories = repository if isinstance(repository, list) else [repository]
         args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port)]
         for repo in repositories:
             args += ["--model-repository", str(repo)]
+        args += ["--grpc-port", str(self.grpc_port)]
         args += extra_args
         self._log = open(log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
