@@ -25,6 +25,8 @@ class ServeSettings:
     host: str = "0.0.0.0"
     http_port: int = 8000
     log_level: str = "info"
+    # Prometheus metrics on their own port as Triton does; 0 leaves them on the HTTP port's /metrics only.
+    metrics_port: int = 8002
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -40,12 +42,16 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
     console.print(table)
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
+    if settings.metrics_port:
+        console.print(f"Metrics (Prometheus):    http://{settings.host}:{settings.metrics_port}/metrics")
 
 
 async def serve(settings: ServeSettings) -> None:
     manager = ModelManager(ModelRepository(settings.model_repositories))
     core = InferenceServer(manager)
     app = create_app(core)
+    if settings.metrics_port:
+        core.metrics.serve(settings.host, settings.metrics_port)
     http = uvicorn.Server(
         uvicorn.Config(
             app,
