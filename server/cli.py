@@ -9,6 +9,11 @@ from typing import Annotated
 
 import typer
 
+try:  # the faster event loop from uvicorn[standard]; plain asyncio where it is missing (Windows)
+    import uvloop
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
+
 from server.runtime import ServeSettings, serve
 
 app = typer.Typer(name="modeldock", help="Serve models from a repository folder over KServe v2 HTTP and gRPC.",
@@ -31,7 +36,10 @@ def serve_command(
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServeSettings(model_repositories=model_repository, host=host, http_port=http_port, log_level=log_level)
     settings.metrics_port = metrics_port
-    asyncio.run(serve(settings))
+    if uvloop is not None:
+        uvloop.run(serve(settings))
+    else:
+        asyncio.run(serve(settings))
 
 
 def _parse_shapes(values: list[str]) -> dict[str, list[int]]:
