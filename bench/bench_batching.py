@@ -174,10 +174,12 @@ def main() -> None:
 
         process, url = start_server(repository, Path(tmp) / "server.log")
         try:
-            console.print(f"[bold](b) ModelDock with dynamic batching[/bold] ({args.request_batch_size} row(s) per request)")
+            console.print(
+                f"[bold](b) ModelDock with dynamic batching[/bold] ({args.request_batch_size} row(s) per request)"
+            )
             b_results = served(url, args.model, levels, args.request_batch_size, args.window)
             b_profile = batch_profile(url, args.model)
-            console.print(f"[bold](c) ModelDock with batching off[/bold]")
+            console.print("[bold](c) ModelDock with batching off[/bold]")
             c_results = served(url, f"{args.model}_nobatch", levels, args.request_batch_size, args.window)
         finally:
             process.terminate()

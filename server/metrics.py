@@ -61,7 +61,9 @@ class _StatisticsCollector(Collector):
         )
         for stats in all_stats:
             counts = {size: b.compute_infer.count for size, b in stats.batches.items()}
-            buckets = [(str(bound), float(sum(c for s, c in counts.items() if s <= bound))) for bound in BATCH_SIZE_BUCKETS]
+            buckets = [
+                (str(bound), float(sum(c for s, c in counts.items() if s <= bound))) for bound in BATCH_SIZE_BUCKETS
+            ]
             buckets.append(("+Inf", float(sum(counts.values()))))
             total_rows = float(sum(size * c for size, c in counts.items()))
             histogram.add_metric([stats.name, stats.version], buckets, total_rows)

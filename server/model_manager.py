@@ -147,9 +147,8 @@ class ModelManager:
                     log.exception("model '%s' version %d failed to load", name, version)
                     failures[version] = f"{type(exc).__name__}: {exc}"
                     continue
-                new[version] = ServedVersion(
-                    config, version, backend_cls, InstancePool(instances), self.statistics.for_version(name, str(version))
-                )
+                stats = self.statistics.for_version(name, str(version))
+                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances), stats)
 
             if not new:
                 reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"

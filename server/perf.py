@@ -211,7 +211,8 @@ def run_perf(settings: PerfSettings, console: Console | None = None) -> list[Lev
     per_level = settings.warmup_s + settings.window_s
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as progress:
-        overall = progress.add_task(f"{settings.model} over {settings.protocol}", total=per_level * len(settings.concurrency))
+        total = per_level * len(settings.concurrency)
+        overall = progress.add_task(f"{settings.model} over {settings.protocol}", total=total)
         for position, concurrency in enumerate(settings.concurrency):
             done_before = position * per_level
             progress.update(overall, description=f"{settings.model}: concurrency {concurrency}")

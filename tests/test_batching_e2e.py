@@ -55,7 +55,9 @@ def sleepy_config(sleep_ms: int, max_batch_size: int, instances: int = 1, **batc
 
 
 @pytest.fixture(scope="module")
-def batching_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def batching_server(
+    start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
     repository = tmp_path_factory.mktemp("batching") / "models"
     write_model(
         repository,
@@ -115,7 +117,9 @@ async def test_two_instances_serve_two_requests_in_the_time_of_one(batching_serv
     async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client:
         await client.post("/v2/models/sleepy_parallel/infer", json=body(data))
         begin = time.monotonic()
-        replies = await asyncio.gather(*(client.post("/v2/models/sleepy_parallel/infer", json=body(data)) for _ in range(2)))
+        replies = await asyncio.gather(
+            *(client.post("/v2/models/sleepy_parallel/infer", json=body(data)) for _ in range(2))
+        )
         elapsed = time.monotonic() - begin
     assert [r.status_code for r in replies] == [200, 200]
     assert elapsed < 0.85, f"two 500 ms requests on two instances took {elapsed:.2f}s"
