@@ -10,16 +10,19 @@ one (any shapes when every input allows ragged batching), and never more rows th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass
 
 from server.config import ModelConfig, QueuePolicy, TimeoutAction
 from server.dispatcher import InstancePool, ModelInstance
-from server.errors import QueueFull, RequestTimeout
+from server.errors import BackendError, QueueFull, RequestTimeout
 from server.protocol.types import InferRequest
 from server.scheduler import PendingRequest, Scheduler
 from server.stats import ModelStats
+
+log = logging.getLogger(__name__)
 
 Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
 
@@ -99,6 +102,20 @@ class DynamicBatcher(Scheduler):
     # -- the dispatcher -----------------------------------------------------------------------------------
     async def _dispatch(self) -> None:
         """Form and start batches until the scheduler closes and its queue is empty."""
+        try:
+            await self._dispatch_until_closed()
+        except Exception:  # a bug here must fail the waiting requests, not leave them hanging
+            log.exception("dynamic batcher of model '%s' failed", self.config.name)
+            error = BackendError(f"model '{self.config.name}': the dynamic batcher failed; see the server log")
+            for queue in self._queues:
+                for entry in queue:
+                    self.stats.dequeued()
+                    entry.pending.fail(error)
+                queue.clear()
+            self._queued = self._with_deadline = 0
+            self._dispatcher_started = False
+
+    async def _dispatch_until_closed(self) -> None:
         while True:
             if not self._queued:
                 if self._closed:

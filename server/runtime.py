@@ -51,7 +51,11 @@ async def serve(settings: ServeSettings) -> None:
     core = InferenceServer(manager)
     app = create_app(core)
     if settings.metrics_port:
-        core.metrics.serve(settings.host, settings.metrics_port)
+        try:
+            core.metrics.serve(settings.host, settings.metrics_port)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc} (--metrics-port 0 disables them)"
+            raise SystemExit(message) from None
     http = uvicorn.Server(
         uvicorn.Config(
             app,
