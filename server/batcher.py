@@ -4,7 +4,7 @@ One dispatcher task per model version waits until an instance is idle and only t
 therefore never built ahead while every instance is busy: requests keep accumulating, so batches grow with the
 load instead of being frozen small. Requests wait in one queue per priority level (level 1 served first); a
 batch takes them in priority order, but only those whose inputs have the same non-batch shapes as the oldest
-one (any shapes when every input allows ragged batching), and never more rows than ``max_batch_size``.
+one (inputs with ``allow_ragged_batch`` may differ), and never more rows than ``max_batch_size``.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ class DynamicBatcher(Scheduler):
         preferred = sorted(size for size in settings.preferred_batch_size if size <= config.max_batch_size)
         self._target_rows = preferred[-1] if preferred else config.max_batch_size
         self._delay_ns = settings.max_queue_delay_microseconds * 1000
-        self._ragged = all(t.allow_ragged_batch for t in config.input) and bool(config.input)
+        self._ragged = {t.name for t in config.input if t.allow_ragged_batch}
         self._arrived = asyncio.Event()
         self._dispatcher_started = False
 
@@ -90,7 +90,7 @@ class DynamicBatcher(Scheduler):
 
     def _signature(self, request: InferRequest) -> Signature:
         return tuple(
-            (name, array.dtype.str, () if self._ragged else tuple(array.shape[1:]))
+            (name, array.dtype.str, () if name in self._ragged else tuple(array.shape[1:]))
             for name, array in sorted(request.inputs.items())
         )
 

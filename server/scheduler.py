@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from server.config import ModelConfig
+from server.config import BatchInputKind, ModelConfig
 from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, ModelDockError, ModelNotReady
+from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
 from server.stats import ModelStats, RequestTiming
 
@@ -155,19 +156,29 @@ def requested_output_names(config: ModelConfig, requests: list[InferRequest]) ->
 
 
 def merge_inputs(config: ModelConfig, requests: list[InferRequest]) -> dict[str, np.ndarray]:
-    """Concatenate along the batch dimension (one request: passed through untouched)."""
-    if len(requests) == 1:
+    """Concatenate along the batch dimension (one request: passed through untouched).
+
+    As in Triton, an input with ``allow_ragged_batch`` reaches the backend as one 1-D concatenation of every
+    request's elements, and ``batch_input`` tensors tell the model where each request's part ends.
+    """
+    ragged = {t.name for t in config.input if t.allow_ragged_batch}
+    if len(requests) == 1 and not ragged and not config.batch_input:
         return _reshaped(config, dict(requests[0].inputs))
-    names = requests[0].inputs.keys()
-    return _reshaped(config, {name: _concatenated([r.inputs[name] for r in requests]) for name in names})
-
-
-def _concatenated(arrays: list[np.ndarray]) -> np.ndarray:
-    """Stack along the batch dimension; ragged inputs (the batcher only mixes shapes for those) are flattened
-    into one 1-D tensor, as Triton hands ragged batches to a backend."""
-    if any(a.shape[1:] != arrays[0].shape[1:] for a in arrays):
-        return np.concatenate([a.reshape(-1) for a in arrays])
-    return np.concatenate(arrays, axis=0)
+    merged: dict[str, np.ndarray] = {}
+    for name in requests[0].inputs:
+        arrays = [r.inputs[name] for r in requests]
+        if name in ragged:
+            merged[name] = np.concatenate([a.reshape(-1) for a in arrays])
+        else:
+            merged[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    for item in config.batch_input:
+        counts = np.array([r.inputs[item.source_input[0]].size for r in requests], dtype=np.int64)
+        if item.kind == BatchInputKind.BATCH_ACCUMULATED_ELEMENT_COUNT:
+            counts = np.cumsum(counts)
+        elif item.kind == BatchInputKind.BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO:
+            counts = np.concatenate([[0], np.cumsum(counts)])
+        merged[item.target_name[0]] = counts.astype(numpy_dtype(CONFIG_TO_WIRE[item.data_type]))
+    return _reshaped(config, merged)
 
 
 def _reshaped(config: ModelConfig, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -13,10 +13,10 @@ import pytest
 from server.batcher import DynamicBatcher
 from server.config import ModelConfig, parse_model_config
 from server.dispatcher import InstancePool, create_instances
-from server.errors import QueueFull, RequestTimeout
+from server.errors import ConfigError, QueueFull, RequestTimeout
 from server.model_manager import make_scheduler
 from server.protocol.types import InferRequest
-from server.scheduler import DirectScheduler, PendingRequest
+from server.scheduler import DirectScheduler, PendingRequest, merge_inputs
 from tests.slow_backend import SleepBackend
 
 
@@ -221,3 +221,39 @@ def test_scheduler_choice(tmp_path: Path) -> None:
     unbatched = batching.model_copy(update={"max_batch_size": 0})
     assert isinstance(make_scheduler(unbatched, "1", pool), DirectScheduler)
     pool.unload()
+
+
+def ragged_config(kind: str) -> ModelConfig:
+    data = {
+        "backend": "onnxruntime",
+        "max_batch_size": 8,
+        "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [-1], "allow_ragged_batch": True}],
+        "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32", "dims": [1]}],
+        "batch_input": [
+            {"kind": kind, "target_name": ["INDEX"], "data_type": "TYPE_INT32", "source_input": ["INPUT"]}
+        ],
+    }
+    return parse_model_config(data, "test config", "ragged")
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("BATCH_ELEMENT_COUNT", [2, 3, 1]),
+        ("BATCH_ACCUMULATED_ELEMENT_COUNT", [2, 5, 6]),
+        ("BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO", [0, 2, 5, 6]),
+    ],
+)
+def test_ragged_inputs_are_concatenated_with_batch_inputs(kind: str, expected: list[int]) -> None:
+    requests = [request(1, width=2), request(2, width=3), request(3, width=1)]
+    merged = merge_inputs(ragged_config(kind), requests)
+    np.testing.assert_array_equal(merged["INPUT"], np.array([1, 1, 2, 2, 2, 3], dtype=np.float32))
+    assert merged["INDEX"].dtype == np.int32
+    np.testing.assert_array_equal(merged["INDEX"], expected)
+
+
+def test_batch_input_must_name_an_input() -> None:
+    data = ragged_config("BATCH_ELEMENT_COUNT").model_dump(mode="json", exclude_none=True)
+    data["batch_input"][0]["source_input"] = ["NOPE"]
+    with pytest.raises(ConfigError, match="source_input 'NOPE'"):
+        parse_model_config(data, "test config", "ragged")

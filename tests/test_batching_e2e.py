@@ -40,6 +40,40 @@ def scale_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
+def ragged_sum_model() -> onnx.ModelProto:
+    """SUM[i] = sum of request i's INPUT, from the 1-D concatenation of a ragged batch and the INDEX batch input
+    (accumulated element counts with a leading zero): cumsum, then differences at the request boundaries."""
+    nodes = [
+        helper.make_node("CumSum", ["INPUT", "axis0"], ["running"]),
+        helper.make_node("Concat", ["zero", "running"], ["padded"], axis=0),
+        helper.make_node("Slice", ["INDEX", "one", "big"], ["ends"]),
+        helper.make_node("Slice", ["INDEX", "zero_i", "minus_one"], ["starts"]),
+        helper.make_node("Gather", ["padded", "ends"], ["at_end"]),
+        helper.make_node("Gather", ["padded", "starts"], ["at_start"]),
+        helper.make_node("Sub", ["at_end", "at_start"], ["sums"]),
+        helper.make_node("Unsqueeze", ["sums", "one"], ["SUM"]),
+    ]
+    constants = [
+        helper.make_tensor("axis0", TensorProto.INT64, [], [0]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("minus_one", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("big", TensorProto.INT64, [1], [2**62]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ragged_sum",
+        [
+            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["elements"]),
+            helper.make_tensor_value_info("INDEX", TensorProto.INT64, ["requests_plus_one"]),
+        ],
+        [helper.make_tensor_value_info("SUM", TensorProto.FLOAT, ["requests", 1])],
+        constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
 def sleepy_config(sleep_ms: int, max_batch_size: int, instances: int = 1, **batching: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
         "backend": "tests.slow_backend:SleepBackend",
@@ -70,6 +104,26 @@ def batching_server(
             "parameters": {"intra_op_thread_count": "1"},
         },
         scale_model(),
+    )
+    write_model(
+        repository,
+        "ragged_sum",
+        {
+            "backend": "onnxruntime",
+            "max_batch_size": 32,
+            "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [-1], "allow_ragged_batch": True}],
+            "output": [{"name": "SUM", "data_type": "TYPE_FP32", "dims": [1]}],
+            "batch_input": [
+                {
+                    "kind": "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO",
+                    "target_name": ["INDEX"],
+                    "data_type": "TYPE_INT64",
+                    "source_input": ["INPUT"],
+                }
+            ],
+            "dynamic_batching": {"max_queue_delay_microseconds": 20_000},
+        },
+        ragged_sum_model(),
     )
     write_model(repository, "sleepy_parallel", sleepy_config(500, max_batch_size=0, instances=2))
     write_model(
@@ -110,6 +164,22 @@ async def test_200_concurrent_mixed_shape_requests_get_their_own_answers(batchin
     assert stats["inference_count"] == 200
     assert stats["execution_count"] < stats["inference_count"]
     assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
+
+
+async def test_ragged_requests_share_a_batch(batching_server: ServerProcess) -> None:
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1, 1 + i % 6), dtype=np.float32) for i in range(48)]
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=60) as client:
+        replies = await asyncio.gather(*(client.post("/v2/models/ragged_sum/infer", json=body(x)) for x in inputs))
+        for x, reply in zip(inputs, replies, strict=True):
+            assert reply.status_code == 200, reply.text
+            [output] = reply.json()["outputs"]
+            assert output["shape"] == [1, 1]
+            assert output["data"][0] == pytest.approx(float(x.sum()), rel=1e-5)
+        stats = (await client.get("/v2/models/ragged_sum/stats")).json()["model_stats"][0]
+    assert stats["inference_count"] == 48
+    # Only 8 requests share any one length, so a larger batch must have mixed lengths.
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 8
 
 
 async def test_two_instances_serve_two_requests_in_the_time_of_one(batching_server: ServerProcess) -> None:
