@@ -27,10 +27,10 @@ def serve_command(
     ] = [Path("model_repository")],  # noqa: B006 - typer needs a literal default
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option("--http-port", help="HTTP (KServe v2 REST) port.")] = 8000,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     metrics_port: Annotated[
         int, typer.Option("--metrics-port", help="Port serving Prometheus /metrics (0: only on the HTTP port).")
     ] = 8002,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
 ) -> None:
     """Start the server on a model repository."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -24,9 +24,9 @@ class ServeSettings:
     model_repositories: list[Path]
     host: str = "0.0.0.0"
     http_port: int = 8000
-    log_level: str = "info"
     # Prometheus metrics on their own port as Triton does; 0 leaves them on the HTTP port's /metrics only.
     metrics_port: int = 8002
+    log_level: str = "info"
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -41,9 +41,9 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         style = "green" if row["state"] == "READY" else "red"
         table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
     console.print(table)
-    console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
     if settings.metrics_port:
-        console.print(f"Metrics (Prometheus):    http://{settings.host}:{settings.metrics_port}/metrics")
+        console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")
+    console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
 
 
 async def serve(settings: ServeSettings) -> None:

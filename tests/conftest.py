@@ -29,15 +29,16 @@ class ServerProcess:
     """``modeldock serve`` in a child process; ``url`` is its HTTP base address."""
 
     def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
+        self.metrics_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
-        self.metrics_port = free_port()
         self.log_path = log_path
         repositories = repository if isinstance(repository, list) else [repository]
         args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port)]
+        args += ["--metrics-port", str(self.metrics_port)]
         for repo in repositories:
             args += ["--model-repository", str(repo)]
-        args += ["--metrics-port", str(self.metrics_port), *extra_args]
+        args += extra_args
         self._log = open(log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
