@@ -284,6 +284,7 @@ def plot_results(settings: PerfSettings, results: list[LevelResult], path: Path)
     right.legend()
     for axis in (left, right):
         axis.set_xscale("log", base=2)
+        axis.set_xticks(concurrency, [str(c) for c in concurrency])
         axis.grid(True, alpha=0.3)
     fig.suptitle(f"{settings.model} over {settings.protocol}, batch size {settings.batch_size}")
     fig.tight_layout()

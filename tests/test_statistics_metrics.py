@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from tests.conftest import ServerProcess
+from tests.conftest import ROOT, ServerProcess
 
 SENT = 5
+HAS_GRPC = (ROOT / "server" / "grpc_server.py").exists()
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +98,20 @@ def test_metrics_on_http_and_metrics_port(counted_server: ServerProcess) -> None
         assert metric(text, "nv_inference_request_duration_us", "simple") > 0
         assert metric(text, "nv_inference_count", "mlp_classifier") == 0
         assert re.search(r'^modeldock_inference_batch_size_count{model="simple",version="1"} 5\.0$', text, re.M)
+
+
+@pytest.mark.skipif(not HAS_GRPC, reason="this checkout has no gRPC front end")
+def test_grpc_statistics(counted_server: ServerProcess) -> None:
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{counted_server.grpc_port}")  # type: ignore[attr-defined]
+    try:
+        [stats] = client.get_inference_statistics("simple", as_json=True)["model_stats"]
+    finally:
+        client.close()
+    # Protobuf JSON writes 64-bit integers as strings.
+    assert int(stats["inference_count"]) == SENT
+    assert int(stats["execution_count"]) == SENT
+    assert int(stats["inference_stats"]["success"]["count"]) == SENT
+    assert int(stats["inference_stats"]["compute_infer"]["ns"]) > 0
+    assert [int(b["batch_size"]) for b in stats["batch_stats"]] == [1]
