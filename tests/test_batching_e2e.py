@@ -175,7 +175,7 @@ async def test_ragged_requests_share_a_batch(batching_server: ServerProcess) -> 
             assert reply.status_code == 200, reply.text
             [output] = reply.json()["outputs"]
             assert output["shape"] == [1, 1]
-            assert output["data"][0] == pytest.approx(float(x.sum()), rel=1e-5)
+            assert output["data"][0] == pytest.approx(float(x.sum()), abs=1e-3)  # float32 running sums
         stats = (await client.get("/v2/models/ragged_sum/stats")).json()["model_stats"][0]
     assert stats["inference_count"] == 48
     # Only 8 requests share any one length, so a larger batch must have mixed lengths.
