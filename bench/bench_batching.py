@@ -35,7 +35,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from server.perf import LevelResult, PerfSettings, measure_level, random_inputs  # noqa: E402
+from server.perf import LevelResult, PerfSettings, make_workload, measure_level  # noqa: E402
 
 console = Console()
 
@@ -130,10 +130,10 @@ def start_server(repository: Path, log: Path) -> tuple[subprocess.Popen[bytes], 
 def served(url: str, model: str, levels: list[int], batch_size: int, window: float) -> list[LevelResult]:
     settings = PerfSettings(model=model, url=url, batch_size=batch_size, window_s=window, warmup_s=0.5,
                             concurrency=levels)
-    arrays = random_inputs(settings)
+    workload = make_workload(settings)
     results = []
     for concurrency in levels:
-        result = measure_level(settings, arrays, concurrency)
+        result = measure_level(settings, workload, concurrency)
         console.print(f"  {model:>24} concurrency {concurrency:>3}: {result.throughput_infer_per_s:9.0f} infer/s, "
                       f"p50 {result.latency_p50_ms:6.2f} ms, p99 {result.latency_p99_ms:6.2f} ms")
         results.append(result)

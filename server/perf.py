@@ -68,6 +68,14 @@ class LevelResult:
 
 
 @dataclass
+class Workload:
+    """What every client sends: the same random inputs each time, asking for every output."""
+
+    inputs: list[tuple[str, str, np.ndarray]]
+    outputs: list[str]
+
+
+@dataclass
 class _Worker:
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
@@ -82,7 +90,7 @@ def _client_module(protocol: str) -> Any:
     return module
 
 
-def random_inputs(settings: PerfSettings) -> list[tuple[str, str, np.ndarray]]:
+def make_workload(settings: PerfSettings) -> Workload:
     """One random array per model input, shaped from the server's metadata and config."""
     module = _client_module(settings.protocol)
     client = module.InferenceServerClient(settings.url)
@@ -123,12 +131,12 @@ def random_inputs(settings: PerfSettings) -> list[tuple[str, str, np.ndarray]]:
         else:
             array = rng.integers(0, 100, shape).astype(_NUMPY_TYPES[datatype])
         arrays.append((name, datatype, array))
-    return arrays
+    return Workload(arrays, [tensor["name"] for tensor in metadata["outputs"]])
 
 
 def _run_client(
     settings: PerfSettings,
-    arrays: list[tuple[str, str, np.ndarray]],
+    workload: Workload,
     start_at: float,
     end_at: float,
     result: _Worker,
@@ -136,20 +144,24 @@ def _run_client(
     module = _client_module(settings.protocol)
     client = module.InferenceServerClient(settings.url)
     inputs = []
-    for name, datatype, array in arrays:
+    for name, datatype, array in workload.inputs:
         tensor = module.InferInput(name, list(array.shape), datatype)
         if settings.protocol == "http":
             tensor.set_data_from_numpy(array, binary_data=True)
         else:
             tensor.set_data_from_numpy(array)
         inputs.append(tensor)
+    if settings.protocol == "http":
+        outputs = [module.InferRequestedOutput(name, binary_data=True) for name in workload.outputs]
+    else:
+        outputs = [module.InferRequestedOutput(name) for name in workload.outputs]
     try:
         while True:
             begin = time.perf_counter()
             if begin >= end_at:
                 break
             try:
-                client.infer(settings.model, inputs, model_version=settings.model_version)
+                client.infer(settings.model, inputs, model_version=settings.model_version, outputs=outputs)
             except Exception as exc:  # a failed request is counted and reported, the run goes on
                 if begin >= start_at:
                     result.errors += 1
@@ -164,7 +176,7 @@ def _run_client(
 
 def measure_level(
     settings: PerfSettings,
-    arrays: list[tuple[str, str, np.ndarray]],
+    workload: Workload,
     concurrency: int,
     on_tick: Callable[[float], None] | None = None,
 ) -> LevelResult:
@@ -173,7 +185,7 @@ def measure_level(
     end_at = start_at + settings.window_s
     workers = [_Worker() for _ in range(concurrency)]
     threads = [
-        threading.Thread(target=_run_client, args=(settings, arrays, start_at, end_at, w), daemon=True)
+        threading.Thread(target=_run_client, args=(settings, workload, start_at, end_at, w), daemon=True)
         for w in workers
     ]
     began = time.perf_counter()
@@ -206,7 +218,7 @@ def measure_level(
 def run_perf(settings: PerfSettings, console: Console | None = None) -> list[LevelResult]:
     """Sweep the concurrency levels with a progress bar, then print, and write CSV and PNG if asked."""
     console = console or Console()
-    arrays = random_inputs(settings)
+    workload = make_workload(settings)
     results: list[LevelResult] = []
     per_level = settings.warmup_s + settings.window_s
     columns = (TextColumn("{task.description}"), BarColumn(), TimeRemainingColumn())
@@ -218,7 +230,7 @@ def run_perf(settings: PerfSettings, console: Console | None = None) -> list[Lev
             progress.update(overall, description=f"{settings.model}: concurrency {concurrency}")
             results.append(
                 measure_level(
-                    settings, arrays, concurrency, lambda t, d=done_before: progress.update(overall, completed=d + t)
+                    settings, workload, concurrency, lambda t, d=done_before: progress.update(overall, completed=d + t)
                 )
             )
     console.print(results_table(settings, results))
