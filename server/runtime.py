@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
@@ -25,10 +25,11 @@ class ServeSettings:
     model_repositories: list[Path]
     host: str = "0.0.0.0"
     http_port: int = 8000
+    # Prometheus metrics on their own port as Triton does; 0 leaves them on the HTTP port's /metrics only.
+    metrics_port: int = 8002
     log_level: str = "info"
     grpc_port: int = 8001
     grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -42,6 +43,8 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         style = "green" if row["state"] == "READY" else "red"
         table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
     console.print(table)
+    if settings.metrics_port:
+        console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
     console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
 
@@ -50,6 +53,12 @@ async def serve(settings: ServeSettings) -> None:
     manager = ModelManager(ModelRepository(settings.model_repositories))
     core = InferenceServer(manager)
     app = create_app(core)
+    if settings.metrics_port:
+        try:
+            core.metrics.serve(settings.host, settings.metrics_port)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc} (--metrics-port 0 disables them)"
+            raise SystemExit(message) from None
     http = uvicorn.Server(
         uvicorn.Config(
             app,

@@ -29,6 +29,7 @@ class ServerProcess:
     """``modeldock serve`` in a child process; ``url`` is its HTTP base address, ``grpc_url`` its gRPC one."""
 
     def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
+        self.metrics_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
         self.grpc_port = free_port()
@@ -36,6 +37,7 @@ class ServerProcess:
         self.log_path = log_path
         repositories = repository if isinstance(repository, list) else [repository]
         args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port)]
+        args += ["--metrics-port", str(self.metrics_port)]
         for repo in repositories:
             args += ["--model-repository", str(repo)]
         args += ["--grpc-port", str(self.grpc_port)]
