@@ -3,7 +3,8 @@
 A backend is a class; the server creates one object per model instance (one copy of one version on one device)
 and calls ``execute`` with a whole batch. Backends know nothing of HTTP, gRPC, queues or batching. Third parties
 publish a backend by declaring an entry point in the ``modeldock.backends`` group whose name is what
-``backend:`` in ``config.yaml`` refers to.
+``backend:`` in ``config.yaml`` refers to; ``backend: package.module:ClassName`` names a class directly, for a
+backend that is importable but not installed as a distribution.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ ENTRY_POINT_GROUP = "modeldock.backends"
 # Built into this distribution; used when the package runs from a source tree without being installed.
 _BUILTIN: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime:OnnxRuntimeBackend",
+    "pytorch": "backends.pytorch:PyTorchBackend",
+    "python": "backends.python:PythonBackend",
+    "tensorrt": "backends.tensorrt:TensorRTBackend",
 }
 
 
@@ -72,6 +76,8 @@ def backend_class(name: str) -> type[Backend]:
             break
     if target is None:
         target = _BUILTIN.get(name)
+    if target is None and ":" in name:
+        target = name
     if target is None:
         known = sorted({ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)} | set(_BUILTIN))
         raise ModelLoadError(f"field 'backend': unknown backend '{name}'; installed backends: {known}")

@@ -1,7 +1,8 @@
-"""Builds the bundled example models with ``onnx.helper`` so every file in the repository can be regenerated.
+"""Builds the bundled example models with ``onnx.helper`` (and torch) so every file in the repository can be regenerated.
 
 Run ``python model_repository/build.py`` from the repository root; the output is deterministic (fixed seed), so
-regenerating produces the committed files byte for byte.
+regenerating produces the committed files byte for byte. ``torch_mlp`` needs torch to build; without it the script
+leaves the committed file alone and says so. ``text_preprocessor`` is plain Python source, committed as is.
 """
 
 from __future__ import annotations
@@ -84,12 +85,53 @@ def build_mlp(seed: int = 0) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+TORCH_FEATURES = 16
+TORCH_HIDDEN = 64
+TORCH_CLASSES = 4
+
+
+def build_torch_mlp(path: Path, seed: int = 0) -> bool:
+    """A 2-layer MLP as a torch.export program: ``features`` [batch, 16] -> ``logits``, ``probabilities`` [batch, 4].
+
+    Returns False (and writes nothing) when torch is not installed.
+    """
+    try:
+        import torch
+    except ImportError:
+        return False
+
+    class TorchMLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1 = torch.nn.Linear(TORCH_FEATURES, TORCH_HIDDEN)
+            self.fc2 = torch.nn.Linear(TORCH_HIDDEN, TORCH_CLASSES)
+
+        def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+            logits = self.fc2(torch.relu(self.fc1(features)))
+            return {"logits": logits, "probabilities": torch.softmax(logits, dim=-1)}
+
+    torch.manual_seed(seed)
+    model = TorchMLP().eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(
+        model, (torch.zeros(2, TORCH_FEATURES),), dynamic_shapes={"features": {0: batch}}
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.export.save(program, str(path))
+    return True
+
+
 def build(out: Path = HERE) -> list[Path]:
     written = []
     for name, model in (("simple", build_simple()), ("mlp_classifier", build_mlp())):
         path = out / name / "1" / "model.onnx"
         _save(model, path)
         written.append(path)
+    torch_path = out / "torch_mlp" / "1" / "model.pt2"
+    if build_torch_mlp(torch_path):
+        written.append(torch_path)
+    else:
+        print(f"note: torch is not installed; {torch_path} not rebuilt (pip install 'modeldock[torch]')")
     return written
 
 

@@ -11,7 +11,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+try:  # the faster event loop from uvicorn[standard]; plain asyncio where it is missing (Windows)
+    import uvloop
+except ImportError:
+    uvloop = None  # type: ignore[assignment]
+
 from server.core import ModelControlMode
+from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.runtime import ServeSettings, serve
 from server.validate import validate_repositories
 
@@ -26,6 +32,9 @@ def serve_command(
     ] = [Path("model_repository")],  # noqa: B006 - typer needs a literal default
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     http_port: Annotated[int, typer.Option("--http-port", help="HTTP (KServe v2 REST) port.")] = 8000,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", help="Port serving Prometheus /metrics (0: only on the HTTP port).")
+    ] = 8002,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     model_control_mode: Annotated[
         ModelControlMode,
@@ -38,16 +47,94 @@ def serve_command(
         float, typer.Option("--repository-poll-secs", min=0.05, help="Seconds between repository scans (poll mode).")
     ] = 2.0,
     load_model: Annotated[
-        list[str], typer.Option("--load-model", help="Explicit mode: a model to load at start-up (repeatable; '*' for all).")
+        list[str],
+        typer.Option("--load-model", help="Explicit mode: a model to load at start-up (repeatable; '*' for all)."),
     ] = [],  # noqa: B006 - typer needs a literal default
+    grpc_port: Annotated[int, typer.Option("--grpc-port", help="gRPC (KServe v2) port.")] = 8001,
+    grpc_max_message_bytes: Annotated[
+        int,
+        typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
+    ] = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> None:
     """Start the server on a model repository."""
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServeSettings(model_repositories=model_repository, host=host, http_port=http_port, log_level=log_level)
+    settings = ServeSettings(
+        model_repositories=model_repository,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        grpc_max_message_bytes=grpc_max_message_bytes,
+        metrics_port=metrics_port,
+        log_level=log_level,
+    )
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
-    asyncio.run(serve(settings))
+    if uvloop is not None:
+        uvloop.run(serve(settings))
+    else:
+        asyncio.run(serve(settings))
+
+
+def _parse_shapes(values: list[str]) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for value in values:
+        name, _, dims = value.partition(":")
+        try:
+            shapes[name] = [int(d) for d in dims.split(",") if d]
+        except ValueError:
+            raise typer.BadParameter(f"--shape {value!r}: expected NAME:DIM,DIM,...") from None
+        if not name:
+            raise typer.BadParameter(f"--shape {value!r}: expected NAME:DIM,DIM,...")
+    return shapes
+
+
+@app.command("perf")
+def perf_command(
+    model: Annotated[str, typer.Argument(help="Model to load-test.")],
+    url: Annotated[str, typer.Option("--url", "-u", help="Server address, host:port.")] = "localhost:8000",
+    protocol: Annotated[str, typer.Option("--protocol", "-i", help="http or grpc.")] = "http",
+    model_version: Annotated[str, typer.Option("--model-version", "-x", help="Version (default: newest).")] = "",
+    concurrency: Annotated[
+        str, typer.Option("--concurrency", "-c", help="Comma-separated concurrency levels to sweep.")
+    ] = "1,2,4,8",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size of each request.")] = 1,
+    window: Annotated[float, typer.Option("--window", help="Measurement window per level, seconds.")] = 5.0,
+    warmup: Annotated[float, typer.Option("--warmup", help="Warm-up before each window, seconds.")] = 1.0,
+    shape: Annotated[
+        list[str], typer.Option("--shape", help="NAME:D1,D2 sizes for an input's variable dims (repeatable).")
+    ] = [],  # noqa: B006 - typer needs a literal default
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Write the CSV and PNG plot here.")
+    ] = None,
+) -> None:
+    """Measure throughput and latency of a running server over a concurrency sweep (like perf_analyzer)."""
+    from pydantic import ValidationError
+
+    from server.perf import PerfSettings, run_perf
+
+    try:
+        levels = [int(c) for c in concurrency.split(",") if c.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--concurrency {concurrency!r}: expected e.g. 1,2,4,8") from None
+    if not levels or any(c < 1 for c in levels):
+        raise typer.BadParameter("--concurrency needs positive integers")
+    try:
+        settings = PerfSettings(
+            model=model,
+            url=url,
+            protocol=protocol,
+            model_version=model_version,
+            concurrency=levels,
+            batch_size=batch_size,
+            window_s=window,
+            warmup_s=warmup,
+            shapes=_parse_shapes(shape),
+            output_dir=output_dir,
+        )
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    run_perf(settings)
 
 
 @app.command("validate")

@@ -121,6 +121,29 @@ class DynamicBatching(_Strict):
         return self
 
 
+class BatchInputKind(str, Enum):
+    BATCH_ELEMENT_COUNT = "BATCH_ELEMENT_COUNT"
+    BATCH_ACCUMULATED_ELEMENT_COUNT = "BATCH_ACCUMULATED_ELEMENT_COUNT"
+    BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO = "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO"
+
+
+class BatchInput(_Strict):
+    """Triton's ``batch_input``: a tensor the server builds for each batch, e.g. where each request's part of a
+    ragged (1-D concatenated) input ends, since the model cannot tell from the concatenation itself."""
+
+    kind: BatchInputKind
+    target_name: list[str] = Field(min_length=1, max_length=1)
+    data_type: str
+    source_input: list[str] = Field(min_length=1, max_length=1)
+
+    @field_validator("data_type")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in CONFIG_DATATYPES or value in ("TYPE_STRING", "TYPE_BOOL"):
+            raise ValueError(f"batch_input data_type must be numeric, got '{value}'")
+        return value
+
+
 class LatestPolicy(_Strict):
     num_versions: int = Field(default=1, ge=1)
 
@@ -204,6 +227,7 @@ class ModelConfig(_Strict):
     parameters: dict[str, str] = Field(default_factory=dict)
     default_model_filename: str = ""
     model_warmup: list[ModelWarmup] = Field(default_factory=list)
+    batch_input: list[BatchInput] = Field(default_factory=list)
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -221,6 +245,18 @@ class ModelConfig(_Strict):
                 item = str(item)
             flat[str(key)] = item
         return flat
+
+    @model_validator(mode="after")
+    def _batch_inputs_known(self) -> ModelConfig:
+        names = {t.name for t in self.input}
+        for item in self.batch_input:
+            if self.input and item.source_input[0] not in names:
+                raise ValueError(f"batch_input source_input '{item.source_input[0]}' is not an input")
+            if item.target_name[0] in names:
+                raise ValueError(f"batch_input target_name '{item.target_name[0]}' is also a client input")
+        if self.batch_input and not self.max_batch_size:
+            raise ValueError("batch_input needs max_batch_size > 0")
+        return self
 
     @model_validator(mode="after")
     def _unique_tensor_names(self) -> ModelConfig:

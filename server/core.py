@@ -11,7 +11,8 @@ from enum import Enum
 from typing import Any
 
 from server import __version__
-from server.errors import ModelNotFound, NotAllowed, VersionRetired
+from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
+from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.protocol.types import InferRequest, InferResponse
 from server.validation import expected_shape
@@ -22,6 +23,7 @@ EXTENSIONS = [
     "model_configuration",
     "model_repository",
     "model_repository(unload_dependents)",
+    "statistics",
 ]
 
 
@@ -37,6 +39,7 @@ class InferenceServer:
     def __init__(self, models: ModelManager, control_mode: ModelControlMode = ModelControlMode.EXPLICIT) -> None:
         self.models = models
         self.control_mode = control_mode
+        self.metrics = ServerMetrics(models.statistics)
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False
@@ -97,6 +100,34 @@ class InferenceServer:
         yield first
         async for response in stream:
             yield response
+
+    # -- statistics ---------------------------------------------------------------------------------------
+    def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:
+        """Triton's statistics JSON for every loaded version of one model (or of all models when ``name`` is "")."""
+        if version and not name:
+            raise InvalidInput("a model version was given without a model name")
+        if name:
+            record = self.models.record(name)
+            if version:
+                self.models.get(name, version)
+            versions = [(name, str(v)) for v, e in sorted(record.versions.items()) if e.served is not None]
+            if not versions:
+                raise ModelNotReady(f"model '{name}' is not loaded")
+            if version:
+                versions = [(name, version)]
+        else:
+            versions = [
+                (n, str(v))
+                for n, record in sorted(self.models.records.items())
+                for v, e in sorted(record.versions.items())
+                if e.served is not None
+            ]
+        statistics = self.models.statistics
+        return {"model_stats": [statistics.for_version(n, v).to_json() for n, v in versions]}
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of this server's metrics (``GET /metrics``)."""
+        return self.metrics.exposition()
 
     # -- repository ---------------------------------------------------------------------------------------
     def repository_index(self, ready_only: bool = False) -> list[dict[str, str]]:

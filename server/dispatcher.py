@@ -2,23 +2,34 @@
 
 Each instance owns one backend object and one worker thread, so instances run truly concurrently for backends
 that release the GIL (ONNX Runtime, PyTorch) and the event loop never runs model code.
+
+A backend class that declares ``releases_gil = False`` (the Python backend: arbitrary user code) gets
+``ProcessModelInstance`` instead: the backend object lives in its own worker process, so GIL-bound user code
+cannot stall the server and a crash in it (segfault, ``os._exit``) fails only the batch in flight; the worker is
+then restarted. That class attribute is the one rule: it is a property of the backend, not a per-model setting.
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
+import multiprocessing
+import signal
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from backends.base import Backend
+from server import errors
 from server.config import InstanceGroup, InstanceKind, ModelConfig
 from server.devices import CPU, Device, gpu_count
-from server.errors import ModelLoadError
+from server.errors import BackendError, ModelDockError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +98,206 @@ class ModelInstance:
             log.exception("instance %s failed to unload cleanly", self.name)
 
 
+# Seconds a worker gets to finish ``unload`` before it is terminated.
+_WORKER_STOP_TIMEOUT = 30.0
+
+
+def _error_payload(exc: BaseException) -> tuple[str, str]:
+    """An exception as (type name, message): user exception classes need not be picklable or importable."""
+    if isinstance(exc, ModelDockError):
+        return type(exc).__name__, exc.message
+    return type(exc).__name__, str(exc)
+
+
+def _worker_main(
+    conn: Connection, backend_path: str, config_json: str, version_dir: str, device_kind: str, device_index: int
+) -> None:
+    """Body of a worker process: build the backend, then run batches until told to unload or the parent goes."""
+    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        module_name, _, attr = backend_path.partition(":")
+        backend_cls = getattr(importlib.import_module(module_name), attr)
+        config = ModelConfig.model_validate_json(config_json)
+        backend = backend_cls(config, Path(version_dir), Device(device_kind, device_index))
+    except BaseException as exc:
+        conn.send(("error", _error_payload(exc)))
+        return
+    conn.send(("ready", None))
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):  # the server is gone
+            break
+        if message[0] == "unload":
+            try:
+                backend.unload()
+            finally:
+                conn.send(("ok", None))
+            break
+        _, inputs, output_names = message
+        try:
+            outputs = backend.execute(inputs, output_names)
+        except Exception as exc:
+            conn.send(("error", _error_payload(exc)))
+        else:
+            conn.send(("ok", outputs))
+
+
+def _exit_description(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"exit code {exitcode} (signal {signal.Signals(-exitcode).name})"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
+
+
+class WorkerCrashed(Exception):
+    """The worker process ended while the parent was waiting for it."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(_exit_description(exitcode))
+        self.exitcode = exitcode
+
+
+class ProcessModelInstance(ModelInstance):
+    """One backend object inside its own worker process, behind ``ModelInstance``'s interface.
+
+    A single thread per instance talks to the worker, so the event loop only awaits, and restarting a crashed
+    worker is queued on that thread: the failed batch is answered at once and the next batch waits for the
+    fresh worker.
+    """
+
+    def __init__(self, placement: InstancePlacement, config: ModelConfig, version_dir: Path,
+                 backend_cls: type[Backend]) -> None:
+        self.name = placement.name
+        self.device = placement.device
+        self.config = config
+        self._args = (
+            f"{backend_cls.__module__}:{backend_cls.__qualname__}",
+            config.model_dump_json(),
+            str(version_dir),
+            placement.device.kind,
+            placement.device.index,
+        )
+        self._process: Any = None
+        self._conn: Connection | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
+        try:
+            self._start()
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            raise
+
+    def _start(self) -> None:
+        """Spawn a worker and wait until its backend is built; raises ``ModelLoadError`` if it is not."""
+        context = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = context.Pipe()
+        process = context.Process(
+            target=_worker_main, args=(child_conn, *self._args), name=f"modeldock-{self.name}", daemon=True
+        )
+        process.start()
+        child_conn.close()
+        try:
+            status, payload = self._receive(parent_conn, process)
+        except WorkerCrashed as exc:
+            parent_conn.close()
+            raise ModelLoadError(
+                f"model '{self.config.name}': instance {self.name}: worker process died while loading: {exc}"
+            ) from None
+        if status != "ready":
+            process.join(_WORKER_STOP_TIMEOUT)
+            parent_conn.close()
+            type_name, message = payload
+            cls = getattr(errors, type_name, None)
+            if isinstance(cls, type) and issubclass(cls, ModelLoadError):
+                raise cls(message)
+            raise ModelLoadError(f"model '{self.config.name}': instance {self.name}: {type_name}: {message}")
+        self._process, self._conn = process, parent_conn
+
+    @staticmethod
+    def _receive(conn: Connection, process: Any) -> tuple[str, Any]:
+        """The worker's next message, or ``WorkerCrashed`` if it exits first."""
+        wait([conn, process.sentinel])
+        try:
+            if conn.poll():
+                return conn.recv()  # type: ignore[no-any-return]
+        except (EOFError, OSError):
+            pass
+        process.join()
+        raise WorkerCrashed(process.exitcode)
+
+    def _restart(self) -> None:
+        try:
+            self._start()
+        except ModelDockError as exc:
+            log.error("instance %s could not be restarted: %s", self.name, exc.message)
+        else:
+            log.info("instance %s restarted", self.name)
+
+    def _discard_worker(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+        self._process = self._conn = None
+
+    def _execute_blocking(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        if self._process is None:
+            # The last restart failed; try again rather than stay broken forever.
+            try:
+                self._start()
+            except ModelDockError as exc:
+                raise BackendError(f"instance {self.name} is not running and cannot restart: {exc.message}") from None
+        assert self._conn is not None
+        try:
+            self._conn.send(("execute", dict(inputs), output_names))
+            status, payload = self._receive(self._conn, self._process)
+        except (WorkerCrashed, BrokenPipeError, OSError) as exc:
+            self._process.join()
+            description = _exit_description(self._process.exitcode)
+            log.error("instance %s crashed (%s); restarting", self.name, description)
+            self._discard_worker()
+            self._executor.submit(self._restart)
+            raise BackendError(
+                f"model '{self.config.name}': instance {self.name} crashed: {description}; restarting"
+            ) from exc
+        if status == "ok":
+            return payload  # type: ignore[no-any-return]
+        type_name, message = payload
+        cls = getattr(errors, type_name, None)
+        if isinstance(cls, type) and issubclass(cls, ModelDockError):
+            raise cls(message)
+        raise BackendError(f"model '{self.config.name}': {type_name}: {message}")
+
+    async def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._execute_blocking, inputs, output_names)
+
+    def _stop_worker(self) -> None:
+        process, conn = self._process, self._conn
+        if process is None or conn is None:
+            return
+        try:
+            conn.send(("unload",))
+            if conn.poll(_WORKER_STOP_TIMEOUT):
+                conn.recv()
+        except (EOFError, OSError):
+            pass
+        process.join(_WORKER_STOP_TIMEOUT)
+        if process.is_alive():
+            log.error("instance %s did not stop in %.0fs; terminating it", self.name, _WORKER_STOP_TIMEOUT)
+            process.terminate()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        self._discard_worker()
+
+    def unload(self) -> None:
+        self._executor.shutdown(wait=True)
+        self._stop_worker()
+
+
 def create_instances(
     config: ModelConfig, version_dir: Path, backend_cls: type[Backend]
 ) -> list[ModelInstance]:
@@ -94,6 +305,9 @@ def create_instances(
     instances: list[ModelInstance] = []
     try:
         for placement in plan_instances(config, backend_cls):
+            if not backend_cls.releases_gil:
+                instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls))
+                continue
             instances.append(ModelInstance(placement, backend_cls(config, version_dir, placement.device)))
     except BaseException:
         for instance in instances:

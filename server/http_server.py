@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
+from server.metrics import CONTENT_TYPE_LATEST
 from server.protocol.http_codec import HEADER_LENGTH, decode_request, encode_response
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,17 @@ def create_app(core: InferenceServer) -> FastAPI:
     @app.get("/v2/health/ready")
     async def ready() -> Response:
         return Response(status_code=200 if core.is_ready() else 503)
+
+    # Registered before "/v2/models/{model}" so the literal "stats" is not taken for a model name.
+    @app.get("/v2/models/stats")
+    @app.get("/v2/models/{model}/stats")
+    @app.get("/v2/models/{model}/versions/{version}/stats")
+    async def model_statistics(model: str = "", version: str = "") -> Response:
+        return _json(core.model_statistics(model, version))
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(core.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v2/models/{model}")
     @app.get("/v2/models/{model}/versions/{version}")

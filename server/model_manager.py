@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, backend_class
+from server.batcher import DynamicBatcher
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.dispatcher import InstancePool
 from server.errors import (
@@ -30,6 +31,7 @@ from server.errors import (
 from server.protocol.types import InferRequest, InferResponse
 from server.repository import ModelRepository, guess_backend, version_dirs
 from server.scheduler import DirectScheduler, Scheduler
+from server.stats import ModelStats, StatisticsRegistry
 from server.validation import validate_request
 from server.warmup import create_warm_instances
 
@@ -46,12 +48,19 @@ class ModelState(str, Enum):
 class ServedVersion:
     """One loaded version: its instances and the scheduler in front of them."""
 
-    def __init__(self, config: ModelConfig, version: int, backend_cls: type[Backend], pool: InstancePool) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        version: int,
+        backend_cls: type[Backend],
+        pool: InstancePool,
+        stats: ModelStats | None = None,
+    ) -> None:
         self.config = config
         self.version = version
         self.backend_cls = backend_cls
         self.pool = pool
-        self.scheduler: Scheduler = make_scheduler(config, str(version), pool)
+        self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
@@ -77,8 +86,13 @@ class ServedVersion:
         await asyncio.to_thread(self.pool.unload)
 
 
-def make_scheduler(config: ModelConfig, version: str, pool: InstancePool) -> Scheduler:
-    return DirectScheduler(config, version, pool)
+def make_scheduler(
+    config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
+) -> Scheduler:
+    """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run."""
+    if config.batching and config.dynamic_batching is not None:
+        return DynamicBatcher(config, version, pool, stats)
+    return DirectScheduler(config, version, pool, stats)
 
 
 @dataclass
@@ -104,6 +118,7 @@ class ModelManager:
     def __init__(self, repository: ModelRepository) -> None:
         self.repository = repository
         self.records: dict[str, ModelRecord] = {}
+        self.statistics = StatisticsRegistry()
         self._locks: dict[str, asyncio.Lock] = {}
 
     def _lock(self, name: str) -> asyncio.Lock:
@@ -151,7 +166,8 @@ class ModelManager:
                     log.exception("model '%s' version %d failed to load", name, version)
                     failures[version] = f"{type(exc).__name__}: {exc}"
                     continue
-                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances))
+                stats = self.statistics.for_version(name, str(version))
+                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances), stats)
 
             if not new:
                 reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"

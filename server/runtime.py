@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from server.core import InferenceServer, ModelControlMode
+from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
 from server.http_server import create_app
 from server.model_manager import ModelManager
 from server.repository import ModelRepository
@@ -25,12 +26,15 @@ class ServeSettings:
     model_repositories: list[Path]
     host: str = "0.0.0.0"
     http_port: int = 8000
+    # Prometheus metrics on their own port as Triton does; 0 leaves them on the HTTP port's /metrics only.
+    metrics_port: int = 8002
     log_level: str = "info"
+    grpc_port: int = 8001
+    grpc_max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     model_control_mode: ModelControlMode = ModelControlMode.POLL
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -44,7 +48,10 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         style = "green" if row["state"] == "READY" else "red"
         table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
     console.print(table)
+    if settings.metrics_port:
+        console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
+    console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
 
 
 async def load_initial_models(manager: ModelManager, settings: ServeSettings) -> None:
@@ -63,6 +70,12 @@ async def serve(settings: ServeSettings) -> None:
     core = InferenceServer(manager, settings.model_control_mode)
     watcher: asyncio.Task[None] | None = None
     app = create_app(core)
+    if settings.metrics_port:
+        try:
+            core.metrics.serve(settings.host, settings.metrics_port)
+        except OSError as exc:
+            message = f"cannot serve metrics on port {settings.metrics_port}: {exc} (--metrics-port 0 disables them)"
+            raise SystemExit(message) from None
     http = uvicorn.Server(
         uvicorn.Config(
             app,
@@ -74,7 +87,12 @@ async def serve(settings: ServeSettings) -> None:
             timeout_keep_alive=30,
         )
     )
+    # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
+    grpc_server, settings.grpc_port = create_grpc_server(
+        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+    )
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
+    await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
     try:
         polling = settings.model_control_mode == ModelControlMode.POLL
@@ -94,4 +112,6 @@ async def serve(settings: ServeSettings) -> None:
         http.should_exit = True
         if not http_task.done():
             await asyncio.wait_for(http_task, timeout=10)
+        # Let in-flight RPCs finish (streams included) before the models they use are unloaded.
+        await grpc_server.stop(grace=5)
         await manager.close()

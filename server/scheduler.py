@@ -13,10 +13,12 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from server.config import ModelConfig
+from server.config import BatchInputKind, ModelConfig
 from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, ModelDockError, ModelNotReady
+from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
+from server.stats import ModelStats, RequestTiming
 
 _END = object()
 
@@ -65,10 +67,13 @@ class PendingRequest:
 class Scheduler(ABC):
     """Owns a model version's queue and decides which requests run together on which instance."""
 
-    def __init__(self, config: ModelConfig, version: str, pool: InstancePool) -> None:
+    def __init__(
+        self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
+    ) -> None:
         self.config = config
         self.version = version
         self.pool = pool
+        self.stats = stats if stats is not None else ModelStats(config.name, version)
         self._closed = False
         self._in_flight: set[asyncio.Task[None]] = set()
 
@@ -80,7 +85,12 @@ class Scheduler(ABC):
         if self._closed:
             raise ModelNotReady(f"model '{self.config.name}' version {self.version} is unloading")
         pending = PendingRequest(request)
-        self.enqueue(pending)
+        try:
+            self.enqueue(pending)
+        except ModelDockError:
+            self.stats.record_failure([pending.arrival_ns])
+            raise
+        self.stats.queued()
         return pending
 
     async def close(self) -> None:
@@ -104,19 +114,31 @@ class Scheduler(ABC):
             self.pool.release(instance)
 
     async def _execute_on(self, instance: ModelInstance, batch: list[PendingRequest]) -> None:
+        start = time.monotonic_ns()
+        self.stats.dequeued(len(batch))
         try:
             inputs = merge_inputs(self.config, [p.request for p in batch])
             output_names = requested_output_names(self.config, [p.request for p in batch])
+            merged = time.monotonic_ns()
             outputs = await instance.execute(inputs, output_names)
-            for pending, response in zip(batch, split_outputs(self.config, self.version, batch, outputs), strict=True):
+            executed = time.monotonic_ns()
+            responses = split_outputs(self.config, self.version, batch, outputs)
+            finished = time.monotonic_ns()
+            for pending, response in zip(batch, responses, strict=True):
                 pending.send(response)
+            timings = [
+                RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch
+            ]
+            self.stats.record_batch(timings, start, merged, executed, finished)
         except ModelDockError as exc:
-            for pending in batch:
-                pending.fail(exc)
+            self._fail_batch(batch, exc)
         except Exception as exc:  # a backend bug fails this batch, not the server
-            error = BackendError(f"model '{self.config.name}': {type(exc).__name__}: {exc}")
-            for pending in batch:
-                pending.fail(error)
+            self._fail_batch(batch, BackendError(f"model '{self.config.name}': {type(exc).__name__}: {exc}"))
+
+    def _fail_batch(self, batch: list[PendingRequest], error: ModelDockError) -> None:
+        for pending in batch:
+            pending.fail(error)
+        self.stats.record_failure([p.arrival_ns for p in batch])
 
 
 class DirectScheduler(Scheduler):
@@ -134,11 +156,29 @@ def requested_output_names(config: ModelConfig, requests: list[InferRequest]) ->
 
 
 def merge_inputs(config: ModelConfig, requests: list[InferRequest]) -> dict[str, np.ndarray]:
-    """Concatenate along the batch dimension (one request: passed through untouched)."""
-    if len(requests) == 1:
+    """Concatenate along the batch dimension (one request: passed through untouched).
+
+    As in Triton, an input with ``allow_ragged_batch`` reaches the backend as one 1-D concatenation of every
+    request's elements, and ``batch_input`` tensors tell the model where each request's part ends.
+    """
+    ragged = {t.name for t in config.input if t.allow_ragged_batch}
+    if len(requests) == 1 and not ragged and not config.batch_input:
         return _reshaped(config, dict(requests[0].inputs))
-    names = requests[0].inputs.keys()
-    return _reshaped(config, {name: np.concatenate([r.inputs[name] for r in requests], axis=0) for name in names})
+    merged: dict[str, np.ndarray] = {}
+    for name in requests[0].inputs:
+        arrays = [r.inputs[name] for r in requests]
+        if name in ragged:
+            merged[name] = np.concatenate([a.reshape(-1) for a in arrays])
+        else:
+            merged[name] = arrays[0] if len(arrays) == 1 else np.concatenate(arrays, axis=0)
+    for item in config.batch_input:
+        counts = np.array([r.inputs[item.source_input[0]].size for r in requests], dtype=np.int64)
+        if item.kind == BatchInputKind.BATCH_ACCUMULATED_ELEMENT_COUNT:
+            counts = np.cumsum(counts)
+        elif item.kind == BatchInputKind.BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO:
+            counts = np.concatenate([[0], np.cumsum(counts)])
+        merged[item.target_name[0]] = counts.astype(numpy_dtype(CONFIG_TO_WIRE[item.data_type]))
+    return _reshaped(config, merged)
 
 
 def _reshaped(config: ModelConfig, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

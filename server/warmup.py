@@ -7,6 +7,7 @@ model is a config mistake, so it fails the load with a reason naming the warm-up
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -68,14 +69,23 @@ def warmup_request(config: ModelConfig, sample: ModelWarmup, model_dir: Path) ->
 
 
 def warm_up(config: ModelConfig, model_dir: Path, instances: list[ModelInstance]) -> None:
-    """Run every warm-up sample ``count`` times on every instance; blocking, so call it from a worker thread."""
+    """Run every warm-up sample ``count`` times on every instance; blocking, so call it from a worker thread.
+
+    Samples go through ``ModelInstance.execute`` (on a private event loop, as this is not the server's thread), so
+    they reach the backend exactly as requests do, worker-process instances included.
+    """
+    if config.model_warmup:
+        asyncio.run(_warm_up(config, model_dir, instances))
+
+
+async def _warm_up(config: ModelConfig, model_dir: Path, instances: list[ModelInstance]) -> None:
     output_names = [t.name for t in config.output]
     for sample in config.model_warmup:
         try:
             inputs = merge_inputs(config, [warmup_request(config, sample, model_dir)])
             for instance in instances:
                 for _ in range(sample.count):
-                    instance.backend.execute(inputs, output_names)
+                    await instance.execute(inputs, output_names)
         except ModelDockError as exc:
             raise ModelLoadError(f"model_warmup '{sample.name}' failed: {exc.message}") from None
         except Exception as exc:  # the backend rejected the sample: the same failure a client would meet

@@ -26,16 +26,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``modeldock serve`` in a child process; ``url`` is its HTTP base address."""
+    """``modeldock serve`` in a child process; ``url`` is its HTTP base address, ``grpc_url`` its gRPC one."""
 
     def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
+        self.metrics_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
+        self.grpc_port = free_port()
+        self.grpc_url = f"127.0.0.1:{self.grpc_port}"
         self.log_path = log_path
         repositories = repository if isinstance(repository, list) else [repository]
         args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(self.http_port)]
+        args += ["--metrics-port", str(self.metrics_port)]
         for repo in repositories:
             args += ["--model-repository", str(repo)]
+        args += ["--grpc-port", str(self.grpc_port)]
         args += extra_args
         self._log = open(log_path, "wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -99,3 +104,15 @@ def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
     """One server on the bundled models, shared by the read-only end-to-end tests."""
     return start_server(bundled_repository)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``@pytest.mark.gpu`` tests on machines without a visible NVIDIA GPU."""
+    from server.devices import gpu_count
+
+    if gpu_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU; none is visible")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

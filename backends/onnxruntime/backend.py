@@ -17,7 +17,7 @@ import onnxruntime as ort
 from backends.base import Backend
 from server.config import ModelConfig, TensorConfig
 from server.devices import Device
-from server.errors import BackendError, ConfigError, ModelLoadError
+from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
 
 # ONNX tensor element type names (as ORT reports them) -> config data types.
 _ORT_TO_CONFIG: dict[str, str] = {
@@ -82,6 +82,16 @@ def session_options(config: ModelConfig) -> ort.SessionOptions:
     if config.parameters.get("enable_mem_pattern", "").lower() == "false":
         options.enable_mem_pattern = False
     return options
+
+
+def _text_elements(name: str, array: np.ndarray) -> np.ndarray:
+    """BYTES elements as ``str``: ORT string tensors hold UTF-8 text and would store a bytes element as its repr."""
+    if array.dtype != np.object_:
+        return array
+    try:
+        return np.vectorize(lambda x: x.decode("utf-8") if isinstance(x, bytes) else x, otypes=[object])(array)
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input '{name}': ONNX Runtime string tensors need UTF-8 text") from None
 
 
 def _dims_from_ort(shape: list[object]) -> list[int]:
@@ -159,7 +169,7 @@ class OnnxRuntimeBackend(Backend):
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         names = [n for n in output_names if n in self._output_names] or self._output_names
-        feed = {name: inputs[name] for name in self._input_names if name in inputs}
+        feed = {name: _text_elements(name, inputs[name]) for name in self._input_names if name in inputs}
         try:
             results = self.session.run(names, feed)
         except Exception as exc:

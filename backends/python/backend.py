@@ -1,0 +1,176 @@
+"""Serves arbitrary Python code: ``model.py`` in the version folder defines a class in the style of Triton's Python
+backend (default name ``TritonPythonModel``, else ``Model``; ``parameters: {model_class: Name}`` picks another)::
+
+    class TritonPythonModel:
+        def initialize(self, args: dict[str, str]) -> None: ...   # optional
+        def execute(self, requests: list[InferenceRequest]) -> list[dict[str, np.ndarray]]: ...
+        def finalize(self) -> None: ...                            # optional
+
+How batches map to requests: the server merges the requests it batches together along the batch dimension
+before they reach a backend, and splits the outputs afterwards by each request's batch size. So ``execute``
+receives exactly one ``InferenceRequest`` holding the whole merged batch and returns a list with one dict of
+output arrays (returning the dict itself is accepted too). Every output must keep the batch dimension (for models
+with ``max_batch_size > 0``) so each client gets its own rows back. BYTES tensors are numpy object arrays of
+``bytes``.
+
+``initialize`` gets Triton's ``args``, all strings: ``model_config`` (the completed config as JSON),
+``model_name``, ``model_version``, ``model_repository`` (the model's folder), ``model_instance_kind``
+(``CPU``/``GPU``) and ``model_instance_device_id``.
+
+Instances of this backend run in worker processes (``releases_gil = False``), so user code may hold the GIL,
+import anything, or crash: a crash fails the batch in flight and the worker is restarted. Inputs and outputs
+must be given in ``config.yaml`` unless the class has a static ``auto_complete_config(config: dict) -> dict``
+which receives the config as Triton JSON and returns it completed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import multiprocessing
+import sys
+from collections.abc import Mapping
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from types import ModuleType
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backends.base import Backend
+from server.config import ModelConfig, parse_model_config
+from server.devices import Device
+from server.errors import BackendError, ConfigError, ModelLoadError
+
+DEFAULT_CLASS_NAMES = ("TritonPythonModel", "Model")
+
+
+class InferenceRequest:
+    """What ``execute`` receives: the batch's inputs by name, and the outputs the clients asked for."""
+
+    __slots__ = ("inputs", "requested_output_names")
+
+    def __init__(self, inputs: dict[str, np.ndarray], requested_output_names: list[str]) -> None:
+        self.inputs = inputs
+        self.requested_output_names = requested_output_names
+
+    def get_input(self, name: str) -> np.ndarray | None:
+        """The named input, or ``None`` for an optional input the client left out (as Triton's helper)."""
+        return self.inputs.get(name)
+
+
+def _load_module(path: Path, model_name: str) -> ModuleType:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: model file not found")
+    # The version folder goes on the path so model.py can import modules shipped next to it.
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    module_name = f"modeldock_python_model_{model_name}_{path.parent.name}"
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: importing it failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def _model_class(module: ModuleType, path: Path, config: ModelConfig) -> type:
+    chosen = config.parameters.get("model_class")
+    names = (chosen,) if chosen else DEFAULT_CLASS_NAMES
+    for name in names:
+        cls = getattr(module, name, None)
+        if isinstance(cls, type):
+            return cls
+    raise ModelLoadError(f"{path}: defines no class named {' or '.join(names)} (set parameters.model_class)")
+
+
+def _auto_complete_in_worker(path: str, config_json: str) -> dict[str, Any]:
+    """Runs in a throw-away process so that importing user code cannot take the server down."""
+    config = ModelConfig.model_validate_json(config_json)
+    cls = _model_class(_load_module(Path(path), config.name), Path(path), config)
+    hook = getattr(cls, "auto_complete_config", None)
+    if hook is None:
+        return config.to_json()
+    try:
+        completed = hook(config.to_json())
+    except Exception as exc:  # user exception types may not be importable in the server process
+        raise ModelLoadError(f"{path}: auto_complete_config failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(completed, dict):
+        raise ConfigError(f"{path}: auto_complete_config must return the config as a dict")
+    return completed
+
+
+class PythonBackend(Backend):
+    default_model_filename: ClassVar[str] = "model.py"
+    releases_gil: ClassVar[bool] = False
+    supports_gpu: ClassVar[bool] = True
+
+    def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        super().__init__(config, version_dir, device)
+        path = self.model_path(config, version_dir)
+        cls = _model_class(_load_module(path, config.name), path, config)
+        try:
+            self.model = cls()
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: {cls.__name__}() failed: {type(exc).__name__}: {exc}") from None
+        if not callable(getattr(self.model, "execute", None)):
+            raise ModelLoadError(f"{path}: class {cls.__name__} has no execute(requests) method")
+        args = {
+            "model_config": json.dumps(config.to_json()),
+            "model_name": config.name,
+            "model_version": version_dir.name,
+            "model_repository": str(version_dir.parent),
+            "model_instance_kind": "GPU" if device.is_gpu else "CPU",
+            "model_instance_device_id": str(device.index),
+        }
+        initialize = getattr(self.model, "initialize", None)
+        if initialize is not None:
+            try:
+                initialize(args)
+            except Exception as exc:
+                raise ModelLoadError(f"{path}: initialize() failed: {type(exc).__name__}: {exc}") from None
+
+    @classmethod
+    def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
+        if config.input and config.output:
+            return config
+        path = cls.model_path(config, version_dir)
+        source = f"{version_dir.parent / 'config.yaml'}"
+        try:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                completed = pool.submit(_auto_complete_in_worker, str(path), config.model_dump_json()).result()
+        except BrokenProcessPool:
+            raise ModelLoadError(f"{path}: the process importing it died while completing the config") from None
+        completed = parse_model_config(completed, f"{source} (as completed by {path.name})", config.name)
+        if not completed.input or not completed.output:
+            raise ConfigError(
+                f"{source}: field 'input'/'output': the python backend needs the model's inputs and outputs in "
+                f"config.yaml, or a static auto_complete_config(config) in {path.name} that adds them"
+            )
+        return completed
+
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        result = self.model.execute([InferenceRequest(dict(inputs), list(output_names))])
+        if isinstance(result, (list, tuple)):
+            if len(result) != 1:
+                raise BackendError(
+                    f"model '{self.config.name}': execute() got one request and must return a list of one output "
+                    f"dict, got {len(result)} items"
+                )
+            result = result[0]
+        if not isinstance(result, Mapping):
+            raise BackendError(
+                f"model '{self.config.name}': execute() must return a list with one dict of output arrays, "
+                f"got {type(result).__name__}"
+            )
+        return {str(name): np.asarray(value) for name, value in result.items()}
+
+    def unload(self) -> None:
+        finalize = getattr(self.model, "finalize", None)
+        if finalize is not None:
+            finalize()

@@ -1,0 +1,254 @@
+"""Dynamic batching with Triton's semantics, in front of a model with ``max_batch_size > 0``.
+
+One dispatcher task per model version waits until an instance is idle and only then forms a batch. Batches are
+therefore never built ahead while every instance is busy: requests keep accumulating, so batches grow with the
+load instead of being frozen small. Requests wait in one queue per priority level (level 1 served first); a
+batch takes them in priority order, but only those whose inputs have the same non-batch shapes as the oldest
+one (inputs with ``allow_ragged_batch`` may differ), and never more rows than ``max_batch_size``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from server.config import ModelConfig, QueuePolicy, TimeoutAction
+from server.dispatcher import InstancePool, ModelInstance
+from server.errors import BackendError, QueueFull, RequestTimeout
+from server.protocol.types import InferRequest
+from server.scheduler import PendingRequest, Scheduler
+from server.stats import ModelStats
+
+log = logging.getLogger(__name__)
+
+Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
+
+
+@dataclass(slots=True, eq=False)
+class QueuedRequest:
+    pending: PendingRequest
+    level: int
+    signature: Signature
+    rows: int
+    # Monotonic deadline in ns, or None to wait as long as it takes.
+    deadline_ns: int | None
+    timeout_us: int
+
+
+class DynamicBatcher(Scheduler):
+    def __init__(
+        self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
+    ) -> None:
+        super().__init__(config, version, pool, stats)
+        if config.dynamic_batching is None or not config.batching:
+            raise ValueError("DynamicBatcher needs max_batch_size > 0 and a dynamic_batching section")
+        settings = config.dynamic_batching
+        self._levels = settings.priority_levels or 1
+        self._default_level = settings.default_priority_level or 1
+        self._policies: list[QueuePolicy] = [
+            settings.priority_queue_policy.get(level, settings.default_queue_policy)
+            for level in range(1, self._levels + 1)
+        ]
+        # One queue per level (index 0 is priority 1), then the queue of timed-out DELAY requests.
+        self._queues: list[deque[QueuedRequest]] = [deque() for _ in range(self._levels + 1)]
+        self._queued = 0
+        self._with_deadline = 0
+        preferred = sorted(size for size in settings.preferred_batch_size if size <= config.max_batch_size)
+        self._target_rows = preferred[-1] if preferred else config.max_batch_size
+        self._delay_ns = settings.max_queue_delay_microseconds * 1000
+        self._ragged = {t.name for t in config.input if t.allow_ragged_batch}
+        self._arrived = asyncio.Event()
+        self._dispatcher_started = False
+
+    # -- accepting requests -------------------------------------------------------------------------------
+    def enqueue(self, pending: PendingRequest) -> None:
+        request = pending.request
+        level = request.priority if 1 <= request.priority <= self._levels else self._default_level
+        policy = self._policies[level - 1]
+        queue = self._queues[level - 1]
+        if policy.max_queue_size and len(queue) >= policy.max_queue_size:
+            raise QueueFull(
+                f"model '{self.config.name}' version {self.version}: queue is full ({policy.max_queue_size} "
+                f"requests waiting at priority level {level}); retry later"
+            )
+        timeout_us = policy.default_timeout_microseconds
+        if policy.allow_timeout_override and request.timeout_us > 0:
+            # Triton lets a request shorten the configured timeout, never lengthen it.
+            timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
+        deadline = pending.arrival_ns + timeout_us * 1000 if timeout_us else None
+        queue.append(QueuedRequest(pending, level, self._signature(request), request.batch_size, deadline, timeout_us))
+        self._queued += 1
+        if deadline is not None:
+            self._with_deadline += 1
+        if not self._dispatcher_started:
+            self._dispatcher_started = True
+            self._spawn(self._dispatch())
+        self._arrived.set()
+
+    def _signature(self, request: InferRequest) -> Signature:
+        return tuple(
+            (name, array.dtype.str, () if name in self._ragged else tuple(array.shape[1:]))
+            for name, array in sorted(request.inputs.items())
+        )
+
+    async def close(self) -> None:
+        self._closed = True
+        self._arrived.set()
+        await super().close()
+
+    # -- the dispatcher -----------------------------------------------------------------------------------
+    async def _dispatch(self) -> None:
+        """Form and start batches until the scheduler closes and its queue is empty."""
+        try:
+            await self._dispatch_until_closed()
+        except Exception:  # a bug here must fail the waiting requests, not leave them hanging
+            log.exception("dynamic batcher of model '%s' failed", self.config.name)
+            error = BackendError(f"model '{self.config.name}': the dynamic batcher failed; see the server log")
+            for queue in self._queues:
+                for entry in queue:
+                    self.stats.dequeued()
+                    entry.pending.fail(error)
+                queue.clear()
+            self._queued = self._with_deadline = 0
+            self._dispatcher_started = False
+
+    async def _dispatch_until_closed(self) -> None:
+        while True:
+            if not self._queued:
+                if self._closed:
+                    return
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            instance = await self._acquire_instance()
+            if instance is None:
+                continue
+            batch = await self._collect()
+            if not batch:
+                self.pool.release(instance)
+                continue
+            self._spawn(self._run_on(instance, batch))
+
+    async def _acquire_instance(self) -> ModelInstance | None:
+        """An idle instance, or None if the queue emptied (timeouts) while waiting for one."""
+        getter = asyncio.ensure_future(self.pool.acquire())
+        while True:
+            deadline = self._next_deadline_ns()
+            timeout = None if deadline is None else max(0, deadline - time.monotonic_ns()) / 1e9
+            await asyncio.wait({getter}, timeout=timeout)
+            self._expire()
+            if getter.done():
+                return getter.result()
+            if not self._queued:
+                getter.cancel()
+                await asyncio.wait({getter})
+                if not getter.cancelled():
+                    self.pool.release(getter.result())
+                return None
+
+    async def _collect(self) -> list[QueuedRequest]:
+        """Wait (at most ``max_queue_delay`` from the oldest request's arrival) for a preferred batch size."""
+        while True:
+            self._expire()
+            head = self._head()
+            if head is None:
+                return []
+            now = time.monotonic_ns()
+            ready_at = head.pending.arrival_ns + self._delay_ns
+            if now >= ready_at or self._closed or self._compatible_rows(head) >= self._target_rows:
+                return self._take(head)
+            wake = ready_at
+            deadline = self._next_deadline_ns()
+            if deadline is not None:
+                wake = min(wake, deadline)
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=max(0, wake - now) / 1e9)
+            except TimeoutError:
+                pass
+
+    async def _run_on(self, instance: ModelInstance, batch: list[QueuedRequest]) -> None:
+        try:
+            await self._execute_on(instance, [entry.pending for entry in batch])
+        finally:
+            self.pool.release(instance)
+
+    # -- queue bookkeeping --------------------------------------------------------------------------------
+    def _head(self) -> QueuedRequest | None:
+        for queue in self._queues:
+            if queue:
+                return queue[0]
+        return None
+
+    def _compatible_rows(self, head: QueuedRequest) -> int:
+        rows = 0
+        for queue in self._queues:
+            for entry in queue:
+                if entry.signature == head.signature:
+                    rows += entry.rows
+                    if rows >= self._target_rows:
+                        return rows
+        return rows
+
+    def _take(self, head: QueuedRequest) -> list[QueuedRequest]:
+        """Remove a batch from the queues: the head, then compatible requests in priority order that fit."""
+        limit = max(self._target_rows, head.rows)
+        batch: list[QueuedRequest] = []
+        rows = 0
+        for queue in self._queues:
+            skipped: list[QueuedRequest] = []
+            while queue and rows < limit:
+                entry = queue.popleft()
+                if entry.signature == head.signature and rows + entry.rows <= limit:
+                    batch.append(entry)
+                    rows += entry.rows
+                else:
+                    skipped.append(entry)
+            queue.extendleft(reversed(skipped))
+            if rows >= limit:
+                break
+        self._queued -= len(batch)
+        self._with_deadline -= sum(1 for entry in batch if entry.deadline_ns is not None)
+        return batch
+
+    def _next_deadline_ns(self) -> int | None:
+        if not self._with_deadline:
+            return None
+        return min(
+            (e.deadline_ns for q in self._queues[: self._levels] for e in q if e.deadline_ns is not None),
+            default=None,
+        )
+
+    def _expire(self) -> None:
+        """Reject (REJECT) or move behind everything else (DELAY) the requests past their queue timeout."""
+        if not self._with_deadline:
+            return
+        now = time.monotonic_ns()
+        delayed = self._queues[self._levels]
+        for queue in self._queues[: self._levels]:
+            if not any(e.deadline_ns is not None and e.deadline_ns <= now for e in queue):
+                continue
+            keep: list[QueuedRequest] = []
+            for entry in queue:
+                if entry.deadline_ns is None or entry.deadline_ns > now:
+                    keep.append(entry)
+                    continue
+                self._with_deadline -= 1
+                entry.deadline_ns = None
+                if self._policies[entry.level - 1].timeout_action == TimeoutAction.DELAY:
+                    delayed.append(entry)
+                    continue
+                self._queued -= 1
+                self.stats.dequeued()
+                self.stats.record_failure([entry.pending.arrival_ns], now)
+                entry.pending.fail(
+                    RequestTimeout(
+                        f"request to model '{self.config.name}' timed out after waiting {entry.timeout_us} us in "
+                        "the queue"
+                    )
+                )
+            queue.clear()
+            queue.extend(keep)

@@ -1,0 +1,208 @@
+"""The KServe v2 gRPC front end (Triton's ``GRPCInferenceService``): RPCs translate to ``InferenceServer`` calls only.
+
+It runs on ``grpc.aio`` in the same event loop as the HTTP front end, so both share one ``InferenceServer`` and
+neither blocks the other; model work happens in the instances' threads, never in a handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from server.core import InferenceServer
+from server.errors import ModelDockError
+from server.protocol import grpc_codec
+from server.protocol.generated import grpc_service_pb2 as pb
+from server.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+_Response = TypeVar("_Response")
+_Handler = Callable[..., Awaitable[_Response]]
+# Marks the end of a stream's responses in its outbox.
+_END = object()
+
+
+def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
+    """Turn ``ModelDockError`` into its gRPC status; anything else is a server bug and reads as INTERNAL."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: GrpcInferenceService, request: Any, context: grpc.aio.ServicerContext) -> _Response:
+        try:
+            return await handler(self, request, context)
+        except ModelDockError as exc:
+            if exc.grpc_code == grpc.StatusCode.INTERNAL:
+                log.warning("%s failed: %s", handler.__name__, exc.message)
+            await context.abort(exc.grpc_code, exc.message)
+        except grpc.aio.AbortError:  # the handler aborted on its own (e.g. UNIMPLEMENTED)
+            raise
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        raise AssertionError("context.abort returned")  # abort always raises
+
+    return wrapper
+
+
+async def _unimplemented(what: str, context: grpc.aio.ServicerContext) -> Any:
+    await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{what} is not supported by this server")
+
+
+class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, core: InferenceServer) -> None:
+        self.core = core
+
+    # -- health and metadata --------------------------------------------------------------------------------
+    @_reports_errors
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self.core.live)
+
+    @_reports_errors
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.is_ready())
+
+    @_reports_errors
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.core.model_ready(request.name, request.version))
+
+    @_reports_errors
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return grpc_codec.server_metadata_response(self.core.server_metadata())
+
+    @_reports_errors
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        return grpc_codec.model_metadata_response(self.core.model_metadata(request.name, request.version))
+
+    @_reports_errors
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return grpc_codec.model_config_response(self.core.model_config(request.name, request.version))
+
+    @_reports_errors
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
+        # Statistics collection is a separate component; until the server has it, say so instead of sending zeros.
+        statistics = getattr(self.core, "model_statistics", None)
+        if statistics is None:
+            return await _unimplemented("ModelStatistics", context)
+        return grpc_codec.model_statistics_response(statistics(request.name, request.version))
+
+    # -- inference --------------------------------------------------------------------------------------------
+    @_reports_errors
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        infer_request = grpc_codec.decode_request(request)
+        response = await self.core.infer(infer_request)
+        return grpc_codec.encode_response(response, infer_request)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Serve each request as soon as it arrives, concurrently, and send responses in completion order.
+
+        One request's failure goes back as ``error_message`` on the stream, which stays open for the others;
+        a single consumer of ``outbox`` is the only writer, so messages never interleave.
+        """
+        outbox: asyncio.Queue[object] = asyncio.Queue()
+        running: set[asyncio.Task[None]] = set()
+
+        async def serve_one(message: pb.ModelInferRequest) -> None:
+            try:
+                infer_request = grpc_codec.decode_request(message)
+                async for response in self.core.stream_infer(infer_request):
+                    outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
+            except ModelDockError as exc:
+                outbox.put_nowait(grpc_codec.stream_error(message, exc.message))
+            except Exception as exc:
+                log.exception("stream request '%s' failed", message.id)
+                outbox.put_nowait(grpc_codec.stream_error(message, f"{type(exc).__name__}: {exc}"))
+
+        async def read_all() -> None:
+            try:
+                async for message in request_iterator:
+                    task = asyncio.create_task(serve_one(message))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                while running:
+                    await asyncio.gather(*list(running))
+                outbox.put_nowait(_END)
+            except Exception as exc:  # reading failed (e.g. an unparsable message): end the stream with it
+                outbox.put_nowait(exc)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while True:
+                item = await outbox.get()
+                if item is _END:
+                    break
+                if isinstance(item, Exception):
+                    raise item
+                yield item  # type: ignore[misc]
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # -- repository ------------------------------------------------------------------------------------------
+    @_reports_errors
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
+        return grpc_codec.repository_index_response(self.core.repository_index(ready_only=request.ready))
+
+    @_reports_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.core.load_model(request.model_name, grpc_codec.config_override(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    @_reports_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.core.unload_model(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- extensions this server does not offer --------------------------------------------------------------
+    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("system shared memory", context)
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("system shared memory", context)
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("CUDA shared memory", context)
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("CUDA shared memory", context)
+
+    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("tracing", context)
+
+    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await _unimplemented("changing log settings", context)
+
+
+def create_grpc_server(
+    core: InferenceServer, host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.aio.Server, int]:
+    """A ``grpc.aio`` server, bound but not yet started, and the port it bound (useful when ``port`` is 0)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+    )
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceService(core), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    return server, bound

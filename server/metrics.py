@@ -1,0 +1,88 @@
+"""Prometheus metrics with Triton's names, so dashboards and alerts written for Triton work unchanged.
+
+The metrics are read from the same ``ModelStats`` objects that answer the statistics extension at scrape time,
+so ``/metrics`` and ``/v2/models/stats`` can never disagree and the request path records everything once. A
+per-server ``CollectorRegistry`` (not prometheus-client's global one) keeps several servers in one process apart.
+Metric names carry no ``_total`` suffix, exactly as Triton exposes them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from server.stats import ModelStats, StatisticsRegistry
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+__all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
+
+# name, help, type, how to read the value from a ModelStats.
+_FAMILIES: list[tuple[str, str, str, object]] = [
+    ("nv_inference_request_success", "Number of successful inference requests", "counter",
+     lambda s: s.success.count),
+    ("nv_inference_request_failure", "Number of failed inference requests", "counter", lambda s: s.fail.count),
+    ("nv_inference_count", "Number of inferences performed (batch size counted)", "counter",
+     lambda s: s.inference_count),
+    ("nv_inference_exec_count", "Number of model executions (batches) performed", "counter",
+     lambda s: s.execution_count),
+    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", "counter",
+     lambda s: (s.success.ns + s.fail.ns) // 1000),
+    ("nv_inference_queue_duration_us", "Cumulative time requests spent queued, in microseconds", "counter",
+     lambda s: s.queue.ns // 1000),
+    ("nv_inference_compute_input_duration_us", "Cumulative time preparing batch inputs, in microseconds", "counter",
+     lambda s: s.compute_input.ns // 1000),
+    ("nv_inference_compute_infer_duration_us", "Cumulative time executing the model, in microseconds", "counter",
+     lambda s: s.compute_infer.ns // 1000),
+    ("nv_inference_compute_output_duration_us", "Cumulative time splitting batch outputs, in microseconds",
+     "counter", lambda s: s.compute_output.ns // 1000),
+    ("nv_inference_pending_request_count", "Number of requests accepted and waiting for execution", "gauge",
+     lambda s: s.pending),
+]
+
+
+class _StatisticsCollector(Collector):
+    def __init__(self, statistics: StatisticsRegistry) -> None:
+        self.statistics = statistics
+
+    def collect(self) -> Iterator[Metric]:
+        all_stats = self.statistics.all()
+        for name, documentation, kind, read in _FAMILIES:
+            family = Metric(name, documentation, kind)
+            for stats in all_stats:
+                family.add_sample(name, _labels(stats), float(read(stats)))  # type: ignore[operator]
+            yield family
+        histogram = HistogramMetricFamily(
+            "modeldock_inference_batch_size", "Number of inferences in each executed batch", labels=["model", "version"]
+        )
+        for stats in all_stats:
+            counts = {size: b.compute_infer.count for size, b in stats.batches.items()}
+            buckets = [
+                (str(bound), float(sum(c for s, c in counts.items() if s <= bound))) for bound in BATCH_SIZE_BUCKETS
+            ]
+            buckets.append(("+Inf", float(sum(counts.values()))))
+            total_rows = float(sum(size * c for size, c in counts.items()))
+            histogram.add_metric([stats.name, stats.version], buckets, total_rows)
+        yield histogram
+
+
+def _labels(stats: ModelStats) -> dict[str, str]:
+    return {"model": stats.name, "version": stats.version}
+
+
+class ServerMetrics:
+    def __init__(self, statistics: StatisticsRegistry) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_StatisticsCollector(statistics))
+
+    def exposition(self) -> bytes:
+        """The registry in Prometheus' text format, as ``GET /metrics`` serves it."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> None:
+        """Serve the registry on its own port from a background thread, as Triton does on 8002."""
+        start_http_server(port, addr=host, registry=self.registry)

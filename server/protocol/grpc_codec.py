@@ -1,0 +1,261 @@
+"""The KServe v2 gRPC messages, translated to and from the wire-independent types in ``server.protocol.types``.
+
+Tensor data goes through ``tensor_codec`` exactly as on HTTP: ``raw_input_contents`` entries are raw buffers
+(``deserialize_raw``), typed ``*_contents`` lists are element lists (``from_list``), and outputs always go back as
+``raw_output_contents`` (``serialize_raw``), which is what Triton sends and what ``tritonclient.grpc`` reads.
+Everything that is not a tensor (metadata, configs, statistics, the repository index) is converted here too, so
+the servicer only moves messages between the network and ``InferenceServer``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+import orjson
+from google.protobuf import json_format
+
+from server.errors import InvalidInput
+from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
+from server.protocol.generated import _pool
+from server.protocol.generated import grpc_service_pb2 as pb
+from server.protocol.generated import model_config_pb2 as config_pb
+from server.protocol.tensor_codec import check_shape, deserialize_raw, element_count, from_list, serialize_raw
+from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+
+# The ``InferTensorContents`` list that carries each datatype; FP16 has none and must travel raw.
+CONTENTS_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+_INT64_MAX = 2**63 - 1
+# One TensorConfig type serves inputs and outputs in our schema; Triton's ModelInput and ModelOutput each lack the
+# other's own fields, so those are left out of the side that has no place for them.
+INPUT_ONLY_FIELDS = frozenset({"optional", "allow_ragged_batch"})
+OUTPUT_ONLY_FIELDS = frozenset({"label_filename"})
+
+
+# -- parameters -----------------------------------------------------------------------------------------------
+def parameters_to_dict(parameters: Mapping[str, pb.InferParameter]) -> dict[str, Any]:
+    """An ``InferParameter`` map as plain Python values; an unset oneof is dropped rather than guessed."""
+    out: dict[str, Any] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if choice is not None:
+            out[key] = getattr(parameter, choice)
+    return out
+
+
+def fill_parameters(target: MutableMapping[str, pb.InferParameter], values: Mapping[str, Any]) -> None:
+    """Python values into an ``InferParameter`` map: ints that do not fit int64 become uint64, the rest text."""
+    for key, value in values.items():
+        parameter = target[key]
+        if isinstance(value, bool):
+            parameter.bool_param = value
+        elif isinstance(value, int):
+            if value > _INT64_MAX:
+                parameter.uint64_param = value
+            else:
+                parameter.int64_param = value
+        elif isinstance(value, float):
+            parameter.double_param = value
+        else:
+            parameter.string_param = value if isinstance(value, str) else str(value)
+
+
+# -- inference ------------------------------------------------------------------------------------------------
+def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str, shape: list[int]) -> Any:
+    """The element list of a typed input, after checking that it is the one list its datatype allows."""
+    name = tensor.name
+    present = [field.name for field, _ in tensor.contents.ListFields()]
+    expected = CONTENTS_FIELD.get(datatype)
+    if expected is None:
+        raise InvalidInput(
+            f"input '{name}': {datatype} data cannot be sent in typed contents; send it in raw_input_contents"
+        )
+    stray = [field for field in present if field != expected]
+    if stray:
+        raise InvalidInput(f"input '{name}': {datatype} data belongs in contents.{expected}, got contents.{stray[0]}")
+    if not present and element_count(shape) > 0:
+        raise InvalidInput(f"input '{name}' has no data: set contents.{expected} or use raw_input_contents")
+    return list(getattr(tensor.contents, expected))
+
+
+def decode_request(message: pb.ModelInferRequest) -> InferRequest:
+    if not message.inputs:
+        raise InvalidInput("request must have at least one input")
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(message.inputs):
+        if len(raw) < len(message.inputs):
+            missing = message.inputs[len(raw)].name
+            raise InvalidInput(
+                f"input '{missing}' has no entry in raw_input_contents "
+                f"({len(raw)} entries for {len(message.inputs)} inputs; it needs one per input, in input order)"
+            )
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries but the request has only {len(message.inputs)} inputs"
+        )
+
+    request = InferRequest(
+        model_name=message.model_name,
+        model_version=message.model_version,
+        id=message.id,
+        parameters=parameters_to_dict(message.parameters),
+    )
+    for position, tensor in enumerate(message.inputs):
+        name = tensor.name
+        if not name:
+            raise InvalidInput(f"inputs[{position}] has no name")
+        if name in request.inputs:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        datatype = tensor.datatype
+        if datatype not in WIRE_DATATYPES:
+            raise InvalidInput(
+                f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(WIRE_DATATYPES)}"
+            )
+        shape = check_shape(list(tensor.shape), name)
+        if "shared_memory_region" in tensor.parameters:
+            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported")
+        if raw:
+            if tensor.contents.ListFields():
+                raise InvalidInput(
+                    f"input '{name}' has typed contents but the request uses raw_input_contents; "
+                    "when raw_input_contents is used, every input must be raw"
+                )
+            array = deserialize_raw(datatype, shape, raw[position], name)
+        else:
+            array = from_list(datatype, shape, _typed_contents(tensor, datatype, shape), name)
+        request.inputs[name] = array
+        request.input_datatypes[name] = datatype
+
+    for output in message.outputs:
+        name = output.name
+        if any(o.name == name for o in request.outputs):
+            raise InvalidInput(f"output '{name}' is requested more than once")
+        parameters = parameters_to_dict(output.parameters)
+        if "shared_memory_region" in parameters:
+            raise InvalidInput(f"output '{name}': shared-memory outputs are not supported")
+        if parameters.get("classification"):
+            raise InvalidInput(f"output '{name}': the classification extension is not supported")
+        request.outputs.append(RequestedOutput(name, parameters))
+    return request
+
+
+def encode_response(response: InferResponse, request: InferRequest | None = None) -> pb.ModelInferResponse:
+    """Every output as raw bytes, in the order the model produced them; the request's id is echoed."""
+    message = pb.ModelInferResponse(
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id or (request.id if request is not None else ""),
+    )
+    fill_parameters(message.parameters, response.parameters)
+    for name, array in response.outputs.items():
+        message.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
+        message.raw_output_contents.append(serialize_raw(array))
+    return message
+
+
+def stream_response(response: InferResponse, request: InferRequest) -> pb.ModelStreamInferResponse:
+    """A response on a stream; clients that ask for it learn which response is a request's last (Triton's flag)."""
+    message = encode_response(response, request)
+    if request.parameters.get("triton_enable_empty_final_response"):
+        message.parameters["triton_final_response"].bool_param = response.final
+    return pb.ModelStreamInferResponse(infer_response=message)
+
+
+def stream_error(message: pb.ModelInferRequest, error: str) -> pb.ModelStreamInferResponse:
+    """A failed request on a stream: the error plus enough of a response for the client to tell which one."""
+    return pb.ModelStreamInferResponse(
+        error_message=error,
+        infer_response=pb.ModelInferResponse(
+            model_name=message.model_name, model_version=message.model_version, id=message.id
+        ),
+    )
+
+
+# -- metadata, config, statistics, repository ------------------------------------------------------------------
+def server_metadata_response(metadata: Mapping[str, Any]) -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(
+        name=metadata["name"], version=metadata["version"], extensions=list(metadata["extensions"])
+    )
+
+
+def model_metadata_response(metadata: Mapping[str, Any]) -> pb.ModelMetadataResponse:
+    def tensors(items: list[Mapping[str, Any]]) -> list[pb.ModelMetadataResponse.TensorMetadata]:
+        return [
+            pb.ModelMetadataResponse.TensorMetadata(name=t["name"], datatype=t["datatype"], shape=list(t["shape"]))
+            for t in items
+        ]
+
+    return pb.ModelMetadataResponse(
+        name=metadata["name"],
+        versions=list(metadata["versions"]),
+        platform=metadata["platform"],
+        inputs=tensors(metadata["inputs"]),
+        outputs=tensors(metadata["outputs"]),
+    )
+
+
+def model_config_response(config_json: Mapping[str, Any]) -> pb.ModelConfigResponse:
+    """``ModelConfig.to_json()`` (Triton's JSON config shape) as the protobuf message.
+
+    Unknown fields are an error on purpose: a field our schema has and Triton's does not should fail the tests,
+    not vanish silently from what clients see.
+    """
+    data = dict(config_json)
+    for kind, foreign in (("input", OUTPUT_ONLY_FIELDS), ("output", INPUT_ONLY_FIELDS)):
+        data[kind] = [{k: v for k, v in tensor.items() if k not in foreign} for tensor in data.get(kind, [])]
+    config = json_format.ParseDict(
+        data, config_pb.ModelConfig(), ignore_unknown_fields=False, descriptor_pool=_pool.POOL
+    )
+    return pb.ModelConfigResponse(config=config)
+
+
+def model_statistics_response(statistics: Mapping[str, Any]) -> pb.ModelStatisticsResponse:
+    """Triton's JSON statistics shape (``{"model_stats": [...]}``) as the protobuf message."""
+    return json_format.ParseDict(
+        dict(statistics), pb.ModelStatisticsResponse(), ignore_unknown_fields=False, descriptor_pool=_pool.POOL
+    )
+
+
+def repository_index_response(rows: list[Mapping[str, str]]) -> pb.RepositoryIndexResponse:
+    return pb.RepositoryIndexResponse(
+        models=[
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=row["name"], version=row["version"], state=row["state"], reason=row["reason"]
+            )
+            for row in rows
+        ]
+    )
+
+
+def config_override(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, Any] | None:
+    """The JSON config a load request carries in ``parameters["config"]``, if any."""
+    for key in parameters:
+        if key.startswith("file:"):
+            raise InvalidInput(f"load parameter '{key}': loading model files sent with the request is not supported")
+    if "config" not in parameters:
+        return None
+    parameter = parameters["config"]
+    choice = parameter.WhichOneof("parameter_choice")
+    if choice not in ("string_param", "bytes_param"):
+        raise InvalidInput("load parameter 'config' must be a JSON string")
+    text = getattr(parameter, choice)
+    try:
+        override = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
+    if not isinstance(override, dict):
+        raise InvalidInput("load parameter 'config' must be a JSON object")
+    return override

@@ -1,0 +1,145 @@
+"""Per model-version inference statistics in Triton's shape (the ``statistics`` protocol extension).
+
+The schedulers record every batch here, on the event loop, so no lock is needed. ``server.metrics`` reads the
+same objects at scrape time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Duration:
+    """A count and the total nanoseconds spent, as Triton's ``StatisticDuration``."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def to_json(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass(slots=True)
+class BatchStats:
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass(slots=True, frozen=True)
+class RequestTiming:
+    """What a batch record needs to know about one of its requests."""
+
+    arrival_ns: int
+    rows: int
+
+
+class ModelStats:
+    """Statistics of one model version; survives reloads so counters never go backwards."""
+
+    def __init__(self, name: str, version: str) -> None:
+        self.name = name
+        self.version = version
+        self.last_inference_ms = 0
+        self.inference_count = 0
+        self.execution_count = 0
+        self.success = Duration()
+        self.fail = Duration()
+        self.queue = Duration()
+        self.compute_input = Duration()
+        self.compute_infer = Duration()
+        self.compute_output = Duration()
+        self.batches: dict[int, BatchStats] = {}
+        self.pending = 0
+
+    # -- recording ----------------------------------------------------------------------------------------
+    def queued(self, count: int = 1) -> None:
+        self.pending += count
+
+    def dequeued(self, count: int = 1) -> None:
+        self.pending -= count
+
+    def record_batch(
+        self, requests: Sequence[RequestTiming], start_ns: int, merged_ns: int, executed_ns: int, finished_ns: int
+    ) -> None:
+        """One successful execution: Triton charges the whole batch's compute time to each of its requests."""
+        n = len(requests)
+        rows = sum(r.rows for r in requests)
+        input_ns, infer_ns, output_ns = merged_ns - start_ns, executed_ns - merged_ns, finished_ns - executed_ns
+        queue_ns = sum(start_ns - r.arrival_ns for r in requests)
+        request_ns = sum(finished_ns - r.arrival_ns for r in requests)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.inference_count += rows
+        self.execution_count += 1
+        self.success.add(request_ns, n)
+        self.queue.add(queue_ns, n)
+        self.compute_input.add(input_ns * n, n)
+        self.compute_infer.add(infer_ns * n, n)
+        self.compute_output.add(output_ns * n, n)
+        batch = self.batches.get(rows)
+        if batch is None:
+            batch = self.batches[rows] = BatchStats()
+        batch.compute_input.add(input_ns)
+        batch.compute_infer.add(infer_ns)
+        batch.compute_output.add(output_ns)
+
+    def record_failure(self, arrivals_ns: Sequence[int], end_ns: int | None = None) -> None:
+        """Requests that failed: in the backend, or rejected by a full queue or a timeout."""
+        end_ns = time.monotonic_ns() if end_ns is None else end_ns
+        total = sum(end_ns - a for a in arrivals_ns)
+        self.fail.add(total, len(arrivals_ns))
+
+    # -- reporting ----------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """Triton's ``ModelStatistics`` JSON; the gRPC front end converts this dict to the protobuf."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference_ms,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {
+                "success": self.success.to_json(),
+                "fail": self.fail.to_json(),
+                "queue": self.queue.to_json(),
+                "compute_input": self.compute_input.to_json(),
+                "compute_infer": self.compute_infer.to_json(),
+                "compute_output": self.compute_output.to_json(),
+                "cache_hit": Duration().to_json(),
+                "cache_miss": Duration().to_json(),
+            },
+            "batch_stats": [
+                {
+                    "batch_size": size,
+                    "compute_input": stats.compute_input.to_json(),
+                    "compute_infer": stats.compute_infer.to_json(),
+                    "compute_output": stats.compute_output.to_json(),
+                }
+                for size, stats in sorted(self.batches.items())
+            ],
+        }
+
+
+class StatisticsRegistry:
+    """Every model version's ``ModelStats`` that has been served since the server started."""
+
+    def __init__(self) -> None:
+        self._stats: dict[tuple[str, str], ModelStats] = {}
+
+    def for_version(self, name: str, version: str) -> ModelStats:
+        key = (name, version)
+        stats = self._stats.get(key)
+        if stats is None:
+            stats = self._stats[key] = ModelStats(name, version)
+        return stats
+
+    def all(self) -> list[ModelStats]:
+        return [self._stats[key] for key in sorted(self._stats)]

@@ -1,0 +1,155 @@
+"""The tensor codec and the HTTP body format, without a server."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+
+from server.errors import InvalidInput
+from server.protocol.http_codec import decode_request, encode_response
+from server.protocol.tensor_codec import (
+    deserialize_bytes_tensor,
+    deserialize_raw,
+    from_list,
+    serialize_bytes_tensor,
+    serialize_raw,
+)
+from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+
+FIXED = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
+
+
+@pytest.mark.parametrize("datatype", FIXED)
+def test_raw_round_trip_every_fixed_datatype(datatype: str) -> None:
+    from server.protocol.datatypes import WIRE_TO_NUMPY
+
+    rng = np.random.default_rng(0)
+    array = (rng.random((2, 3)) * 100).astype(WIRE_TO_NUMPY[datatype])
+    raw = serialize_raw(array)
+    back = deserialize_raw(datatype, [2, 3], raw, "x")
+    np.testing.assert_array_equal(back, array)
+    assert back.dtype == array.dtype
+
+
+@pytest.mark.parametrize("datatype", FIXED)
+def test_list_round_trip_every_fixed_datatype(datatype: str) -> None:
+    from server.protocol.datatypes import WIRE_TO_NUMPY
+
+    array = np.array([[1, 0, 1], [0, 1, 1]]).astype(WIRE_TO_NUMPY[datatype])
+    back = from_list(datatype, [2, 3], array.reshape(-1).tolist(), "x")
+    np.testing.assert_array_equal(back, array)
+    nested = from_list(datatype, [2, 3], array.tolist(), "x")
+    np.testing.assert_array_equal(nested, array)
+
+
+def test_bytes_wire_form_is_length_prefixed() -> None:
+    array = np.array([b"ab", b"", "\u00e9".encode()], dtype=np.object_)
+    raw = serialize_bytes_tensor(array)
+    assert raw == struct.pack("<I", 2) + b"ab" + struct.pack("<I", 0) + struct.pack("<I", 2) + "\u00e9".encode()
+    back = deserialize_bytes_tensor(raw, [3], "s")
+    assert back.tolist() == [b"ab", b"", "\u00e9".encode()]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: deserialize_raw("FP32", [2, 2], b"\0" * 12, "img"), "input 'img': FP32 shape [2, 2] needs 16 bytes"),
+        (lambda: deserialize_bytes_tensor(struct.pack("<I", 9) + b"abc", [1], "txt"), "input 'txt': BYTES element"),
+        (lambda: deserialize_bytes_tensor(struct.pack("<I", 1) + b"a", [2], "txt"), "needs 2 BYTES elements"),
+        (lambda: from_list("INT8", [1], [300], "small"), "input 'small': data does not fit INT8"),
+        (lambda: from_list("INT32", [1], [1.5], "ids"), "input 'ids': INT32 data must be integers"),
+        (lambda: from_list("FP32", [2], [1.0, "x"], "f"), "input 'f': FP32 data must be numbers"),
+        (lambda: from_list("BOOL", [1], [1], "flag"), "input 'flag': BOOL data must be true/false"),
+        (lambda: from_list("FP32", [3], [1.0], "f"), "input 'f': shape [3] needs 3 elements, got 1"),
+    ],
+)
+def test_codec_errors_name_the_tensor(call, message: str) -> None:
+    with pytest.raises(InvalidInput) as info:
+        call()
+    assert message in str(info.value)
+
+
+def _binary_body(header: dict, *chunks: bytes) -> tuple[bytes, int]:
+    encoded = orjson.dumps(header)
+    return encoded + b"".join(chunks), len(encoded)
+
+
+def test_decode_mixed_json_and_binary_inputs() -> None:
+    a = np.arange(4, dtype=np.float32)
+    body, length = _binary_body(
+        {
+            "id": "r1",
+            "parameters": {"binary_data_output": True},
+            "inputs": [
+                {"name": "A", "shape": [4], "datatype": "FP32", "parameters": {"binary_data_size": 16}},
+                {"name": "B", "shape": [2], "datatype": "INT64", "data": [5, 6]},
+                {"name": "S", "shape": [1], "datatype": "BYTES", "data": ["hi"]},
+            ],
+            "outputs": [{"name": "OUT", "parameters": {"binary_data": False}}],
+        },
+        a.tobytes(),
+    )
+    request = decode_request(body, length, "m", "")
+    assert request.id == "r1"
+    np.testing.assert_array_equal(request.inputs["A"], a)
+    np.testing.assert_array_equal(request.inputs["B"], np.array([5, 6], dtype=np.int64))
+    assert request.inputs["S"].tolist() == [b"hi"]
+    assert request.outputs[0].name == "OUT"
+    assert request.parameters["binary_data_output"] is True
+
+
+@pytest.mark.parametrize(
+    ("header", "extra", "message"),
+    [
+        ({"inputs": []}, b"", "non-empty 'inputs'"),
+        ({"inputs": [{"name": "A", "shape": [1], "datatype": "FP33", "data": [1]}]}, b"", "input 'A': unknown datatype"),
+        ({"inputs": [{"name": "A", "shape": [1], "datatype": "FP32"}]}, b"", "input 'A' has neither"),
+        ({"inputs": [{"name": "A", "shape": [-1], "datatype": "FP32", "data": []}]}, b"", "negative dimension"),
+        (
+            {"inputs": [{"name": "A", "shape": [2], "datatype": "FP32", "parameters": {"binary_data_size": 8}}]},
+            b"\0" * 4,
+            "input 'A': binary_data_size 8 runs past",
+        ),
+        (
+            {"inputs": [{"name": "A", "shape": [1], "datatype": "FP32", "parameters": {"binary_data_size": 4}}]},
+            b"\0" * 8,
+            "4 bytes of binary data are not claimed",
+        ),
+    ],
+)
+def test_decode_errors(header: dict, extra: bytes, message: str) -> None:
+    body, length = _binary_body(header, extra)
+    with pytest.raises(InvalidInput, match=message):
+        decode_request(body, length, "m", "")
+
+
+def test_decode_rejects_broken_json_and_bad_header_length() -> None:
+    with pytest.raises(InvalidInput, match="not valid JSON"):
+        decode_request(b"{nope", None, "m", "")
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length is 99"):
+        decode_request(b"{}", 99, "m", "")
+
+
+def test_encode_binary_and_json_outputs() -> None:
+    request = InferRequest(model_name="m", outputs=[RequestedOutput("A", {"binary_data": True}), RequestedOutput("B")])
+    a = np.arange(3, dtype=np.float32)
+    b = np.array([[1, 2]], dtype=np.int32)
+    body, length = encode_response(InferResponse("m", "1", "id7", {"A": a, "B": b}), request)
+    assert length is not None
+    header = orjson.loads(body[:length])
+    assert header["id"] == "id7" and header["model_version"] == "1"
+    out_a, out_b = header["outputs"]
+    assert out_a["parameters"]["binary_data_size"] == 12
+    np.testing.assert_array_equal(np.frombuffer(body[length:], dtype=np.float32), a)
+    assert out_b == {"name": "B", "datatype": "INT32", "shape": [1, 2], "data": [1, 2]}
+
+
+def test_non_utf8_bytes_output_goes_binary() -> None:
+    request = InferRequest(model_name="m")
+    blob = np.array([b"\xff\xfe"], dtype=np.object_)
+    body, length = encode_response(InferResponse("m", "1", "", {"S": blob}), request)
+    assert length is not None
+    assert body[length:] == struct.pack("<I", 2) + b"\xff\xfe"

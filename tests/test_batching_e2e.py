@@ -1,0 +1,225 @@
+"""Dynamic batching and instance scheduling through the real server over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnx
+import pytest
+import yaml
+from onnx import TensorProto, helper
+
+from tests.conftest import ServerProcess
+
+SCALE = 3.0
+
+
+def write_model(repository: Path, name: str, config: dict[str, Any], model: onnx.ModelProto | None = None) -> None:
+    version = repository / name / "1"
+    version.mkdir(parents=True)
+    (repository / name / "config.yaml").write_text(yaml.safe_dump(config))
+    if model is not None:
+        (version / "model.onnx").write_bytes(model.SerializeToString())
+
+
+def scale_model() -> onnx.ModelProto:
+    """OUTPUT = 3 * INPUT over [batch, n] with n variable, so requests of different widths cannot share a batch."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["INPUT", "scale"], ["OUTPUT"])],
+        "scale",
+        [helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor("scale", TensorProto.FLOAT, [], [SCALE])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def ragged_sum_model() -> onnx.ModelProto:
+    """SUM[i] = sum of request i's INPUT, from the 1-D concatenation of a ragged batch and the INDEX batch input
+    (accumulated element counts with a leading zero): cumsum, then differences at the request boundaries."""
+    nodes = [
+        helper.make_node("CumSum", ["INPUT", "axis0"], ["running"]),
+        helper.make_node("Concat", ["zero", "running"], ["padded"], axis=0),
+        helper.make_node("Slice", ["INDEX", "one", "big"], ["ends"]),
+        helper.make_node("Slice", ["INDEX", "zero_i", "minus_one"], ["starts"]),
+        helper.make_node("Gather", ["padded", "ends"], ["at_end"]),
+        helper.make_node("Gather", ["padded", "starts"], ["at_start"]),
+        helper.make_node("Sub", ["at_end", "at_start"], ["sums"]),
+        helper.make_node("Unsqueeze", ["sums", "one"], ["SUM"]),
+    ]
+    constants = [
+        helper.make_tensor("axis0", TensorProto.INT64, [], [0]),
+        helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]),
+        helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero_i", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("minus_one", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("big", TensorProto.INT64, [1], [2**62]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "ragged_sum",
+        [
+            helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, ["elements"]),
+            helper.make_tensor_value_info("INDEX", TensorProto.INT64, ["requests_plus_one"]),
+        ],
+        [helper.make_tensor_value_info("SUM", TensorProto.FLOAT, ["requests", 1])],
+        constants,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def sleepy_config(sleep_ms: int, max_batch_size: int, instances: int = 1, **batching: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "backend": "tests.slow_backend:SleepBackend",
+        "max_batch_size": max_batch_size,
+        "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [4]}],
+        "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32", "dims": [4]}],
+        "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
+        "parameters": {"sleep_ms": str(sleep_ms)},
+    }
+    if batching:
+        config["dynamic_batching"] = batching
+    return config
+
+
+@pytest.fixture(scope="module")
+def batching_server(
+    start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
+    repository = tmp_path_factory.mktemp("batching") / "models"
+    write_model(
+        repository,
+        "scale",
+        {
+            "backend": "onnxruntime",
+            "max_batch_size": 16,
+            "dynamic_batching": {"max_queue_delay_microseconds": 5000},
+            "instance_group": [{"count": 2, "kind": "KIND_CPU"}],
+            "parameters": {"intra_op_thread_count": "1"},
+        },
+        scale_model(),
+    )
+    write_model(
+        repository,
+        "ragged_sum",
+        {
+            "backend": "onnxruntime",
+            "max_batch_size": 32,
+            "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [-1], "allow_ragged_batch": True}],
+            "output": [{"name": "SUM", "data_type": "TYPE_FP32", "dims": [1]}],
+            "batch_input": [
+                {
+                    "kind": "BATCH_ACCUMULATED_ELEMENT_COUNT_WITH_ZERO",
+                    "target_name": ["INDEX"],
+                    "data_type": "TYPE_INT64",
+                    "source_input": ["INPUT"],
+                }
+            ],
+            "dynamic_batching": {"max_queue_delay_microseconds": 20_000},
+        },
+        ragged_sum_model(),
+    )
+    write_model(repository, "sleepy_parallel", sleepy_config(500, max_batch_size=0, instances=2))
+    write_model(
+        repository, "sleepy_queue", sleepy_config(500, max_batch_size=1, default_queue_policy={"max_queue_size": 1})
+    )
+    write_model(
+        repository,
+        "sleepy_timeout",
+        sleepy_config(500, max_batch_size=1, default_queue_policy={"default_timeout_microseconds": 50_000}),
+    )
+    return start_server(repository)
+
+
+def body(data: np.ndarray, **parameters: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "inputs": [{"name": "INPUT", "shape": list(data.shape), "datatype": "FP32", "data": data.ravel().tolist()}]
+    }
+    if parameters:
+        request["parameters"] = parameters
+    return request
+
+
+async def test_200_concurrent_mixed_shape_requests_get_their_own_answers(batching_server: ServerProcess) -> None:
+    inputs = [np.arange(1 + i % 7, dtype=np.float32)[None, :] + 1000 * i for i in range(200)]
+    limits = httpx.Limits(max_connections=200, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=60, limits=limits) as client:
+        replies = await asyncio.gather(
+            *(client.post("/v2/models/scale/infer", json={**body(x), "id": str(i)}) for i, x in enumerate(inputs))
+        )
+        for i, (x, reply) in enumerate(zip(inputs, replies, strict=True)):
+            assert reply.status_code == 200, reply.text
+            payload = reply.json()
+            assert payload["id"] == str(i)
+            output = payload["outputs"][0]
+            assert output["shape"] == list(x.shape)
+            np.testing.assert_allclose(np.array(output["data"], dtype=np.float32), (SCALE * x).ravel())
+        stats = (await client.get("/v2/models/scale/stats")).json()["model_stats"][0]
+    assert stats["inference_count"] == 200
+    assert stats["execution_count"] < stats["inference_count"]
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 1
+
+
+async def test_ragged_requests_share_a_batch(batching_server: ServerProcess) -> None:
+    rng = np.random.default_rng(1)
+    inputs = [rng.random((1, 1 + i % 6), dtype=np.float32) for i in range(48)]
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=60) as client:
+        replies = await asyncio.gather(*(client.post("/v2/models/ragged_sum/infer", json=body(x)) for x in inputs))
+        for x, reply in zip(inputs, replies, strict=True):
+            assert reply.status_code == 200, reply.text
+            [output] = reply.json()["outputs"]
+            assert output["shape"] == [1, 1]
+            assert output["data"][0] == pytest.approx(float(x.sum()), abs=1e-3)  # float32 running sums
+        stats = (await client.get("/v2/models/ragged_sum/stats")).json()["model_stats"][0]
+    assert stats["inference_count"] == 48
+    # Only 8 requests share any one length, so a larger batch must have mixed lengths.
+    assert max(b["batch_size"] for b in stats["batch_stats"]) > 8
+
+
+async def test_two_instances_serve_two_requests_in_the_time_of_one(batching_server: ServerProcess) -> None:
+    data = np.ones((4,), dtype=np.float32)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client:
+        await client.post("/v2/models/sleepy_parallel/infer", json=body(data))
+        begin = time.monotonic()
+        replies = await asyncio.gather(
+            *(client.post("/v2/models/sleepy_parallel/infer", json=body(data)) for _ in range(2))
+        )
+        elapsed = time.monotonic() - begin
+    assert [r.status_code for r in replies] == [200, 200]
+    assert elapsed < 0.85, f"two 500 ms requests on two instances took {elapsed:.2f}s"
+
+
+async def test_full_queue_answers_503_at_once(batching_server: ServerProcess) -> None:
+    data = np.ones((1, 4), dtype=np.float32)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client:
+        running = asyncio.create_task(client.post("/v2/models/sleepy_queue/infer", json=body(data)))
+        await asyncio.sleep(0.15)
+        queued = asyncio.create_task(client.post("/v2/models/sleepy_queue/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        begin = time.monotonic()
+        rejected = await client.post("/v2/models/sleepy_queue/infer", json=body(data))
+        assert time.monotonic() - begin < 0.3
+        assert rejected.status_code == 503
+        assert "queue is full" in rejected.json()["error"]
+        # Another model is not held up by the full queue.
+        other = await client.post("/v2/models/scale/infer", json=body(data))
+        assert other.status_code == 200
+        assert (await running).status_code == 200
+        assert (await queued).status_code == 200
+
+
+async def test_queue_timeout_answers_503(batching_server: ServerProcess) -> None:
+    data = np.ones((1, 4), dtype=np.float32)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client:
+        running = asyncio.create_task(client.post("/v2/models/sleepy_timeout/infer", json=body(data)))
+        await asyncio.sleep(0.15)
+        timed_out = await client.post("/v2/models/sleepy_timeout/infer", json=body(data))
+        assert timed_out.status_code == 503
+        assert "timed out" in timed_out.json()["error"]
+        assert (await running).status_code == 200
