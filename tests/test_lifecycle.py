@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 from typing import Self
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
@@ -102,11 +104,13 @@ def test_config_change_reloads_without_dropping_requests(start_server, tmp_path:
 
     config_path = model_dir / "config.yaml"
     original = config_path.read_text()
-    with TrafficLoop(server.url, "simple") as traffic:
+    # Reloads between the direct scheduler and the dynamic batcher, so both drain their share of the traffic.
+    batching = "dynamic_batching:\n  max_queue_delay_microseconds: 2000\n"
+    with TrafficLoop(server.url, "simple", threads=3) as traffic:
         time.sleep(0.5)
-        for size in (4, 6, 8):
+        for size, extra in ((4, ""), (6, batching), (8, "")):
             started = time.monotonic()
-            config_path.write_text(original.replace("max_batch_size: 8", f"max_batch_size: {size}"))
+            config_path.write_text(original.replace("max_batch_size: 8", f"max_batch_size: {size}") + extra)
             wait_for(lambda size=size: max_batch_size() == size, what=f"the reload to max_batch_size {size}")
             time.sleep(0.3)
             assert traffic.between(started, time.monotonic()), "no request completed across the reload"
@@ -278,3 +282,28 @@ def test_version_policies(start_server, tmp_path: Path) -> None:
     wait_for(lambda: versions("newest") == ["2"], what="version 2 to replace version 1")
     assert served_by("newest") == "2"
     assert infer_simple(None, server.url, "newest", "1").status_code == 404
+
+
+def test_repository_control_over_grpc(start_server, tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    add_simple(repository, "simple")
+    add_simple(repository, "other")
+    explicit = start_server(repository, "--model-control-mode", "explicit", "--load-model", "simple")
+    client = triton_grpc.InferenceServerClient(explicit.grpc_url)
+    states = {m.name: m.state for m in client.get_model_repository_index().models}
+    assert states == {"simple": "READY", "other": "UNAVAILABLE"}
+    client.load_model("other", config=json.dumps({"backend": "onnxruntime", "max_batch_size": 3}))
+    assert client.get_model_config("other").config.max_batch_size == 3
+    check_simple_output(infer_simple(None, explicit.url, "other"))
+    client.unload_model("other")
+    assert not client.is_model_ready("other")
+    client.close()
+
+    polled = start_server(repository, *POLL)
+    client = triton_grpc.InferenceServerClient(polled.grpc_url)
+    with pytest.raises(InferenceServerException) as refused:
+        client.unload_model("simple")
+    assert refused.value.status() == str(grpc.StatusCode.FAILED_PRECONDITION)
+    assert "explicit" in refused.value.message()
+    assert client.is_model_ready("simple")
+    client.close()
