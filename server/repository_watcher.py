@@ -51,6 +51,7 @@ class RepositoryWatcher:
         # The fingerprint each model was last loaded from, and what the previous scan saw.
         self._applied: dict[str, Fingerprint] = {}
         self._seen: dict[str, Fingerprint] = {}
+        self._loads: set[asyncio.Task[None]] = set()
 
     async def prime(self) -> None:
         """Record the state the start-up load is about to read; call before ``ModelManager.load_all``.
@@ -64,11 +65,16 @@ class RepositoryWatcher:
         while True:
             await asyncio.sleep(self.interval_s)
             try:
-                await self.poll_once()
+                await self.poll_once(wait=False)
             except Exception:  # a scan failure (e.g. a vanished mount) must not stop watching
                 log.exception("model repository scan failed")
 
-    async def poll_once(self) -> None:
+    async def poll_once(self, wait: bool = True) -> None:
+        """Scan once and start the loads and unloads that are due; ``wait`` for them to finish.
+
+        The watcher itself does not wait, so one big model loading for minutes does not hold up the others;
+        the model manager's per-model lock keeps two changes to one model in order.
+        """
         current = await asyncio.to_thread(repository_fingerprints, self.manager.repository)
         previous, self._seen = self._seen, current
         changed = [
@@ -81,7 +87,13 @@ class RepositoryWatcher:
             self._applied[name] = current[name]
         for name in removed:
             del self._applied[name]
-        await asyncio.gather(*(self._load(name) for name in changed), *(self._unload(name) for name in removed))
+        tasks = [asyncio.create_task(self._load(name)) for name in changed]
+        tasks += [asyncio.create_task(self._unload(name)) for name in removed]
+        self._loads.update(tasks)
+        for task in tasks:
+            task.add_done_callback(self._loads.discard)
+        if wait:
+            await asyncio.gather(*tasks)
 
     async def _load(self, name: str) -> None:
         log.info("model '%s' changed on disk; loading", name)

@@ -58,6 +58,8 @@ def warmup_request(config: ModelConfig, sample: ModelWarmup, model_dir: Path) ->
 
     As in Triton, a ``batch_size`` above 1 repeats the one sample along the batch dimension.
     """
+    if sample.batch_size > 1 and not config.batching:
+        raise ModelLoadError(f"batch_size {sample.batch_size} needs a batching model (max_batch_size > 0)")
     rng = np.random.default_rng(0)
     request = InferRequest(model_name=config.name, id=f"warmup:{sample.name}")
     for name, spec in sample.inputs.items():
