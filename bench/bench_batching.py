@@ -66,7 +66,9 @@ def wide_mlp(hidden: int, layers: int, features: int = 256, seed: int = 0) -> on
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def prepare_repository(target: Path, model: str, hidden: int, layers: int, instances: int, threads: int) -> Path:
+def prepare_repository(
+    target: Path, model: str, hidden: int, layers: int, instances: int, threads: int, queue_delay_us: int | None
+) -> Path:
     """The model twice: as configured (dynamic batching) and as ``<model>_nobatch`` with batching removed."""
     if model == "mlp_classifier":
         shutil.copytree(ROOT / "model_repository" / model, target / model)
@@ -78,6 +80,8 @@ def prepare_repository(target: Path, model: str, hidden: int, layers: int, insta
     config = yaml.safe_load((target / model / "config.yaml").read_text())
     config["instance_group"] = [{"count": instances, "kind": "KIND_CPU"}]
     config["parameters"] = {"intra_op_thread_count": str(threads)}
+    if queue_delay_us is not None:
+        config["dynamic_batching"]["max_queue_delay_microseconds"] = queue_delay_us
     (target / model / "config.yaml").write_text(yaml.safe_dump(config))
     config.pop("dynamic_batching", None)
     shutil.copytree(target / model / "1", target / f"{model}_nobatch" / "1")
@@ -154,6 +158,8 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0, help="seconds measured per level")
     parser.add_argument("--instances", type=int, default=2, help="model instances in the server")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per instance")
+    parser.add_argument("--queue-delay-us", type=int, default=None,
+                        help="max_queue_delay_microseconds for (b) (default: the model's config)")
     parser.add_argument("--hidden", type=int, default=4096, help="wide_mlp: hidden layer width")
     parser.add_argument("--layers", type=int, default=6, help="wide_mlp: number of layers")
     args = parser.parse_args()
@@ -162,7 +168,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         repository = Path(tmp) / "models"
         model_path = prepare_repository(
-            repository, args.model, args.hidden, args.layers, args.instances, args.intra_op_threads
+            repository, args.model, args.hidden, args.layers, args.instances, args.intra_op_threads, args.queue_delay_us
         )
 
         console.print(f"[bold](a) in-process ONNX Runtime, {args.model}[/bold]")
