@@ -46,8 +46,10 @@ class InferenceServer:
 
     # -- health -------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
-        """Ready once the start-up load is done and no model is mid-load; broken models do not hold it back."""
-        return self.live and self.started and all(row["state"] != "LOADING" for row in self.models.index())
+        """Ready once the start-up load is done. Broken models, and models loaded later by polling or the repository
+        API, do not hold it back: a serving replica must not drop out of its load balancer because a new model
+        appeared beside the ones it serves (each model's own readiness says whether that model can serve)."""
+        return self.live and self.started
 
     # -- metadata -----------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
