@@ -85,7 +85,7 @@ def backend_class(name: str) -> type[Backend]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ModelLoadError(f"backend '{name}' cannot be imported ({exc}); is its extra installed?") from exc
+        raise ModelLoadError(f"backend '{name}' is not available: {exc}") from exc
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ModelLoadError(f"backend '{name}': {target} is not a Backend subclass")

@@ -8,9 +8,12 @@ Metric names carry no ``_total`` suffix, exactly as Triton exposes them.
 
 from __future__ import annotations
 
+import re
+import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, generate_latest, start_http_server
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -74,6 +77,14 @@ def _labels(stats: ModelStats) -> dict[str, str]:
     return {"model": stats.name, "version": stats.version}
 
 
+# prometheus-client names a counter family ``<name>_total`` in its HELP/TYPE lines; Triton's counters have no
+# suffix, so the header lines are renamed to match the samples.
+_COUNTER_HEADER = re.compile(
+    rb"^# (HELP|TYPE) (" + b"|".join(n.encode() for n, _, k, _ in _FAMILIES if k == "counter") + rb")_total ",
+    re.MULTILINE,
+)
+
+
 class ServerMetrics:
     def __init__(self, statistics: StatisticsRegistry) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
@@ -81,8 +92,27 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         """The registry in Prometheus' text format, as ``GET /metrics`` serves it."""
-        return generate_latest(self.registry)
+        return _COUNTER_HEADER.sub(rb"# \1 \2 ", generate_latest(self.registry))
 
     def serve(self, host: str, port: int) -> None:
-        """Serve the registry on its own port from a background thread, as Triton does on 8002."""
-        start_http_server(port, addr=host, registry=self.registry)
+        """Serve ``/metrics`` on its own port from a background thread, as Triton does on 8002."""
+        metrics = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the name http.server dispatches to
+                if self.path.split("?")[0] not in ("/metrics", "/"):
+                    self.send_error(404)
+                    return
+                body = metrics.exposition()
+                self.send_response(200)
+                self.send_header("Content-Type", CONTENT_TYPE_LATEST)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not worth a log line
+                pass
+
+        server = ThreadingHTTPServer((host, port), Handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()

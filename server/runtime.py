@@ -9,6 +9,7 @@ from pathlib import Path
 
 import uvicorn
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from server.core import InferenceServer, ModelControlMode
@@ -46,7 +47,7 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
     table.add_column("Reason", overflow="fold")
     for row in core.repository_index():
         style = "green" if row["state"] == "READY" else "red"
-        table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", row["reason"])
+        table.add_row(row["name"], row["version"], f"[{style}]{row['state']}[/{style}]", escape(row["reason"]))
     console.print(table)
     if settings.metrics_port:
         console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")

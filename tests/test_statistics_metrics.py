@@ -97,6 +97,10 @@ def test_metrics_on_http_and_metrics_port(counted_server: ServerProcess) -> None
         assert metric(text, "nv_inference_compute_infer_duration_us", "simple") > 0
         assert metric(text, "nv_inference_request_duration_us", "simple") > 0
         assert metric(text, "nv_inference_count", "mlp_classifier") == 0
+        # Triton's names exactly: counters typed as such, with no ``_total`` suffix anywhere.
+        assert "# TYPE nv_inference_count counter" in text
+        assert "# TYPE nv_inference_pending_request_count gauge" in text
+        assert "_total" not in text
         assert re.search(r'^modeldock_inference_batch_size_count{model="simple",version="1"} 5\.0$', text, re.M)
 
 
