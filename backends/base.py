@@ -61,7 +61,7 @@ class Backend(ABC):
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         """Run one batch. ``output_names`` lists the outputs the batch's requests need."""
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 - optional hook: most backends free everything when collected
         """Release memory and device resources; the object is not used afterwards."""
 
 

@@ -114,8 +114,22 @@ def free_port() -> int:
 
 def start_server(repository: Path, log: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(port),
-               "--metrics-port", "0", "--log-level", "warning", "--model-repository", str(repository)]
+    command = [
+        sys.executable,
+        "-m",
+        "server",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--http-port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--log-level",
+        "warning",
+        "--model-repository",
+        str(repository),
+    ]
     process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -132,14 +146,17 @@ def start_server(repository: Path, log: Path) -> tuple[subprocess.Popen[bytes], 
 
 
 def served(url: str, model: str, levels: list[int], batch_size: int, window: float) -> list[LevelResult]:
-    settings = PerfSettings(model=model, url=url, batch_size=batch_size, window_s=window, warmup_s=0.5,
-                            concurrency=levels)
+    settings = PerfSettings(
+        model=model, url=url, batch_size=batch_size, window_s=window, warmup_s=0.5, concurrency=levels
+    )
     workload = make_workload(settings)
     results = []
     for concurrency in levels:
         result = measure_level(settings, workload, concurrency)
-        console.print(f"  {model:>24} concurrency {concurrency:>3}: {result.throughput_infer_per_s:9.0f} infer/s, "
-                      f"p50 {result.latency_p50_ms:6.2f} ms, p99 {result.latency_p99_ms:6.2f} ms")
+        console.print(
+            f"  {model:>24} concurrency {concurrency:>3}: {result.throughput_infer_per_s:9.0f} infer/s, "
+            f"p50 {result.latency_p50_ms:6.2f} ms, p99 {result.latency_p99_ms:6.2f} ms"
+        )
         results.append(result)
     return results
 
@@ -158,8 +175,12 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=4.0, help="seconds measured per level")
     parser.add_argument("--instances", type=int, default=2, help="model instances in the server")
     parser.add_argument("--intra-op-threads", type=int, default=1, help="ONNX Runtime threads per instance")
-    parser.add_argument("--queue-delay-us", type=int, default=None,
-                        help="max_queue_delay_microseconds for (b) (default: the model's config)")
+    parser.add_argument(
+        "--queue-delay-us",
+        type=int,
+        default=None,
+        help="max_queue_delay_microseconds for (b) (default: the model's config)",
+    )
     parser.add_argument("--hidden", type=int, default=4096, help="wide_mlp: hidden layer width")
     parser.add_argument("--layers", type=int, default=6, help="wide_mlp: number of layers")
     args = parser.parse_args()
@@ -197,14 +218,24 @@ def main() -> None:
     for column in ("", "infer/s", "at", "p99 ms"):
         table.add_column(column, justify="right")
     table.add_row("(a) ONNX Runtime in-process", f"{a:,.0f}", f"batch {best_batch}", "")
-    table.add_row("(b) ModelDock, dynamic batching", f"{b.throughput_infer_per_s:,.0f}",
-                  f"concurrency {b.concurrency}", f"{b.latency_p99_ms:.2f}")
-    table.add_row("(c) ModelDock, batching off", f"{c.throughput_infer_per_s:,.0f}",
-                  f"concurrency {c.concurrency}", f"{c.latency_p99_ms:.2f}")
+    table.add_row(
+        "(b) ModelDock, dynamic batching",
+        f"{b.throughput_infer_per_s:,.0f}",
+        f"concurrency {b.concurrency}",
+        f"{b.latency_p99_ms:.2f}",
+    )
+    table.add_row(
+        "(c) ModelDock, batching off",
+        f"{c.throughput_infer_per_s:,.0f}",
+        f"concurrency {c.concurrency}",
+        f"{c.latency_p99_ms:.2f}",
+    )
     console.print(table)
     console.print(f"(b) batching: {b_profile}")
-    console.print(f"[bold]b/a = {b.throughput_infer_per_s / a:.2f}   b/c = "
-                  f"{b.throughput_infer_per_s / c.throughput_infer_per_s:.2f}[/bold]")
+    console.print(
+        f"[bold]b/a = {b.throughput_infer_per_s / a:.2f}   b/c = "
+        f"{b.throughput_infer_per_s / c.throughput_infer_per_s:.2f}[/bold]"
+    )
 
 
 if __name__ == "__main__":

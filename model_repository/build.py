@@ -62,7 +62,9 @@ def build_mlp(seed: int = 0) -> onnx.ModelProto:
         return [numpy_helper.from_array(weight, f"{name}.weight"), numpy_helper.from_array(bias, f"{name}.bias")]
 
     initializers = (
-        dense("fc1", MLP_FEATURES, MLP_HIDDEN) + dense("fc2", MLP_HIDDEN, MLP_HIDDEN) + dense("fc3", MLP_HIDDEN, MLP_CLASSES)
+        dense("fc1", MLP_FEATURES, MLP_HIDDEN)
+        + dense("fc2", MLP_HIDDEN, MLP_HIDDEN)
+        + dense("fc3", MLP_HIDDEN, MLP_CLASSES)
     )
     nodes = [
         helper.make_node("Gemm", ["features", "fc1.weight", "fc1.bias"], ["h1_pre"]),
@@ -113,9 +115,7 @@ def build_torch_mlp(path: Path, seed: int = 0) -> bool:
     torch.manual_seed(seed)
     model = TorchMLP().eval()
     batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(
-        model, (torch.zeros(2, TORCH_FEATURES),), dynamic_shapes={"features": {0: batch}}
-    )
+    program = torch.export.export(model, (torch.zeros(2, TORCH_FEATURES),), dynamic_shapes={"features": {0: batch}})
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.export.save(program, str(path))
     return True

@@ -39,9 +39,7 @@ class QueuedRequest:
 
 
 class DynamicBatcher(Scheduler):
-    def __init__(
-        self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> None:
         super().__init__(config, version, pool, stats)
         if config.dynamic_batching is None or not config.batching:
             raise ValueError("DynamicBatcher needs max_batch_size > 0 and a dynamic_batching section")

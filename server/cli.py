@@ -21,8 +21,12 @@ from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.runtime import ServeSettings, serve
 from server.validate import validate_repositories
 
-app = typer.Typer(name="modeldock", help="Serve models from a repository folder over KServe v2 HTTP and gRPC.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    name="modeldock",
+    help="Serve models from a repository folder over KServe v2 HTTP and gRPC.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 
 @app.command("serve")

@@ -352,4 +352,3 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc}") from None
     return parse_model_config(data, str(path), model_dir.name)
-

@@ -169,8 +169,9 @@ class ProcessModelInstance(ModelInstance):
     fresh worker.
     """
 
-    def __init__(self, placement: InstancePlacement, config: ModelConfig, version_dir: Path,
-                 backend_cls: type[Backend]) -> None:
+    def __init__(
+        self, placement: InstancePlacement, config: ModelConfig, version_dir: Path, backend_cls: type[Backend]
+    ) -> None:
         self.name = placement.name
         self.device = placement.device
         self.config = config
@@ -298,9 +299,7 @@ class ProcessModelInstance(ModelInstance):
         self._stop_worker()
 
 
-def create_instances(
-    config: ModelConfig, version_dir: Path, backend_cls: type[Backend]
-) -> list[ModelInstance]:
+def create_instances(config: ModelConfig, version_dir: Path, backend_cls: type[Backend]) -> list[ModelInstance]:
     """Load every instance of a version; on any failure the ones already loaded are released."""
     instances: list[ModelInstance] = []
     try:

@@ -26,25 +26,56 @@ __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
 # name, help, type, how to read the value from a ModelStats.
 _FAMILIES: list[tuple[str, str, str, object]] = [
-    ("nv_inference_request_success", "Number of successful inference requests", "counter",
-     lambda s: s.success.count),
+    ("nv_inference_request_success", "Number of successful inference requests", "counter", lambda s: s.success.count),
     ("nv_inference_request_failure", "Number of failed inference requests", "counter", lambda s: s.fail.count),
-    ("nv_inference_count", "Number of inferences performed (batch size counted)", "counter",
-     lambda s: s.inference_count),
-    ("nv_inference_exec_count", "Number of model executions (batches) performed", "counter",
-     lambda s: s.execution_count),
-    ("nv_inference_request_duration_us", "Cumulative inference request duration in microseconds", "counter",
-     lambda s: (s.success.ns + s.fail.ns) // 1000),
-    ("nv_inference_queue_duration_us", "Cumulative time requests spent queued, in microseconds", "counter",
-     lambda s: s.queue.ns // 1000),
-    ("nv_inference_compute_input_duration_us", "Cumulative time preparing batch inputs, in microseconds", "counter",
-     lambda s: s.compute_input.ns // 1000),
-    ("nv_inference_compute_infer_duration_us", "Cumulative time executing the model, in microseconds", "counter",
-     lambda s: s.compute_infer.ns // 1000),
-    ("nv_inference_compute_output_duration_us", "Cumulative time splitting batch outputs, in microseconds",
-     "counter", lambda s: s.compute_output.ns // 1000),
-    ("nv_inference_pending_request_count", "Number of requests accepted and waiting for execution", "gauge",
-     lambda s: s.pending),
+    (
+        "nv_inference_count",
+        "Number of inferences performed (batch size counted)",
+        "counter",
+        lambda s: s.inference_count,
+    ),
+    (
+        "nv_inference_exec_count",
+        "Number of model executions (batches) performed",
+        "counter",
+        lambda s: s.execution_count,
+    ),
+    (
+        "nv_inference_request_duration_us",
+        "Cumulative inference request duration in microseconds",
+        "counter",
+        lambda s: (s.success.ns + s.fail.ns) // 1000,
+    ),
+    (
+        "nv_inference_queue_duration_us",
+        "Cumulative time requests spent queued, in microseconds",
+        "counter",
+        lambda s: s.queue.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_input_duration_us",
+        "Cumulative time preparing batch inputs, in microseconds",
+        "counter",
+        lambda s: s.compute_input.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_infer_duration_us",
+        "Cumulative time executing the model, in microseconds",
+        "counter",
+        lambda s: s.compute_infer.ns // 1000,
+    ),
+    (
+        "nv_inference_compute_output_duration_us",
+        "Cumulative time splitting batch outputs, in microseconds",
+        "counter",
+        lambda s: s.compute_output.ns // 1000,
+    ),
+    (
+        "nv_inference_pending_request_count",
+        "Number of requests accepted and waiting for execution",
+        "gauge",
+        lambda s: s.pending,
+    ),
 ]
 
 

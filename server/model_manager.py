@@ -86,9 +86,7 @@ class ServedVersion:
         await asyncio.to_thread(self.pool.unload)
 
 
-def make_scheduler(
-    config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
-) -> Scheduler:
+def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> Scheduler:
     """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run."""
     if config.batching and config.dynamic_batching is not None:
         return DynamicBatcher(config, version, pool, stats)
@@ -143,9 +141,7 @@ class ModelManager:
             if not record.versions or all(v.state != ModelState.READY for v in record.versions.values()):
                 record.state = ModelState.LOADING
             try:
-                config, backend_cls, selected = await asyncio.to_thread(
-                    prepare_model, location.path, config_override
-                )
+                config, backend_cls, selected = await asyncio.to_thread(prepare_model, location.path, config_override)
             except ModelDockError as exc:
                 self._fail(record, str(exc))
                 raise
@@ -188,11 +184,7 @@ class ModelManager:
                     record.versions[version] = kept
                 else:
                     record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
-            old = {
-                v: r.served
-                for v, r in previous.items()
-                if r.served is not None and record.versions.get(v) is not r
-            }
+            old = {v: r.served for v, r in previous.items() if r.served is not None and record.versions.get(v) is not r}
             for served in old.values():
                 served.retired = True
             log.info("model '%s' ready (versions %s)", name, sorted(new))
@@ -267,7 +259,9 @@ class ModelManager:
         for name in sorted(set(found) | set(self.records)):
             record = self.records.get(name)
             if record is None:
-                rows.append({"name": name, "version": "", "state": ModelState.UNAVAILABLE.value, "reason": "not loaded"})
+                rows.append(
+                    {"name": name, "version": "", "state": ModelState.UNAVAILABLE.value, "reason": "not loaded"}
+                )
                 continue
             if not record.versions:
                 rows.append({"name": name, "version": "", "state": record.state.value, "reason": record.reason})
@@ -308,5 +302,7 @@ def prepare_model(
         raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
     config = backend_cls.auto_complete_config(config, newest)
     if not config.input or not config.output:
-        raise ConfigError(f"{model_dir}/config.yaml: field 'input'/'output': not given and the backend cannot infer them")
+        raise ConfigError(
+            f"{model_dir}/config.yaml: field 'input'/'output': not given and the backend cannot infer them"
+        )
     return config, backend_cls, selected

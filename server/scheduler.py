@@ -67,9 +67,7 @@ class PendingRequest:
 class Scheduler(ABC):
     """Owns a model version's queue and decides which requests run together on which instance."""
 
-    def __init__(
-        self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None
-    ) -> None:
+    def __init__(self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> None:
         self.config = config
         self.version = version
         self.pool = pool
@@ -126,9 +124,7 @@ class Scheduler(ABC):
             finished = time.monotonic_ns()
             for pending, response in zip(batch, responses, strict=True):
                 pending.send(response)
-            timings = [
-                RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch
-            ]
+            timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
             self.stats.record_batch(timings, start, merged, executed, finished)
         except ModelDockError as exc:
             self._fail_batch(batch, exc)

@@ -107,6 +107,6 @@ def validate_repositories(roots: list[Path]) -> tuple[list[str], list[Problem]]:
     ]
     if not found and not scan_problems:
         problems.append(Problem("", ", ".join(str(r) for r in repository.roots), "no models found"))
-    for name, location in sorted(found.items()):
+    for _, location in sorted(found.items()):
         problems += validate_model(location.path)
     return sorted(found), problems

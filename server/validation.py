@@ -24,9 +24,7 @@ def validate_request(config: ModelConfig, request: InferRequest) -> None:
     known = {t.name for t in config.input}
     unexpected = sorted(set(request.inputs) - known)
     if unexpected:
-        raise InvalidInput(
-            f"unexpected input '{unexpected[0]}' for model '{config.name}'; it expects {sorted(known)}"
-        )
+        raise InvalidInput(f"unexpected input '{unexpected[0]}' for model '{config.name}'; it expects {sorted(known)}")
     batch_size: int | None = None
     for tensor in config.input:
         array = request.inputs.get(tensor.name)

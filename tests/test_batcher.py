@@ -229,9 +229,7 @@ def ragged_config(kind: str) -> ModelConfig:
         "max_batch_size": 8,
         "input": [{"name": "INPUT", "data_type": "TYPE_FP32", "dims": [-1], "allow_ragged_batch": True}],
         "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32", "dims": [1]}],
-        "batch_input": [
-            {"kind": kind, "target_name": ["INDEX"], "data_type": "TYPE_INT32", "source_input": ["INPUT"]}
-        ],
+        "batch_input": [{"kind": kind, "target_name": ["INDEX"], "data_type": "TYPE_INT32", "source_input": ["INPUT"]}],
     }
     return parse_model_config(data, "test config", "ragged")
 

@@ -273,9 +273,7 @@ def test_64_mib_tensor_round_trip(client: triton_grpc.InferenceServerClient) -> 
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
 
 
-def test_message_limit_is_configurable(
-    start_server: Callable[..., ServerProcess], bundled_repository: Path
-) -> None:
+def test_message_limit_is_configurable(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> None:
     limited = start_server(bundled_repository, "--grpc-max-message-bytes", str(1024 * 1024))
     with triton_grpc.InferenceServerClient(url=limited.grpc_url) as client:
         small = np.ones((8, 16), np.float32)

@@ -155,7 +155,12 @@ def _simple_input(name: str, shape: list[int], datatype: str = "FP32", count: in
             400,
             "unknown output 'OUTPUT9'",
         ),
-        ("simple", {"inputs": [_simple_input("INPUT0", [1, 16], count=3)]}, 400, "input 'INPUT0': shape [1, 16] needs 16"),
+        (
+            "simple",
+            {"inputs": [_simple_input("INPUT0", [1, 16], count=3)]},
+            400,
+            "input 'INPUT0': shape [1, 16] needs 16",
+        ),
         ("simple", {"nothing": 1}, 400, "non-empty 'inputs'"),
     ],
 )
@@ -192,9 +197,7 @@ def test_tritonclient_reports_server_errors(client: httpclient.InferenceServerCl
         client.infer("mlp_classifier", [infer_input])
 
 
-def test_broken_models_do_not_take_the_server_down(
-    start_server: Callable[..., ServerProcess], tmp_path: Path
-) -> None:
+def test_broken_models_do_not_take_the_server_down(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(BUNDLED_REPOSITORY / "simple", repo / "simple")
     bad_config = repo / "bad_config"
@@ -214,9 +217,7 @@ def test_broken_models_do_not_take_the_server_down(
     assert index["bad_file"]["state"] == "UNAVAILABLE"
     assert "bad_file/1/model.onnx" in index["bad_file"]["reason"]
 
-    response = httpx.post(
-        f"{server.url}/v2/models/bad_file/infer", json={"inputs": [_simple_input("x", [1])]}
-    )
+    response = httpx.post(f"{server.url}/v2/models/bad_file/infer", json={"inputs": [_simple_input("x", [1])]})
     assert response.status_code == 503 and "not ready" in response.json()["error"]
     assert httpx.get(f"{server.url}/v2/models/bad_file/ready").status_code == 400
     a = np.ones((1, 16), dtype=np.float32)

@@ -132,7 +132,8 @@ def _load_eager(path: Path, config: ModelConfig) -> torch.nn.Module:
         cls = module.Model
     else:
         defined = [
-            c for c in vars(module).values()
+            c
+            for c in vars(module).values()
             if isinstance(c, type) and issubclass(c, torch.nn.Module) and c.__module__ == module_name
         ]
         cls = defined[0] if len(defined) == 1 else None
@@ -205,7 +206,8 @@ class PyTorchBackend(Backend):
         elif path.suffix == ".py":
             module = _load_eager(path, config).to(self.torch_device).eval()
             arg_names = [
-                p.name for p in inspect.signature(module.forward).parameters.values()
+                p.name
+                for p in inspect.signature(module.forward).parameters.values()
                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
             ]
         else:
@@ -287,7 +289,8 @@ class PyTorchBackend(Backend):
             output_node = next(n for n in program.graph.nodes if n.op == "output")
             flat = {arg.name: arg.meta.get("val") for arg in output_node.args[0] if hasattr(arg, "meta")}
             user = [
-                spec.arg.name for spec in signature.output_specs
+                spec.arg.name
+                for spec in signature.output_specs
                 if spec.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT
             ]
             out_spec = program.call_spec.out_spec

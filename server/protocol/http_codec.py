@@ -32,9 +32,7 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
         header, binary = _load_json(body), memoryview(b"")
     else:
         if header_length < 0 or header_length > len(body):
-            raise InvalidInput(
-                f"{HEADER_LENGTH} is {header_length} but the body holds only {len(body)} bytes"
-            )
+            raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body holds only {len(body)} bytes")
         view = memoryview(body)
         header, binary = _load_json(bytes(view[:header_length])), view[header_length:]
     if not isinstance(header, dict):
@@ -72,9 +70,7 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
             if not isinstance(size, int) or size < 0:
                 raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
-                raise InvalidInput(
-                    f"input '{name}': binary_data_size {size} runs past the end of the binary data"
-                )
+                raise InvalidInput(f"input '{name}': binary_data_size {size} runs past the end of the binary data")
             array = deserialize_raw(datatype, shape, binary[offset : offset + size], name)
             offset += size
         else:

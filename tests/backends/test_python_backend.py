@@ -16,7 +16,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 
-WORKER_MODEL = '''
+WORKER_MODEL = """
 import os
 
 import numpy as np
@@ -41,7 +41,7 @@ class TritonPythonModel:
             ctypes.string_at(0)  # segmentation fault
         pid = np.full((x.shape[0], 1), os.getpid(), dtype=np.int64)
         return [{"Y": x * 2.0 + self.version, "PID": pid}]
-'''
+"""
 
 WORKER_CONFIG = """
 backend: python
@@ -54,7 +54,7 @@ output:
   - {name: PID, data_type: TYPE_INT64, dims: [1]}
 """
 
-AUTO_MODEL = '''
+AUTO_MODEL = """
 import numpy as np
 
 
@@ -68,7 +68,7 @@ class Model:
     def execute(self, requests):
         a = requests[0].inputs["A"]
         return {"TOTAL": a.sum(axis=1, keepdims=True)}
-'''
+"""
 
 
 def _write_model(repo: Path, name: str, config: str | None, files: dict[str, str]) -> None:
@@ -81,16 +81,23 @@ def _write_model(repo: Path, name: str, config: str | None, files: dict[str, str
 
 
 @pytest.fixture(scope="module")
-def python_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+def python_server(
+    start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory
+) -> ServerProcess:
     repo = tmp_path_factory.mktemp("python-backend")
     _write_model(repo, "worker", WORKER_CONFIG, {"model.py": WORKER_MODEL})
     _write_model(repo, "auto", "backend: python\nmax_batch_size: 4\n", {"model.py": AUTO_MODEL})
     _write_model(repo, "syntax_error", "backend: python\n", {"model.py": "def broken(:\n"})
     _write_model(repo, "no_io", "backend: python\n", {"model.py": "class TritonPythonModel:\n    pass\n"})
-    _write_model(repo, "init_fails", WORKER_CONFIG, {
-        "model.py": "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no GPU')\n"
-        "    def execute(self, requests):\n        return []\n"
-    })
+    _write_model(
+        repo,
+        "init_fails",
+        WORKER_CONFIG,
+        {
+            "model.py": "class TritonPythonModel:\n    def initialize(self, args):\n        raise RuntimeError('no GPU')\n"
+            "    def execute(self, requests):\n        return []\n"
+        },
+    )
     shutil.copytree(BUNDLED_REPOSITORY / "simple", repo / "simple")
     return start_server(repo)
 
@@ -140,10 +147,12 @@ def test_user_exception_fails_only_that_request(python_server: ServerProcess) ->
     pid = int(client.infer("worker", _worker_inputs(x, 0)).as_numpy("PID")[0, 0])
     response = httpx.post(
         f"{python_server.url}/v2/models/worker/infer",
-        json={"inputs": [
-            {"name": "X", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()},
-            {"name": "MODE", "datatype": "INT32", "shape": [2, 1], "data": [2, 2]},
-        ]},
+        json={
+            "inputs": [
+                {"name": "X", "datatype": "FP32", "shape": [2, 4], "data": x.ravel().tolist()},
+                {"name": "MODE", "datatype": "INT32", "shape": [2, 1], "data": [2, 2]},
+            ]
+        },
     )
     assert response.status_code == 500
     assert "ValueError: MODE 2 is not allowed here" in response.json()["error"]

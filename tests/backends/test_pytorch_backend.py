@@ -20,7 +20,7 @@ from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-EAGER_SOURCE = '''
+EAGER_SOURCE = """
 import torch
 
 
@@ -32,7 +32,7 @@ class Scorer(torch.nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(torch.tanh(self.proj(features)))
-'''
+"""
 
 
 class TwoInputs(torch.nn.Module):
@@ -78,7 +78,10 @@ def torch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repo = tmp_path_factory.mktemp("pytorch-backend")
 
     # Config order deliberately differs from position order: the __<i> suffix decides.
-    version = _write(repo, "torchscript", """
+    version = _write(
+        repo,
+        "torchscript",
+        """
         backend: pytorch
         max_batch_size: 8
         input:
@@ -87,14 +90,16 @@ def torch_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         output:
           - {name: OUTPUT__1, data_type: TYPE_FP32, dims: [1]}
           - {name: OUTPUT__0, data_type: TYPE_FP32, dims: [3]}
-    """)
+    """,
+    )
     torch.jit.save(torch.jit.script(TwoInputs().eval()), str(version / "model.pt"))
 
     # No inputs or outputs in the config: they come from the exported program's signature.
     version = _write(repo, "exported", "backend: pytorch\nmax_batch_size: 16\n")
     batch = torch.export.Dim("batch", min=1, max=16)
     program = torch.export.export(
-        DictOutputs().eval(), (torch.zeros(2, 5), torch.ones(2, 1)),
+        DictOutputs().eval(),
+        (torch.zeros(2, 5), torch.ones(2, 1)),
         dynamic_shapes={"x": {0: batch}, "scale": {0: batch}},
     )
     torch.export.save(program, str(version / "model.pt2"))
@@ -241,8 +246,9 @@ def test_server_without_torch_serves_everything_else(
 
 
 @pytest.mark.gpu
-def test_eager_module_on_the_gpu_matches_the_cpu(start_server: Callable[..., ServerProcess], torch_repo: Path,
-                                                 tmp_path: Path) -> None:
+def test_eager_module_on_the_gpu_matches_the_cpu(
+    start_server: Callable[..., ServerProcess], torch_repo: Path, tmp_path: Path
+) -> None:
     repo = tmp_path / "repo"
     shutil.copytree(torch_repo / "eager", repo / "eager_gpu")
     config = repo / "eager_gpu" / "config.yaml"

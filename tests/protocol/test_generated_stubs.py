@@ -9,13 +9,6 @@ import textwrap
 from concurrent import futures
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-try:
-    import server  # noqa: F401
-except ImportError:  # not pip-installed and no conftest putting the repo root on sys.path
-    sys.path.insert(0, str(REPO_ROOT))
-
 import grpc
 import numpy as np
 import pytest
@@ -25,11 +18,11 @@ from google.protobuf.internal import api_implementation
 from tritonclient.grpc import model_config_pb2 as triton_model_config_pb2
 from tritonclient.grpc import service_pb2 as triton_service_pb2
 
-from server.protocol.generated import _pool
+from server.protocol.generated import _pool, model_config_pb2
 from server.protocol.generated import grpc_service_pb2 as service_pb2
 from server.protocol.generated import grpc_service_pb2_grpc as service_pb2_grpc
-from server.protocol.generated import model_config_pb2
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATED_DIR = REPO_ROOT / "server" / "protocol" / "generated"
 GENERATE_SCRIPT = REPO_ROOT / "protos" / "generate.py"
 HAND_WRITTEN = {"__init__.py"}
@@ -100,9 +93,7 @@ def test_imports_side_by_side_with_tritonclient_in_this_process() -> None:
 
 @pytest.mark.parametrize("ours_first", [True, False], ids=["modeldock-first", "tritonclient-first"])
 def test_imports_side_by_side_with_tritonclient_in_a_fresh_process(ours_first: bool) -> None:
-    ours = (
-        "from server.protocol.generated import grpc_service_pb2 as ours, grpc_service_pb2_grpc, model_config_pb2\n"
-    )
+    ours = "from server.protocol.generated import grpc_service_pb2 as ours, grpc_service_pb2_grpc, model_config_pb2\n"
     theirs = "import tritonclient.grpc\nfrom tritonclient.grpc import service_pb2 as theirs, model_config_pb2 as tmc\n"
     check = textwrap.dedent(
         """

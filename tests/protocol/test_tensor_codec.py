@@ -105,7 +105,11 @@ def test_decode_mixed_json_and_binary_inputs() -> None:
     ("header", "extra", "message"),
     [
         ({"inputs": []}, b"", "non-empty 'inputs'"),
-        ({"inputs": [{"name": "A", "shape": [1], "datatype": "FP33", "data": [1]}]}, b"", "input 'A': unknown datatype"),
+        (
+            {"inputs": [{"name": "A", "shape": [1], "datatype": "FP33", "data": [1]}]},
+            b"",
+            "input 'A': unknown datatype",
+        ),
         ({"inputs": [{"name": "A", "shape": [1], "datatype": "FP32"}]}, b"", "input 'A' has neither"),
         ({"inputs": [{"name": "A", "shape": [-1], "datatype": "FP32", "data": []}]}, b"", "negative dimension"),
         (
