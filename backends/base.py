@@ -10,10 +10,13 @@ backend that is importable but not installed as a distribution.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 from typing import ClassVar
 
 import numpy as np
@@ -90,3 +93,25 @@ def backend_class(name: str) -> type[Backend]:
     if not (isinstance(cls, type) and issubclass(cls, Backend)):
         raise ModelLoadError(f"backend '{name}': {target} is not a Backend subclass")
     return cls
+
+
+def import_user_module(path: Path, module_name: str) -> ModuleType:
+    """Import a user's ``model.py`` from a version folder under a name unique to that model version.
+
+    The unique name keeps two models (or two versions) that both ship ``model.py`` from replacing each other in
+    ``sys.modules``; the version folder goes on the path so ``model.py`` can import modules shipped beside it.
+    """
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: model file not found")
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"{path}: cannot be imported as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: importing it failed: {type(exc).__name__}: {exc}") from None
+    return module

@@ -277,6 +277,25 @@ class ModelConfig(_Strict):
                 data = {**data, "backend": backend}
         return data
 
+    def int_parameter(self, key: str, minimum: int = 0) -> int | None:
+        """A backend option from ``parameters`` as an integer; None when absent."""
+        if key not in self.parameters:
+            return None
+        try:
+            value = int(self.parameters[key])
+        except ValueError:
+            raise ConfigError(f"model '{self.name}': field 'parameters.{key}': expected an integer") from None
+        if value < minimum:
+            raise ConfigError(f"model '{self.name}': field 'parameters.{key}': must be >= {minimum}")
+        return value
+
+    def bool_parameter(self, key: str, default: bool = False) -> bool:
+        """A backend option from ``parameters`` as a flag (true/false, 1/0, yes/no)."""
+        value = self.parameters.get(key, str(default)).strip().lower()
+        if value not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"model '{self.name}': field 'parameters.{key}': expected true or false, got '{value}'")
+        return value in ("true", "1", "yes")
+
     def input_by_name(self, name: str) -> TensorConfig | None:
         return next((t for t in self.input if t.name == name), None)
 

@@ -44,24 +44,12 @@ _OPT_LEVELS = {
 }
 
 
-def _int_parameter(config: ModelConfig, key: str) -> int | None:
-    if key not in config.parameters:
-        return None
-    try:
-        value = int(config.parameters[key])
-    except ValueError:
-        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': expected an integer") from None
-    if value < 0:
-        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': must be >= 0")
-    return value
-
-
 def session_options(config: ModelConfig) -> ort.SessionOptions:
     options = ort.SessionOptions()
-    intra = _int_parameter(config, "intra_op_thread_count")
+    intra = config.int_parameter("intra_op_thread_count")
     if intra is not None:
         options.intra_op_num_threads = intra
-    inter = _int_parameter(config, "inter_op_thread_count")
+    inter = config.int_parameter("inter_op_thread_count")
     if inter is not None:
         options.inter_op_num_threads = inter
     level = config.parameters.get("graph_optimization_level")
@@ -79,8 +67,7 @@ def session_options(config: ModelConfig) -> ort.SessionOptions:
         options.execution_mode = (
             ort.ExecutionMode.ORT_PARALLEL if mode.lower() == "parallel" else ort.ExecutionMode.ORT_SEQUENTIAL
         )
-    if config.parameters.get("enable_mem_pattern", "").lower() == "false":
-        options.enable_mem_pattern = False
+    options.enable_mem_pattern = config.bool_parameter("enable_mem_pattern", default=True)
     return options
 
 

@@ -25,10 +25,8 @@ which receives the config as Triton JSON and returns it completed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import multiprocessing
-import sys
 from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -38,7 +36,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import Backend
+from backends.base import Backend, import_user_module
 from server.config import ModelConfig, parse_model_config
 from server.devices import Device
 from server.errors import BackendError, ConfigError, ModelLoadError
@@ -61,22 +59,7 @@ class InferenceRequest:
 
 
 def _load_module(path: Path, model_name: str) -> ModuleType:
-    if not path.is_file():
-        raise ModelLoadError(f"{path}: model file not found")
-    # The version folder goes on the path so model.py can import modules shipped next to it.
-    if str(path.parent) not in sys.path:
-        sys.path.insert(0, str(path.parent))
-    module_name = f"modeldock_python_model_{model_name}_{path.parent.name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelLoadError(f"{path}: cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: importing it failed: {type(exc).__name__}: {exc}") from None
-    return module
+    return import_user_module(path, f"modeldock_python_model_{model_name}_{path.parent.name}")
 
 
 def _model_class(module: ModuleType, path: Path, config: ModelConfig) -> type:

@@ -24,11 +24,9 @@ through), ``module_class`` and ``module_kwargs`` for eager modules.
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import json
 import re
-import sys
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -37,7 +35,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from backends.base import Backend
+from backends.base import Backend, import_user_module
 from server.config import ModelConfig, TensorConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
@@ -82,31 +80,12 @@ def positional_indices(names: list[str]) -> list[int] | None:
     return [int(m.group(1)) for m in matches if m]
 
 
-def _bool_parameter(config: ModelConfig, key: str) -> bool:
-    value = config.parameters.get(key, "false").strip().lower()
-    if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': expected true or false, got '{value}'")
-    return value in ("true", "1", "yes")
-
-
-def _int_parameter(config: ModelConfig, key: str) -> int | None:
-    if key not in config.parameters:
-        return None
-    try:
-        value = int(config.parameters[key])
-    except ValueError:
-        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': expected an integer") from None
-    if value < 1:
-        raise ConfigError(f"model '{config.name}': field 'parameters.{key}': must be >= 1")
-    return value
-
-
 def _set_threads(config: ModelConfig) -> None:
     """Torch's thread pools are per process, so the last model loaded with these parameters sets them."""
-    intra = _int_parameter(config, "intra_op_thread_count")
+    intra = config.int_parameter("intra_op_thread_count", minimum=1)
     if intra is not None:
         torch.set_num_threads(intra)
-    inter = _int_parameter(config, "inter_op_thread_count")
+    inter = config.int_parameter("inter_op_thread_count", minimum=1)
     if inter is not None and torch.get_num_interop_threads() != inter:
         try:
             torch.set_num_interop_threads(inter)
@@ -116,15 +95,7 @@ def _set_threads(config: ModelConfig) -> None:
 
 def _load_eager(path: Path, config: ModelConfig) -> torch.nn.Module:
     module_name = f"modeldock_torch_model_{config.name}_{path.parent.name}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelLoadError(f"{path}: cannot be imported as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        raise ModelLoadError(f"{path}: importing it failed: {type(exc).__name__}: {exc}") from None
+    module = import_user_module(path, module_name)
     chosen = config.parameters.get("module_class")
     if chosen:
         cls = getattr(module, chosen, None)
@@ -216,14 +187,14 @@ class PyTorchBackend(Backend):
             except Exception as exc:
                 raise ModelLoadError(f"{path}: torch.jit.load cannot load it as TorchScript: {exc}") from None
             arg_names = [a.name for a in module.forward.schema.arguments[1:]]
-            if _bool_parameter(config, "torch_compile"):
+            if config.bool_parameter("torch_compile"):
                 raise ConfigError(
                     f"model '{config.name}': field 'parameters.torch_compile': not supported for TorchScript "
                     "(use a torch.export model.pt2 or an eager model.py)"
                 )
         self._input_order = self._order_inputs(arg_names)
         self.module: Callable[..., Any] = module
-        if _bool_parameter(config, "torch_compile"):
+        if config.bool_parameter("torch_compile"):
             options: dict[str, Any] = {"backend": config.parameters.get("torch_compile_backend", "inductor")}
             if "torch_compile_mode" in config.parameters:
                 options["mode"] = config.parameters["torch_compile_mode"]
