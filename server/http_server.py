@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
@@ -39,15 +42,68 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
-def create_app(core: InferenceServer) -> FastAPI:
+async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response:
+    body = await request.body()
+    header_length = request.headers.get(HEADER_LENGTH)
+    if header_length is not None and not header_length.isdigit():
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
+    infer_request = decode_request(body, int(header_length) if header_length else None, model, version)
+    response = await core.infer(infer_request)
+    payload, json_length = encode_response(response, infer_request)
+    if json_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+
+
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class HttpFrontEnd:
+    """The ASGI application: ``POST .../infer`` is answered here, every other route by FastAPI.
+
+    Inference is the one hot route. FastAPI's middleware stack and parameter machinery cost about as much CPU per
+    request as decoding and encoding a small request's tensors, so the infer path is matched before that stack;
+    the error mapping is the same as FastAPI's handlers below.
+    """
+
+    def __init__(self, core: InferenceServer, api: FastAPI) -> None:
+        self.core = core
+        self.api = api
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = _INFER_PATH.fullmatch(scope["path"])
+            if match is not None:
+                try:
+                    response = await _infer(self.core, Request(scope, receive), match[1], match[2] or "")
+                except ModelDockError as exc:
+                    response = _error_response(exc)
+                except Exception as exc:  # a server bug: answer it as one, keep the connection usable
+                    log.exception("inference request failed")
+                    response = _error(500, f"internal error: {type(exc).__name__}: {exc}")
+                await response(scope, receive, send)
+                return
+        await self.api(scope, receive, send)
+
+
+def _error_response(exc: ModelDockError) -> Response:
+    if exc.http_status >= 500:
+        log.warning("request failed: %s", exc.message)
+    return _error(exc.http_status, exc.message)
+
+
+def create_app(core: InferenceServer) -> HttpFrontEnd:
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
 
     @app.exception_handler(ModelDockError)
     async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:
-        if exc.http_status >= 500:
-            log.warning("request failed: %s", exc.message)
-        return _error(exc.http_status, exc.message)
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown routes and wrong methods answer in the protocol's error shape too.
+        return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -91,21 +147,6 @@ def create_app(core: InferenceServer) -> FastAPI:
     async def model_config(model: str, version: str = "") -> Response:
         return _json(core.model_config(model, version))
 
-    @app.post("/v2/models/{model}/infer")
-    @app.post("/v2/models/{model}/versions/{version}/infer")
-    async def infer(model: str, request: Request, version: str = "") -> Response:
-        body = await request.body()
-        header_length = request.headers.get(HEADER_LENGTH)
-        if header_length is not None:
-            if not header_length.isdigit():
-                raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
-        infer_request = decode_request(body, int(header_length) if header_length else None, model, version)
-        response = await core.infer(infer_request)
-        payload, json_length = encode_response(response, infer_request)
-        headers = {HEADER_LENGTH: str(json_length)} if json_length is not None else None
-        media_type = "application/octet-stream" if json_length is not None else "application/json"
-        return Response(payload, media_type=media_type, headers=headers)
-
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
         body = await _json_body(request)
@@ -135,4 +176,4 @@ def create_app(core: InferenceServer) -> FastAPI:
         await core.unload_model(model)
         return Response(status_code=200)
 
-    return app
+    return HttpFrontEnd(core, app)
