@@ -227,3 +227,12 @@ def test_broken_models_do_not_take_the_server_down(start_server: Callable[..., S
     inputs[1].set_data_from_numpy(a)
     np.testing.assert_array_equal(client.infer("simple", inputs).as_numpy("OUTPUT0"), a * 2)
     assert "bad_config" in server.log() and "max_batch_sise" in server.log()
+
+
+def test_unknown_routes_answer_in_protocol_error_shape(server: ServerProcess) -> None:
+    response = httpx.get(f"{server.url}/v2/no/such/route")
+    assert response.status_code == 404
+    assert response.json() == {"error": "Not Found"}
+    response = httpx.post(f"{server.url}/v2/models/simple/versions/1/infer", content=b"[]")
+    assert response.status_code == 400
+    assert response.json() == {"error": "request body must be a JSON object"}
