@@ -60,6 +60,9 @@ class DynamicBatcher(Scheduler):
         self._ragged = {t.name for t in config.input if t.allow_ragged_batch}
         self._arrived = asyncio.Event()
         self._dispatcher_started = False
+        # With preserve_ordering, the delivery of the batch started last: the next batch's responses wait for it.
+        self._preserve_ordering = settings.preserve_ordering
+        self._last_delivery: asyncio.Future[None] | None = None
 
     # -- accepting requests -------------------------------------------------------------------------------
     def enqueue(self, pending: PendingRequest) -> None:
@@ -128,7 +131,7 @@ class DynamicBatcher(Scheduler):
             if not batch:
                 self.pool.release(instance)
                 continue
-            self._spawn(self._run_on(instance, batch))
+            self._spawn(self._run_on(instance, batch, self._next_delivery()))
 
     async def _acquire_instance(self) -> ModelInstance | None:
         """An idle instance, or None if the queue emptied (timeouts) while waiting for one."""
@@ -168,11 +171,38 @@ class DynamicBatcher(Scheduler):
             except TimeoutError:
                 pass
 
-    async def _run_on(self, instance: ModelInstance, batch: list[QueuedRequest]) -> None:
+    def _next_delivery(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None] | None]:
+        """The (previous, own) delivery futures of a batch about to start; (None, None) without preserve_ordering.
+
+        Instances finish in any order; Triton's ``preserve_ordering`` promises responses in the order the requests
+        were scheduled, so each batch hands its responses out only after the batch before it has.
+        """
+        if not self._preserve_ordering:
+            return None, None
+        previous = self._last_delivery
+        own: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_delivery = own
+        return previous, own
+
+    async def _run_on(
+        self,
+        instance: ModelInstance,
+        batch: list[QueuedRequest],
+        delivery: tuple[asyncio.Future[None] | None, asyncio.Future[None] | None],
+    ) -> None:
+        previous, own = delivery
+        pending = [entry.pending for entry in batch]
         try:
-            await self._execute_on(instance, [entry.pending for entry in batch])
+            try:
+                outcome = await self._execute_on(instance, pending)
+            finally:
+                self.pool.release(instance)
+            if previous is not None:
+                await asyncio.shield(previous)
+            self._deliver(pending, outcome)
         finally:
-            self.pool.release(instance)
+            if own is not None:
+                own.set_result(None)
 
     # -- queue bookkeeping --------------------------------------------------------------------------------
     def _head(self) -> QueuedRequest | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -66,7 +67,12 @@ class ServedVersion:
         self.retired = False
 
     async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        validate_request(self.config, request)
+        try:
+            validate_request(self.config, request)
+        except InvalidInput:
+            # Counted as a failed inference, as Triton does, so a client sending bad tensors shows on the dashboards.
+            self.scheduler.stats.record_failure([time.monotonic_ns()])
+            raise
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
         pending = self.scheduler.submit(request)

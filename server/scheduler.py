@@ -10,6 +10,7 @@ import asyncio
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -64,6 +65,15 @@ class PendingRequest:
             yield item
 
 
+@dataclass(slots=True)
+class BatchOutcome:
+    """A batch's responses, or the error that fails all of it, with its (start, merged, executed, split) times."""
+
+    responses: list[InferResponse]
+    error: ModelDockError | None
+    marks_ns: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
 class Scheduler(ABC):
     """Owns a model version's queue and decides which requests run together on which instance."""
 
@@ -107,11 +117,13 @@ class Scheduler(ABC):
         """Run requests as one batch on the next idle instance and give each its own slice of the outputs."""
         instance = await self.pool.acquire()
         try:
-            await self._execute_on(instance, batch)
+            outcome = await self._execute_on(instance, batch)
         finally:
             self.pool.release(instance)
+        self._deliver(batch, outcome)
 
-    async def _execute_on(self, instance: ModelInstance, batch: list[PendingRequest]) -> None:
+    async def _execute_on(self, instance: ModelInstance, batch: list[PendingRequest]) -> BatchOutcome:
+        """Run one batch; delivery is separate so a scheduler can free the instance before responses go out."""
         start = time.monotonic_ns()
         self.stats.dequeued(len(batch))
         try:
@@ -121,15 +133,20 @@ class Scheduler(ABC):
             outputs = await instance.execute(inputs, output_names)
             executed = time.monotonic_ns()
             responses = split_outputs(self.config, self.version, batch, outputs)
-            finished = time.monotonic_ns()
-            for pending, response in zip(batch, responses, strict=True):
-                pending.send(response)
-            timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
-            self.stats.record_batch(timings, start, merged, executed, finished)
+            return BatchOutcome(responses, None, (start, merged, executed, time.monotonic_ns()))
         except ModelDockError as exc:
-            self._fail_batch(batch, exc)
+            return BatchOutcome([], exc)
         except Exception as exc:  # a backend bug fails this batch, not the server
-            self._fail_batch(batch, BackendError(f"model '{self.config.name}': {type(exc).__name__}: {exc}"))
+            return BatchOutcome([], BackendError(f"model '{self.config.name}': {type(exc).__name__}: {exc}"))
+
+    def _deliver(self, batch: list[PendingRequest], outcome: BatchOutcome) -> None:
+        if outcome.error is not None:
+            self._fail_batch(batch, outcome.error)
+            return
+        for pending, response in zip(batch, outcome.responses, strict=True):
+            pending.send(response)
+        timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
+        self.stats.record_batch(timings, *outcome.marks_ns)
 
     def _fail_batch(self, batch: list[PendingRequest], error: ModelDockError) -> None:
         for pending in batch:

@@ -18,15 +18,20 @@ from server.devices import Device
 
 
 class SleepBackend(Backend):
-    """Sleeps ``parameters.sleep_ms`` per batch (releasing the GIL, as real backends do) and returns 2 * INPUT."""
+    """Sleeps ``parameters.sleep_ms`` per batch (releasing the GIL, as real backends do) and returns 2 * INPUT.
+
+    With ``parameters.sleep_from_input: true`` a batch sleeps as many milliseconds as its first input value, so a
+    test can make one batch outlast another.
+    """
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)
         self.sleep_s = float(config.parameters.get("sleep_ms", "0")) / 1000
+        self.sleep_from_input = config.bool_parameter("sleep_from_input", False)
         # Shape of INPUT in every executed batch, in execution order.
         self.batches: list[tuple[int, ...]] = []
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         self.batches.append(tuple(inputs["INPUT"].shape))
-        time.sleep(self.sleep_s)
+        time.sleep(float(inputs["INPUT"].flat[0]) / 1000 if self.sleep_from_input else self.sleep_s)
         return {"OUTPUT": inputs["INPUT"] * 2}

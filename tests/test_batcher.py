@@ -21,7 +21,13 @@ from tests.slow_backend import SleepBackend
 
 
 def model_config(
-    *, sleep_ms: int = 0, instances: int = 1, max_batch_size: int = 8, dims: list[int] | None = None, **batching: Any
+    *,
+    sleep_ms: int = 0,
+    sleep_from_input: bool = False,
+    instances: int = 1,
+    max_batch_size: int = 8,
+    dims: list[int] | None = None,
+    **batching: Any,
 ) -> ModelConfig:
     data = {
         "backend": "tests.slow_backend:SleepBackend",
@@ -30,7 +36,7 @@ def model_config(
         "output": [{"name": "OUTPUT", "data_type": "TYPE_FP32", "dims": dims or [4]}],
         "instance_group": [{"count": instances, "kind": "KIND_CPU"}],
         "dynamic_batching": batching,
-        "parameters": {"sleep_ms": sleep_ms},
+        "parameters": {"sleep_ms": sleep_ms, "sleep_from_input": sleep_from_input},
     }
     return parse_model_config(data, "test config", "sleepy")
 
@@ -201,6 +207,24 @@ async def test_instances_run_in_parallel(tmp_path: Path) -> None:
     begin = time.monotonic()
     await asyncio.gather(result(batcher.submit(request(1))), result(batcher.submit(request(2))))
     assert time.monotonic() - begin < 0.5
+    await batcher.close()
+
+
+@pytest.mark.parametrize("preserve_ordering", [False, True])
+async def test_preserve_ordering_holds_a_fast_batch_behind_a_slow_one(tmp_path: Path, preserve_ordering: bool) -> None:
+    config = model_config(sleep_from_input=True, instances=2, max_batch_size=1, preserve_ordering=preserve_ordering)
+    batcher = make_batcher(tmp_path, config)
+    answered: list[float] = []
+
+    async def send(value: float) -> None:
+        output = await result(batcher.submit(request(value)))
+        answered.append(float(output[0, 0]) / 2)
+
+    slow = asyncio.ensure_future(send(300))  # sleeps 300 ms on one instance
+    await asyncio.sleep(0.02)
+    await asyncio.gather(slow, send(10))  # sleeps 10 ms on the other
+    assert answered == ([300, 10] if preserve_ordering else [10, 300])
+    assert [len(i.backend.batches) for i in batcher.pool.instances] == [1, 1]  # type: ignore[attr-defined]
     await batcher.close()
 
 

@@ -7,11 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT, ServerProcess
-
-HAS_GRPC = (ROOT / "server" / "grpc_server.py").exists()
 
 
 def run_perf(protocol: str, url: str, out: Path) -> None:
@@ -56,9 +52,8 @@ def test_perf_over_http_writes_csv_and_plot(server: ServerProcess, tmp_path: Pat
     run_perf("http", server.url.removeprefix("http://"), tmp_path)
 
 
-@pytest.mark.skipif(not HAS_GRPC, reason="this checkout has no gRPC front end")
 def test_perf_over_grpc(server: ServerProcess, tmp_path: Path) -> None:
-    run_perf("grpc", f"127.0.0.1:{server.grpc_port}", tmp_path)  # type: ignore[attr-defined]
+    run_perf("grpc", f"127.0.0.1:{server.grpc_port}", tmp_path)
 
 
 def test_perf_rejects_bad_concurrency(server: ServerProcess) -> None:

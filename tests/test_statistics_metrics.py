@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import ServerProcess
 
 SENT = 5
-HAS_GRPC = (ROOT / "server" / "grpc_server.py").exists()
+# Requests the server turns away with 400 (a wrong shape): Triton counts them as failed inferences.
+REJECTED = 2
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,10 @@ def counted_server(start_server: Callable[..., ServerProcess], bundled_repositor
             inputs.append(tensor)
         client.infer("simple", inputs)
     client.close()
+    for _ in range(REJECTED):
+        bad = {"inputs": [{"name": "features", "shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}
+        reply = httpx.post(server.url + "/v2/models/mlp_classifier/infer", json=bad)
+        assert reply.status_code == 400, reply.text
     return server
 
 
@@ -66,6 +71,8 @@ def test_http_statistics(counted_server: ServerProcess) -> None:
     by_name = {s["name"]: s for s in everything}
     assert set(by_name) == {"simple", "mlp_classifier", "torch_mlp", "text_preprocessor"}
     assert by_name["mlp_classifier"]["inference_count"] == 0
+    assert by_name["mlp_classifier"]["inference_stats"]["fail"]["count"] == REJECTED
+    assert by_name["mlp_classifier"]["inference_stats"]["success"]["count"] == 0
     assert "statistics" in httpx.get(counted_server.url + "/v2").json()["extensions"]
 
 
@@ -97,6 +104,7 @@ def test_metrics_on_http_and_metrics_port(counted_server: ServerProcess) -> None
         assert metric(text, "nv_inference_compute_infer_duration_us", "simple") > 0
         assert metric(text, "nv_inference_request_duration_us", "simple") > 0
         assert metric(text, "nv_inference_count", "mlp_classifier") == 0
+        assert metric(text, "nv_inference_request_failure", "mlp_classifier") == REJECTED
         # Triton's names exactly: counters typed as such, with no ``_total`` suffix anywhere.
         assert "# TYPE nv_inference_count counter" in text
         assert "# TYPE nv_inference_pending_request_count gauge" in text
@@ -104,11 +112,10 @@ def test_metrics_on_http_and_metrics_port(counted_server: ServerProcess) -> None
         assert re.search(r'^modeldock_inference_batch_size_count{model="simple",version="1"} 5\.0$', text, re.M)
 
 
-@pytest.mark.skipif(not HAS_GRPC, reason="this checkout has no gRPC front end")
 def test_grpc_statistics(counted_server: ServerProcess) -> None:
     import tritonclient.grpc as grpcclient
 
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{counted_server.grpc_port}")  # type: ignore[attr-defined]
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{counted_server.grpc_port}")
     try:
         [stats] = client.get_inference_statistics("simple", as_json=True)["model_stats"]
     finally:
