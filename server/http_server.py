@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gzip
 import logging
 import re
+import zlib
 from typing import Any
 
 import orjson
@@ -42,17 +44,64 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
+def _decompressed(body: bytes, content_encoding: str | None) -> bytes:
+    """Triton's HTTP compression: tritonclient's ``request_compression_algorithm`` sends gzip or deflate bodies.
+
+    ``Inference-Header-Content-Length`` counts the uncompressed body, so decompression comes before the codec.
+    """
+    encoding = (content_encoding or "identity").strip().lower()
+    try:
+        if encoding == "identity":
+            return body
+        if encoding in ("gzip", "x-gzip"):
+            return gzip.decompress(body)
+        if encoding == "deflate":
+            return zlib.decompress(body)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
+    raise Unsupported(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or an uncompressed body")
+
+
+def _response_encoding(accept_encoding: str | None) -> str | None:
+    """The first of gzip/deflate the client accepts (``q=0`` refuses), or None for an uncompressed response."""
+    if not accept_encoding:
+        return None
+    accepted: list[str] = []
+    for item in accept_encoding.lower().split(","):
+        name, *params = (part.strip() for part in item.split(";"))
+        if not any(param.startswith("q=") and _is_zero(param[2:]) for param in params):
+            accepted.append(name)
+    return next((name for name in ("gzip", "deflate") if name in accepted), None)
+
+
+def _is_zero(quality: str) -> bool:
+    try:
+        return float(quality) == 0
+    except ValueError:
+        return False
+
+
+def _compressed(payload: bytes, encoding: str | None) -> tuple[bytes, dict[str, str]]:
+    if encoding == "gzip":
+        return gzip.compress(payload, compresslevel=6), {"Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+    if encoding == "deflate":
+        return zlib.compress(payload), {"Content-Encoding": "deflate", "Vary": "Accept-Encoding"}
+    return payload, {}
+
+
 async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response:
-    body = await request.body()
+    body = _decompressed(await request.body(), request.headers.get("content-encoding"))
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None and not header_length.isdigit():
         raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
     infer_request = decode_request(body, int(header_length) if header_length else None, model, version)
     response = await core.infer(infer_request)
     payload, json_length = encode_response(response, infer_request)
+    payload, headers = _compressed(payload, _response_encoding(request.headers.get("accept-encoding")))
     if json_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(payload, media_type="application/octet-stream", headers={HEADER_LENGTH: str(json_length)})
+        return Response(payload, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(json_length)
+    return Response(payload, media_type="application/octet-stream", headers=headers)
 
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")

@@ -228,6 +228,13 @@ def test_infer_raw_contents(client: triton_grpc.InferenceServerClient) -> None:
     np.testing.assert_array_equal(only.as_numpy("OUTPUT1"), a - b)
 
 
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_compressed_infer(client: triton_grpc.InferenceServerClient, algorithm: str) -> None:
+    a, b = RNG.standard_normal((2, 16)).astype(np.float32), RNG.standard_normal((2, 16)).astype(np.float32)
+    result = client.infer("simple", simple_inputs(a, b), compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+
+
 @pytest.mark.parametrize("datatype", list(IDENTITY_TYPES))
 def test_every_datatype_round_trips_raw(client: triton_grpc.InferenceServerClient, datatype: str) -> None:
     data = sample(datatype)

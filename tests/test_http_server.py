@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import onnxruntime as ort
+import orjson
 import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
@@ -87,6 +89,50 @@ def test_mlp_matches_onnxruntime(client: httpclient.InferenceServerClient) -> No
     np.testing.assert_allclose(result.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(result.as_numpy("probabilities"), probabilities, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(result.as_numpy("probabilities").sum(axis=1), np.ones(5), rtol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+@pytest.mark.parametrize("binary", [False, True])
+def test_compressed_requests_and_responses(
+    client: httpclient.InferenceServerClient, algorithm: str, binary: bool
+) -> None:
+    features = np.random.default_rng(7).standard_normal((3, 256)).astype(np.float32)
+    infer_input = httpclient.InferInput("features", list(features.shape), "FP32")
+    infer_input.set_data_from_numpy(features, binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput("logits", binary_data=binary)]
+    result = client.infer(
+        "mlp_classifier",
+        [infer_input],
+        outputs=outputs,
+        request_compression_algorithm=algorithm,
+        response_compression_algorithm=algorithm,
+    )
+    np.testing.assert_allclose(result.as_numpy("logits"), mlp_reference(features)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_compression_headers_and_errors(server: ServerProcess) -> None:
+    body = orjson.dumps(
+        {
+            "inputs": [
+                {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": list(range(16))},
+                {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": [1] * 16},
+            ]
+        }
+    )
+    url = server.url + "/v2/models/simple/infer"
+    reply = httpx.post(
+        url, content=gzip.compress(body), headers={"Content-Encoding": "gzip", "Accept-Encoding": "gzip"}
+    )
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-encoding"] == "gzip"  # httpx has already decompressed reply.content
+    output0 = next(o for o in reply.json()["outputs"] if o["name"] == "OUTPUT0")
+    assert output0["data"] == [float(i + 1) for i in range(16)]
+    refused = httpx.post(url, content=body, headers={"Accept-Encoding": "gzip;q=0, identity"})
+    assert refused.status_code == 200 and "content-encoding" not in refused.headers
+    broken = httpx.post(url, content=b"not gzip at all", headers={"Content-Encoding": "gzip"})
+    assert broken.status_code == 400 and "gzip" in broken.json()["error"]
+    brotli = httpx.post(url, content=body, headers={"Content-Encoding": "br"})
+    assert brotli.status_code == 400 and "'br'" in brotli.json()["error"]
 
 
 def test_binary_data_output_for_all_outputs(server: ServerProcess) -> None:
