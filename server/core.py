@@ -19,6 +19,7 @@ from server.validation import expected_shape
 
 SERVER_NAME = "modeldock"
 EXTENSIONS = [
+    "classification",
     "binary_tensor_data",
     "model_configuration",
     "model_repository",

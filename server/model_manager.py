@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, backend_class
+from server import classification
 from server.batcher import DynamicBatcher
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.dispatcher import InstancePool
@@ -56,11 +57,13 @@ class ServedVersion:
         backend_cls: type[Backend],
         pool: InstancePool,
         stats: ModelStats | None = None,
+        labels: dict[str, list[str]] | None = None,
     ) -> None:
         self.config = config
         self.version = version
         self.backend_cls = backend_cls
         self.pool = pool
+        self.labels = labels or {}
         self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
         # swap is resubmitted to the replacement instead of failing.
@@ -76,7 +79,10 @@ class ServedVersion:
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
         pending = self.scheduler.submit(request)
+        classifies = any(classification.PARAMETER in o.parameters for o in request.outputs)
         async for response in pending.responses():
+            if classifies:
+                classification.classify_response(self.config, request, response, self.labels)
             yield response
 
     async def infer(self, request: InferRequest) -> InferResponse:
@@ -148,6 +154,7 @@ class ModelManager:
                 record.state = ModelState.LOADING
             try:
                 config, backend_cls, selected = await asyncio.to_thread(prepare_model, location.path, config_override)
+                labels = await asyncio.to_thread(classification.load_labels, config, location.path)
             except ModelDockError as exc:
                 self._fail(record, str(exc))
                 raise
@@ -169,7 +176,7 @@ class ModelManager:
                     failures[version] = f"{type(exc).__name__}: {exc}"
                     continue
                 stats = self.statistics.for_version(name, str(version))
-                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances), stats)
+                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances), stats, labels)
 
             if not new:
                 reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import Backend, backend_class
+from server.classification import load_labels
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from server.errors import ModelDockError
 from server.repository import MODEL_FILE_BACKENDS, ModelRepository, guess_backend, version_dirs
@@ -86,6 +87,10 @@ def validate_model(model_dir: Path) -> list[Problem]:
     if not config.input or not config.output:
         return [_problem(name, config_path, "field 'input'/'output': not given and the backend cannot infer them")]
 
+    try:
+        load_labels(config, model_dir)
+    except ModelDockError as exc:
+        problems.append(_problem(name, config_path, exc.message))
     for position, sample in enumerate(config.model_warmup):
         try:
             warmup_request(config, sample, model_dir)

@@ -6,6 +6,7 @@ whole batch of other clients' requests inside the backend.
 
 from __future__ import annotations
 
+from server.classification import class_count
 from server.config import ModelConfig, TensorConfig
 from server.errors import InvalidInput
 from server.protocol.types import InferRequest
@@ -66,3 +67,4 @@ def validate_request(config: ModelConfig, request: InferRequest) -> None:
             raise InvalidInput(
                 f"unknown output '{requested.name}' requested from model '{config.name}'; it has {sorted(outputs)}"
             )
+        class_count(config, requested.name, requested.parameters)

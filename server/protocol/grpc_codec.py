@@ -146,8 +146,6 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
         parameters = parameters_to_dict(output.parameters)
         if "shared_memory_region" in parameters:
             raise InvalidInput(f"output '{name}': shared-memory outputs are not supported")
-        if parameters.get("classification"):
-            raise InvalidInput(f"output '{name}': the classification extension is not supported")
         request.outputs.append(RequestedOutput(name, parameters))
     return request
 

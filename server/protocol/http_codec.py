@@ -97,8 +97,6 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
             raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
         if "shared_memory_region" in out_params:
             raise InvalidInput(f"output '{item['name']}': shared-memory outputs are not supported")
-        if out_params.get("classification"):
-            raise InvalidInput(f"output '{item['name']}': the classification extension is not supported")
         request.outputs.append(RequestedOutput(item["name"], dict(out_params)))
     return request
 

@@ -223,13 +223,9 @@ def test_input_without_data() -> None:
         (lambda m: setattr(m.inputs[0], "datatype", "FLOAT"), "unknown datatype 'FLOAT'"),
         (lambda m: m.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
         (lambda m: m.inputs[0].parameters["shared_memory_region"].__setattr__("string_param", "r"), "shared-memory"),
-        (
-            lambda m: m.outputs.add(name="y").parameters["classification"].__setattr__("int64_param", 2),
-            "classification",
-        ),
         (lambda m: (m.outputs.add(name="y"), m.outputs.add(name="y")), "'y' is requested more than once"),
     ],
-    ids=["duplicate", "datatype", "shape", "shared-memory", "classification", "duplicate-output"],
+    ids=["duplicate", "datatype", "shape", "shared-memory", "duplicate-output"],
 )
 def test_malformed_requests(mutate, expected: str) -> None:
     message = pb.ModelInferRequest(model_name="m")
