@@ -35,6 +35,20 @@ class ModelNotFound(ModelDockError):
     grpc_code = grpc.StatusCode.NOT_FOUND
 
 
+class RegionNotFound(ModelDockError):
+    """A status request names a shared memory region that is not registered."""
+
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+
+
+class RegionExists(ModelDockError):
+    """A shared memory region is registered under a name already in use; the old one must be unregistered first."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.ALREADY_EXISTS
+
+
 class ModelNotReady(ModelDockError):
     """The model exists but cannot serve right now (loading, failed, unloading)."""
 
