@@ -15,6 +15,7 @@ from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.protocol.types import InferRequest, InferResponse
+from server.shared_memory import SharedMemoryRegistry
 from server.validation import expected_shape
 
 SERVER_NAME = "modeldock"
@@ -25,6 +26,7 @@ EXTENSIONS = [
     "model_repository",
     "model_repository(unload_dependents)",
     "statistics",
+    "system_shared_memory",
 ]
 
 
@@ -41,6 +43,8 @@ class InferenceServer:
         self.models = models
         self.control_mode = control_mode
         self.metrics = ServerMetrics(models.statistics)
+        # Regions clients registered; the codecs resolve tensors' shared memory parameters against it.
+        self.shared_memory = SharedMemoryRegistry()
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False

@@ -95,7 +95,7 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     # -- inference --------------------------------------------------------------------------------------------
     @_reports_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        infer_request = grpc_codec.decode_request(request)
+        infer_request = grpc_codec.decode_request(request, self.core.shared_memory)
         response = await self.core.infer(infer_request)
         return grpc_codec.encode_response(response, infer_request)
 
@@ -112,7 +112,7 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(message: pb.ModelInferRequest) -> None:
             try:
-                infer_request = grpc_codec.decode_request(message)
+                infer_request = grpc_codec.decode_request(message, self.core.shared_memory)
                 async for response in self.core.stream_infer(infer_request):
                     outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
             except ModelDockError as exc:
@@ -166,15 +166,28 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         await self.core.unload_model(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # -- system shared memory --------------------------------------------------------------------------------
+    @_reports_errors
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        return grpc_codec.shared_memory_status_response(self.core.shared_memory.status(request.name))
+
+    @_reports_errors
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.core.shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    @_reports_errors
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.core.shared_memory.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     # -- extensions this server does not offer --------------------------------------------------------------
-    async def SystemSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("system shared memory", context)
-
-    async def SystemSharedMemoryRegister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("system shared memory", context)
-
-    async def SystemSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("system shared memory", context)
 
     async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _unimplemented("CUDA shared memory", context)

@@ -94,7 +94,8 @@ async def _infer(core: InferenceServer, request: Request, model: str, version: s
     header_length = request.headers.get(HEADER_LENGTH)
     if header_length is not None and not header_length.isdigit():
         raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
-    infer_request = decode_request(body, int(header_length) if header_length else None, model, version)
+    length = int(header_length) if header_length else None
+    infer_request = decode_request(body, length, model, version, core.shared_memory)
     response = await core.infer(infer_request)
     payload, json_length = encode_response(response, infer_request)
     payload, headers = _compressed(payload, _response_encoding(request.headers.get("accept-encoding")))
@@ -224,5 +225,30 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
         await _json_body(request)
         await core.unload_model(model)
         return Response(status_code=200)
+
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{name}/status")
+    async def system_shared_memory_status(name: str = "") -> Response:
+        return _json(core.shared_memory.status(name))
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register")
+    async def register_system_shared_memory(name: str, request: Request) -> Response:
+        body = await _json_body(request)
+        core.shared_memory.register(name, body.get("key"), body.get("offset", 0), body.get("byte_size"))
+        return Response(status_code=200)
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister")
+    async def unregister_system_shared_memory(name: str = "") -> Response:
+        core.shared_memory.unregister(name)
+        return Response(status_code=200)
+
+    @app.get("/v2/cudasharedmemory/status")
+    @app.get("/v2/cudasharedmemory/region/{name}/status")
+    @app.post("/v2/cudasharedmemory/region/{name}/register")
+    @app.post("/v2/cudasharedmemory/unregister")
+    @app.post("/v2/cudasharedmemory/region/{name}/unregister")
+    async def cuda_shared_memory(name: str = "") -> Response:
+        raise Unsupported("CUDA shared memory is not supported by this server; use system shared memory")
 
     return HttpFrontEnd(core, app)

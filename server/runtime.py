@@ -115,4 +115,5 @@ async def serve(settings: ServeSettings) -> None:
             await asyncio.wait_for(http_task, timeout=10)
         # Let in-flight RPCs finish (streams included) before the models they use are unloaded.
         await grpc_server.stop(grace=5)
+        core.shared_memory.unregister_all()
         await manager.close()

@@ -515,7 +515,6 @@ def test_model_not_ready_is_unavailable(client: triton_grpc.InferenceServerClien
 
 def test_extensions_not_offered_are_unimplemented(client: triton_grpc.InferenceServerClient) -> None:
     for call in (
-        client.get_system_shared_memory_status,
         client.get_cuda_shared_memory_status,
         client.get_trace_settings,
         client.get_log_settings,

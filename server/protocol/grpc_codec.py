@@ -3,6 +3,8 @@
 Tensor data goes through ``tensor_codec`` exactly as on HTTP: ``raw_input_contents`` entries are raw buffers
 (``deserialize_raw``), typed ``*_contents`` lists are element lists (``from_list``), and outputs always go back as
 ``raw_output_contents`` (``serialize_raw``), which is what Triton sends and what ``tritonclient.grpc`` reads.
+Tensors in shared memory have no contents; their parameters name the region (``tensor_codec``'s shared memory
+helpers, as on HTTP).
 Everything that is not a tensor (metadata, configs, statistics, the repository index) is converted here too, so
 the servicer only moves messages between the network and ``InferenceServer``.
 """
@@ -20,8 +22,18 @@ from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import model_config_pb2 as config_pb
-from server.protocol.tensor_codec import check_shape, deserialize_raw, element_count, from_list, serialize_raw
+from server.protocol.tensor_codec import (
+    check_shape,
+    deserialize_raw,
+    element_count,
+    from_list,
+    serialize_raw,
+    shared_memory_input,
+    shared_memory_output,
+    write_shared_memory_output,
+)
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+from server.shared_memory import REGION, SharedMemoryRegistry
 
 # The ``InferTensorContents`` list that carries each datatype; FP16 has none and must travel raw.
 CONTENTS_FIELD: dict[str, str] = {
@@ -92,20 +104,25 @@ def _typed_contents(tensor: pb.ModelInferRequest.InferInputTensor, datatype: str
     return list(getattr(tensor.contents, expected))
 
 
-def decode_request(message: pb.ModelInferRequest) -> InferRequest:
+def _check_raw_entries(message: pb.ModelInferRequest) -> None:
+    """One ``raw_input_contents`` entry per input, in order, skipping inputs in shared memory as Triton does."""
+    sent = [tensor for tensor in message.inputs if REGION not in tensor.parameters]
+    raw = message.raw_input_contents
+    if raw and len(raw) != len(sent):
+        if len(raw) < len(sent):
+            raise InvalidInput(
+                f"input '{sent[len(raw)].name}' has no entry in raw_input_contents "
+                f"({len(raw)} entries for {len(sent)} inputs; it needs one per input, in input order)"
+            )
+        raise InvalidInput(f"raw_input_contents has {len(raw)} entries but the request has only {len(sent)} inputs")
+
+
+def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry) -> InferRequest:
     if not message.inputs:
         raise InvalidInput("request must have at least one input")
+    _check_raw_entries(message)
     raw = message.raw_input_contents
-    if raw and len(raw) != len(message.inputs):
-        if len(raw) < len(message.inputs):
-            missing = message.inputs[len(raw)].name
-            raise InvalidInput(
-                f"input '{missing}' has no entry in raw_input_contents "
-                f"({len(raw)} entries for {len(message.inputs)} inputs; it needs one per input, in input order)"
-            )
-        raise InvalidInput(
-            f"raw_input_contents has {len(raw)} entries but the request has only {len(message.inputs)} inputs"
-        )
+    raw_entries = iter(raw)
 
     request = InferRequest(
         model_name=message.model_name,
@@ -125,15 +142,17 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
                 f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(WIRE_DATATYPES)}"
             )
         shape = check_shape(list(tensor.shape), name)
-        if "shared_memory_region" in tensor.parameters:
-            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported")
-        if raw:
+        array = shared_memory_input(shared_memory, parameters_to_dict(tensor.parameters), datatype, shape, name)
+        if array is not None:
+            if tensor.contents.ListFields():
+                raise InvalidInput(f"input '{name}' is in shared memory and must not also carry contents")
+        elif raw:
             if tensor.contents.ListFields():
                 raise InvalidInput(
                     f"input '{name}' has typed contents but the request uses raw_input_contents; "
                     "when raw_input_contents is used, every input must be raw"
                 )
-            array = deserialize_raw(datatype, shape, raw[position], name)
+            array = deserialize_raw(datatype, shape, next(raw_entries), name)
         else:
             array = from_list(datatype, shape, _typed_contents(tensor, datatype, shape), name)
         request.inputs[name] = array
@@ -144,9 +163,7 @@ def decode_request(message: pb.ModelInferRequest) -> InferRequest:
         if any(o.name == name for o in request.outputs):
             raise InvalidInput(f"output '{name}' is requested more than once")
         parameters = parameters_to_dict(output.parameters)
-        if "shared_memory_region" in parameters:
-            raise InvalidInput(f"output '{name}': shared-memory outputs are not supported")
-        request.outputs.append(RequestedOutput(name, parameters))
+        request.outputs.append(RequestedOutput(name, parameters, shared_memory_output(shared_memory, parameters, name)))
     return request
 
 
@@ -158,9 +175,17 @@ def encode_response(response: InferResponse, request: InferRequest | None = None
         id=response.id or (request.id if request is not None else ""),
     )
     fill_parameters(message.parameters, response.parameters)
+    requested = request.outputs if request is not None else []
+    placements = {o.name: o.shared_memory for o in requested if o.shared_memory is not None}
     for name, array in response.outputs.items():
-        message.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
-        message.raw_output_contents.append(serialize_raw(array))
+        output = message.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
+        placement = placements.get(name)
+        if placement is None:
+            message.raw_output_contents.append(serialize_raw(array))
+        else:
+            fill_parameters(output.parameters, write_shared_memory_output(placement, array, name))
+            # An empty entry keeps raw_output_contents one per output, in output order, as Triton sends it.
+            message.raw_output_contents.append(b"")
     return message
 
 
@@ -236,6 +261,14 @@ def repository_index_response(rows: list[Mapping[str, str]]) -> pb.RepositoryInd
             for row in rows
         ]
     )
+
+
+def shared_memory_status_response(regions: list[Mapping[str, Any]]) -> pb.SystemSharedMemoryStatusResponse:
+    """The registry's status rows as Triton's map of region name to its status."""
+    message = pb.SystemSharedMemoryStatusResponse()
+    for row in regions:
+        message.regions[row["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**row))
+    return message
 
 
 def config_override(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, Any] | None:

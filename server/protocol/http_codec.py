@@ -2,7 +2,8 @@
 
 A body is a JSON document, optionally followed by raw tensor bytes; ``Inference-Header-Content-Length`` says where
 the JSON ends. Each binary input carries ``parameters.binary_data_size``; binary outputs are asked for per output
-(``parameters.binary_data``) or for all outputs (request parameter ``binary_data_output``).
+(``parameters.binary_data``) or for all outputs (request parameter ``binary_data_output``). A tensor whose
+parameters name a ``shared_memory_region`` travels in that registered region instead of the body.
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ import orjson
 
 from server.errors import InvalidInput
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
-from server.protocol.tensor_codec import check_shape, deserialize_raw, from_list, is_utf8, serialize_raw, to_list
+from server.protocol.tensor_codec import (
+    check_shape,
+    deserialize_raw,
+    from_list,
+    is_utf8,
+    serialize_raw,
+    shared_memory_input,
+    shared_memory_output,
+    to_list,
+    write_shared_memory_output,
+)
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+from server.shared_memory import SharedMemoryRegistry
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -27,7 +39,9 @@ def _load_json(data: bytes) -> Any:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
 
 
-def decode_request(body: bytes, header_length: int | None, model_name: str, model_version: str) -> InferRequest:
+def decode_request(
+    body: bytes, header_length: int | None, model_name: str, model_version: str, shared_memory: SharedMemoryRegistry
+) -> InferRequest:
     if header_length is None:
         header, binary = _load_json(body), memoryview(b"")
     else:
@@ -63,10 +77,12 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
         item_params = item.get("parameters") or {}
         if not isinstance(item_params, dict):
             raise InvalidInput(f"input '{name}': 'parameters' must be an object")
-        if "shared_memory_region" in item_params:
-            raise InvalidInput(f"input '{name}': shared-memory inputs are not supported")
         size = item_params.get("binary_data_size")
-        if size is not None:
+        array = shared_memory_input(shared_memory, item_params, datatype, shape, name)
+        if array is not None:
+            if size is not None or "data" in item:
+                raise InvalidInput(f"input '{name}' is in shared memory and must not also carry data")
+        elif size is not None:
             if not isinstance(size, int) or size < 0:
                 raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
             if offset + size > len(binary):
@@ -95,9 +111,8 @@ def decode_request(body: bytes, header_length: int | None, model_name: str, mode
         out_params = item.get("parameters") or {}
         if not isinstance(out_params, dict):
             raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
-        if "shared_memory_region" in out_params:
-            raise InvalidInput(f"output '{item['name']}': shared-memory outputs are not supported")
-        request.outputs.append(RequestedOutput(item["name"], dict(out_params)))
+        placement = shared_memory_output(shared_memory, out_params, item["name"])
+        request.outputs.append(RequestedOutput(item["name"], dict(out_params), placement))
     return request
 
 
@@ -105,11 +120,17 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     """The response body and, when any output is binary, the JSON header's length."""
     binary_default = bool(request.parameters.get("binary_data_output", False))
     per_output = {o.name: o.parameters.get("binary_data") for o in request.outputs}
+    placements = {o.name: o.shared_memory for o in request.outputs if o.shared_memory is not None}
 
     header_outputs: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, array in response.outputs.items():
         entry: dict[str, Any] = {"name": name, "datatype": wire_datatype(array), "shape": list(array.shape)}
+        header_outputs.append(entry)
+        placement = placements.get(name)
+        if placement is not None:
+            entry["parameters"] = write_shared_memory_output(placement, array, name)
+            continue
         wanted = per_output.get(name)
         binary = binary_default if wanted is None else bool(wanted)
         if not binary and entry["datatype"] == "BYTES" and not is_utf8(array):
@@ -122,7 +143,6 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
             entry["data"] = to_list(array)
         else:
             entry["data"] = np.ascontiguousarray(array).reshape(-1)
-        header_outputs.append(entry)
 
     header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:

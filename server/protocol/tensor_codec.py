@@ -16,6 +16,7 @@ import numpy as np
 
 from server.errors import InvalidInput
 from server.protocol.datatypes import element_size, numpy_dtype
+from server.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
 
 _LENGTH = struct.Struct("<I")
 
@@ -83,6 +84,40 @@ def serialize_raw(array: np.ndarray) -> bytes:
     if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
         return serialize_bytes_tensor(array)
     return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+
+
+def shared_memory_input(
+    registry: SharedMemoryRegistry, parameters: dict[str, Any], datatype: str, shape: Sequence[int], name: str
+) -> np.ndarray | None:
+    """The input read from the shared memory region its parameters name; None when its data is in the request.
+
+    The region holds exactly what a raw buffer would (BYTES length-prefixed), so it decodes as one.
+    """
+    if REGION not in parameters:
+        return None
+    placement = registry.placement(parameters, f"input '{name}'")
+    if datatype != "BYTES":
+        expected = element_count(shape) * element_size(datatype)
+        if placement.byte_size != expected:
+            raise InvalidInput(
+                f"input '{name}': {BYTE_SIZE} is {placement.byte_size} but {datatype} shape {list(shape)} "
+                f"needs {expected} bytes"
+            )
+    return deserialize_raw(datatype, shape, placement.read(), name)
+
+
+def shared_memory_output(
+    registry: SharedMemoryRegistry, parameters: dict[str, Any], name: str
+) -> TensorPlacement | None:
+    """Where a requested output is to be written, checked before the model runs; None when it is sent back."""
+    return registry.placement(parameters, f"output '{name}'")
+
+
+def write_shared_memory_output(placement: TensorPlacement, array: np.ndarray, name: str) -> dict[str, Any]:
+    """Write an output into its region; the parameters returned stand in for its data in the response."""
+    raw = serialize_raw(array)
+    placement.write(raw, f"output '{name}'")
+    return placement.response_parameters(len(raw))
 
 
 def _flatten(data: Any) -> list[Any]:

@@ -7,9 +7,12 @@ backends (validation, queues, batching, instances) only sees these.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from server.shared_memory import TensorPlacement
 
 
 @dataclass(slots=True)
@@ -17,6 +20,8 @@ class RequestedOutput:
     name: str
     # Protocol parameters such as ``binary_data`` or ``classification``; kept for the encoder.
     parameters: dict[str, Any] = field(default_factory=dict)
+    # Set when the client asked for the output in a shared memory region: the encoder writes it there.
+    shared_memory: TensorPlacement | None = None
 
 
 @dataclass(slots=True)

@@ -20,8 +20,11 @@ from server.protocol import grpc_codec
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.types import InferResponse
+from server.shared_memory import SharedMemoryRegistry
 
 RNG = np.random.default_rng(7)
+# Nothing registered: these tests send every tensor in the message.
+NO_REGIONS = SharedMemoryRegistry()
 
 # One sample per datatype, including the extremes of each integer range.
 SAMPLES: dict[str, np.ndarray] = {
@@ -61,14 +64,14 @@ def _assert_same(actual: np.ndarray, expected: np.ndarray) -> None:
 
 @pytest.mark.parametrize("datatype", TYPED)
 def test_typed_contents_decode_to_the_right_dtype(datatype: str) -> None:
-    request = grpc_codec.decode_request(_request_with(datatype, SAMPLES[datatype], raw=False))
+    request = grpc_codec.decode_request(_request_with(datatype, SAMPLES[datatype], raw=False), NO_REGIONS)
     assert request.input_datatypes == {"x": datatype}
     _assert_same(request.inputs["x"], SAMPLES[datatype])
 
 
 @pytest.mark.parametrize("datatype", list(SAMPLES))
 def test_raw_contents_decode_to_the_right_dtype(datatype: str) -> None:
-    request = grpc_codec.decode_request(_request_with(datatype, SAMPLES[datatype], raw=True))
+    request = grpc_codec.decode_request(_request_with(datatype, SAMPLES[datatype], raw=True), NO_REGIONS)
     _assert_same(request.inputs["x"], SAMPLES[datatype])
 
 
@@ -85,7 +88,7 @@ def test_request_fields_and_parameters_are_kept() -> None:
     wanted.parameters["binary_data"].bool_param = True
     message.outputs.add(name="z")
 
-    request = grpc_codec.decode_request(message)
+    request = grpc_codec.decode_request(message, NO_REGIONS)
     assert (request.model_name, request.model_version, request.id) == ("m", "3", "req-1")
     assert request.parameters == {
         "priority": 2, "sequence_id": 2**64 - 1, "sequence_start": True, "tag": "t", "scale": 0.5,
@@ -111,7 +114,7 @@ def test_response_outputs_are_raw_and_readable_by_tritonclient() -> None:
     outputs = {f"out_{d.lower()}": array for d, array in SAMPLES.items()}
     outputs["text"] = np.array(["a", "bé"], dtype=np.object_)  # backends may return str elements
     response = InferResponse(model_name="m", model_version="2", outputs=outputs, parameters={"n": 1})
-    request = grpc_codec.decode_request(_request_with("FP32", SAMPLES["FP32"], raw=True))
+    request = grpc_codec.decode_request(_request_with("FP32", SAMPLES["FP32"], raw=True), NO_REGIONS)
     message = grpc_codec.encode_response(response, request)
 
     assert (message.model_name, message.model_version, message.id) == ("m", "2", "req-1")
@@ -138,7 +141,7 @@ def test_tritonclients_own_request_decodes() -> None:
         outputs=[triton_grpc.InferRequestedOutput("o")], sequence_id=0, sequence_start=False, sequence_end=False,
         priority=0, timeout=None, parameters=None,
     )  # fmt: skip
-    request = grpc_codec.decode_request(pb.ModelInferRequest.FromString(theirs.SerializeToString()))
+    request = grpc_codec.decode_request(pb.ModelInferRequest.FromString(theirs.SerializeToString()), NO_REGIONS)
     assert request.id == "r9" and [o.name for o in request.outputs] == ["o"]
     _assert_same(request.inputs["a"], a)
     _assert_same(request.inputs["t"], text)
@@ -154,7 +157,7 @@ def _two_raw_inputs() -> pb.ModelInferRequest:
 
 def _error(message: pb.ModelInferRequest) -> str:
     with pytest.raises(InvalidInput) as info:
-        grpc_codec.decode_request(message)
+        grpc_codec.decode_request(message, NO_REGIONS)
     return info.value.message
 
 
@@ -213,7 +216,12 @@ def test_input_without_data() -> None:
     assert "'x' has no data" in _error(message)
     empty = pb.ModelInferRequest(model_name="m")
     empty.inputs.add(name="x", datatype="FP32", shape=[0, 3])
-    assert grpc_codec.decode_request(empty).inputs["x"].shape == (0, 3)
+    assert grpc_codec.decode_request(empty, NO_REGIONS).inputs["x"].shape == (0, 3)
+
+
+def _in_region_r(message: pb.ModelInferRequest) -> None:
+    message.inputs[0].parameters["shared_memory_region"].string_param = "r"
+    message.inputs[0].parameters["shared_memory_byte_size"].int64_param = 4
 
 
 @pytest.mark.parametrize(
@@ -222,10 +230,11 @@ def test_input_without_data() -> None:
         (lambda m: m.inputs.add(name="x", datatype="FP32", shape=[1]), "'x' appears more than once"),
         (lambda m: setattr(m.inputs[0], "datatype", "FLOAT"), "unknown datatype 'FLOAT'"),
         (lambda m: m.inputs[0].shape.__setitem__(0, -1), "negative dimension"),
-        (lambda m: m.inputs[0].parameters["shared_memory_region"].__setattr__("string_param", "r"), "shared-memory"),
+        (lambda m: m.inputs[0].parameters["shared_memory_region"].__setattr__("string_param", "r"), "byte_size"),
+        (_in_region_r, "input 'x': shared memory region 'r' is not registered"),
         (lambda m: (m.outputs.add(name="y"), m.outputs.add(name="y")), "'y' is requested more than once"),
     ],
-    ids=["duplicate", "datatype", "shape", "shared-memory", "duplicate-output"],
+    ids=["duplicate", "datatype", "shape", "shared-memory-size", "unregistered-region", "duplicate-output"],
 )
 def test_malformed_requests(mutate, expected: str) -> None:
     message = pb.ModelInferRequest(model_name="m")
@@ -240,11 +249,11 @@ def test_no_inputs() -> None:
 
 def test_stream_responses_flag_the_final_one_when_asked() -> None:
     message = _request_with("FP32", SAMPLES["FP32"], raw=True)
-    plain = grpc_codec.decode_request(message)
+    plain = grpc_codec.decode_request(message, NO_REGIONS)
     response = InferResponse(model_name="m", model_version="1", outputs={"y": SAMPLES["FP32"]}, final=False)
     assert "triton_final_response" not in grpc_codec.stream_response(response, plain).infer_response.parameters
     message.parameters["triton_enable_empty_final_response"].bool_param = True
-    asking = grpc_codec.decode_request(message)
+    asking = grpc_codec.decode_request(message, NO_REGIONS)
     for final in (False, True):
         response.final = final
         sent = grpc_codec.stream_response(response, asking).infer_response

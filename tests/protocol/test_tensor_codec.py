@@ -18,7 +18,10 @@ from server.protocol.tensor_codec import (
     serialize_raw,
 )
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
+from server.shared_memory import SharedMemoryRegistry
 
+# Nothing registered: these tests send every tensor in the body.
+NO_REGIONS = SharedMemoryRegistry()
 FIXED = ["BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64", "FP16", "FP32", "FP64"]
 
 
@@ -92,7 +95,7 @@ def test_decode_mixed_json_and_binary_inputs() -> None:
         },
         a.tobytes(),
     )
-    request = decode_request(body, length, "m", "")
+    request = decode_request(body, length, "m", "", NO_REGIONS)
     assert request.id == "r1"
     np.testing.assert_array_equal(request.inputs["A"], a)
     np.testing.assert_array_equal(request.inputs["B"], np.array([5, 6], dtype=np.int64))
@@ -127,14 +130,14 @@ def test_decode_mixed_json_and_binary_inputs() -> None:
 def test_decode_errors(header: dict, extra: bytes, message: str) -> None:
     body, length = _binary_body(header, extra)
     with pytest.raises(InvalidInput, match=message):
-        decode_request(body, length, "m", "")
+        decode_request(body, length, "m", "", NO_REGIONS)
 
 
 def test_decode_rejects_broken_json_and_bad_header_length() -> None:
     with pytest.raises(InvalidInput, match="not valid JSON"):
-        decode_request(b"{nope", None, "m", "")
+        decode_request(b"{nope", None, "m", "", NO_REGIONS)
     with pytest.raises(InvalidInput, match="Inference-Header-Content-Length is 99"):
-        decode_request(b"{}", 99, "m", "")
+        decode_request(b"{}", 99, "m", "", NO_REGIONS)
 
 
 def test_encode_binary_and_json_outputs() -> None:
