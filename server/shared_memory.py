@@ -109,10 +109,11 @@ class SharedMemoryRegistry:
         _non_negative(byte_size, "byte_size", f"shared memory region '{name}'")
         mapping = self._map(key)
         if offset + byte_size > len(mapping):
+            size = len(mapping)
             mapping.close()
             raise InvalidInput(
                 f"shared memory region '{name}': offset {offset} + byte_size {byte_size} runs past the end of "
-                f"shared memory key '{key}' ({len(mapping)} bytes)"
+                f"shared memory key '{key}' ({size} bytes)"
             )
         self._regions[name] = SharedMemoryRegion(name, key, offset, byte_size, mapping)
 
