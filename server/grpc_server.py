@@ -188,7 +188,6 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return pb.SystemSharedMemoryUnregisterResponse()
 
     # -- extensions this server does not offer --------------------------------------------------------------
-
     async def CudaSharedMemoryStatus(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _unimplemented("CUDA shared memory", context)
 
