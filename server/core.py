@@ -6,7 +6,7 @@ metadata, inference and repository control behave identically on both.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from enum import Enum
 from typing import Any
 
@@ -147,9 +147,11 @@ class InferenceServer:
                 "start the server with --model-control-mode explicit"
             )
 
-    async def load_model(self, name: str, config_override: dict[str, Any] | None = None) -> None:
+    async def load_model(
+        self, name: str, config_override: dict[str, Any] | None = None, files: Mapping[str, bytes] | None = None
+    ) -> None:
         self._check_explicit("load")
-        await self.models.load(name, config_override)
+        await self.models.load(name, config_override, files)
 
     async def unload_model(self, name: str) -> None:
         self._check_explicit("unload")

@@ -156,7 +156,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        await self.core.load_model(request.model_name, grpc_codec.config_override(request.parameters))
+        override, files = grpc_codec.decode_load_request(request.parameters)
+        await self.core.load_model(request.model_name, override, files)
         return pb.RepositoryModelLoadResponse()
 
     @_reports_errors

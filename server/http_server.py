@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.metrics import CONTENT_TYPE_LATEST
-from server.protocol.http_codec import HEADER_LENGTH, decode_request, encode_response
+from server.protocol.http_codec import HEADER_LENGTH, decode_load_request, decode_request, encode_response
 
 log = logging.getLogger(__name__)
 
@@ -204,19 +204,8 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
 
     @app.post("/v2/repository/models/{model}/load")
     async def load_model(model: str, request: Request) -> Response:
-        body = await _json_body(request)
-        parameters = body.get("parameters") or {}
-        override = parameters.get("config") if isinstance(parameters, dict) else None
-        if isinstance(parameters, dict) and any(str(key).startswith("file:") for key in parameters):
-            raise Unsupported(
-                "loading model files sent with the load request is not supported; copy them into the repository"
-            )
-        if isinstance(override, str):
-            try:
-                override = orjson.loads(override)
-            except orjson.JSONDecodeError as exc:
-                raise InvalidInput(f"parameters.config is not valid JSON: {exc}") from None
-        await core.load_model(model, override)
+        override, files = decode_load_request(await _json_body(request))
+        await core.load_model(model, override, files)
         return Response(status_code=200)
 
     @app.post("/v2/repository/models/{model}/unload")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -30,6 +30,7 @@ from server.errors import (
     ModelNotReady,
     VersionRetired,
 )
+from server.load_request import discard_staged, stage_model_files
 from server.protocol.types import InferRequest, InferResponse
 from server.repository import ModelRepository, guess_backend, version_dirs
 from server.scheduler import DirectScheduler, Scheduler
@@ -56,6 +57,7 @@ class ServedVersion:
         version: int,
         backend_cls: type[Backend],
         pool: InstancePool,
+        model_dir: Path,
         stats: ModelStats | None = None,
         labels: dict[str, list[str]] | None = None,
     ) -> None:
@@ -63,6 +65,8 @@ class ServedVersion:
         self.version = version
         self.backend_cls = backend_cls
         self.pool = pool
+        # The folder it was loaded from; a worker process restarted after a crash loads from it again.
+        self.model_dir = model_dir
         self.labels = labels or {}
         self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
@@ -130,6 +134,8 @@ class ModelManager:
         self.records: dict[str, ModelRecord] = {}
         self.statistics = StatisticsRegistry()
         self._locks: dict[str, asyncio.Lock] = {}
+        # Folders staged from files sent with load requests, per model, kept while a loaded version uses them.
+        self._uploads: dict[str, list[Path]] = {}
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
@@ -142,65 +148,95 @@ class ModelManager:
                 self.records[name] = ModelRecord(name, None, reason=reason)
         await asyncio.gather(*(self.load(name) for name in found if name not in problems), return_exceptions=True)
 
-    async def load(self, name: str, config_override: dict[str, Any] | None = None) -> None:
-        """Load (or reload) a model; raise ``ModelLoadError`` if nothing new could be served."""
+    async def load(
+        self, name: str, config_override: dict[str, Any] | None = None, files: Mapping[str, bytes] | None = None
+    ) -> None:
+        """Load (or reload) a model from its repository folder, or from ``files`` sent with the request.
+
+        Raises ``ModelLoadError`` if nothing new could be served; what was serving then keeps serving.
+        """
         async with self._lock(name):
-            location = self.repository.locate(name)
-            if location is None:
-                raise ModelNotFound(f"model '{name}' is not in the model repository")
-            record = self.records.setdefault(name, ModelRecord(name, location.path))
-            record.path = location.path
-            if not record.versions or all(v.state != ModelState.READY for v in record.versions.values()):
-                record.state = ModelState.LOADING
+            if files:
+                if config_override is None:
+                    raise InvalidInput(f"model '{name}': files sent with a load request need a 'config' parameter")
+                model_dir = await asyncio.to_thread(stage_model_files, name, files)
+                self._uploads.setdefault(name, []).append(model_dir)
+            else:
+                location = self.repository.locate(name)
+                if location is None:
+                    raise ModelNotFound(f"model '{name}' is not in the model repository")
+                model_dir = location.path
             try:
-                config, backend_cls, selected = await asyncio.to_thread(prepare_model, location.path, config_override)
-                labels = await asyncio.to_thread(classification.load_labels, config, location.path)
+                await self._load_from(name, model_dir, config_override)
+            finally:
+                self._discard_unused_uploads(name)
+
+    def _discard_unused_uploads(self, name: str) -> None:
+        """Delete staged folders no loaded version of the model runs from (a reload or unload replaced them)."""
+        record = self.records.get(name)
+        in_use = {e.served.model_dir for e in record.versions.values() if e.served} if record else set()
+        staged = self._uploads.pop(name, [])
+        for model_dir in staged:
+            if model_dir in in_use:
+                self._uploads.setdefault(name, []).append(model_dir)
+            else:
+                discard_staged(model_dir)
+
+    async def _load_from(self, name: str, model_dir: Path, config_override: dict[str, Any] | None) -> None:
+        record = self.records.setdefault(name, ModelRecord(name, model_dir))
+        record.path = model_dir
+        if not record.versions or all(v.state != ModelState.READY for v in record.versions.values()):
+            record.state = ModelState.LOADING
+        try:
+            config, backend_cls, selected = await asyncio.to_thread(prepare_model, model_dir, config_override)
+            labels = await asyncio.to_thread(classification.load_labels, config, model_dir)
+        except ModelDockError as exc:
+            self._fail(record, str(exc))
+            raise
+        except Exception as exc:  # a backend's auto-complete bug: a failed load, not a crashed watcher
+            log.exception("model '%s': preparing the load failed", name)
+            error = ModelLoadError(f"model '{name}' failed to load: {type(exc).__name__}: {exc}")
+            self._fail(record, error.message)
+            raise error from None
+        new: dict[int, ServedVersion] = {}
+        failures: dict[int, str] = {}
+        for version, version_dir in selected.items():
+            try:
+                instances = await asyncio.to_thread(create_warm_instances, config, version_dir, backend_cls)
             except ModelDockError as exc:
-                self._fail(record, str(exc))
-                raise
-            except Exception as exc:  # a backend's auto-complete bug: a failed load, not a crashed watcher
-                log.exception("model '%s': preparing the load failed", name)
-                error = ModelLoadError(f"model '{name}' failed to load: {type(exc).__name__}: {exc}")
-                self._fail(record, error.message)
-                raise error from None
-            new: dict[int, ServedVersion] = {}
-            failures: dict[int, str] = {}
-            for version, version_dir in selected.items():
-                try:
-                    instances = await asyncio.to_thread(create_warm_instances, config, version_dir, backend_cls)
-                except ModelDockError as exc:
-                    failures[version] = exc.message
-                    continue
-                except Exception as exc:  # backend bug while loading: report it, keep serving the rest
-                    log.exception("model '%s' version %d failed to load", name, version)
-                    failures[version] = f"{type(exc).__name__}: {exc}"
-                    continue
-                stats = self.statistics.for_version(name, str(version))
-                new[version] = ServedVersion(config, version, backend_cls, InstancePool(instances), stats, labels)
+                failures[version] = exc.message
+                continue
+            except Exception as exc:  # backend bug while loading: report it, keep serving the rest
+                log.exception("model '%s' version %d failed to load", name, version)
+                failures[version] = f"{type(exc).__name__}: {exc}"
+                continue
+            stats = self.statistics.for_version(name, str(version))
+            pool = InstancePool(instances)
+            new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels)
 
-            if not new:
-                reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"
-                self._fail(record, reason)
-                raise ModelLoadError(f"model '{name}' failed to load: {reason}")
+        if not new:
+            reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"
+            self._fail(record, reason)
+            raise ModelLoadError(f"model '{name}' failed to load: {reason}")
 
-            previous = record.versions
-            record.config = config
-            record.reason = ""
-            record.state = ModelState.READY
-            record.versions = {v: VersionRecord(v, ModelState.READY, served=s) for v, s in new.items()}
-            for version, reason in failures.items():
-                log.error("model '%s' version %d: %s", name, version, reason)
-                kept = previous.get(version)
-                if kept is not None and kept.state == ModelState.READY and kept.served is not None:
-                    # The same version number failed to reload: its previous load keeps serving.
-                    kept.reason = f"reload failed, still serving the previous load: {reason}"
-                    record.versions[version] = kept
-                else:
-                    record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
-            old = {v: r.served for v, r in previous.items() if r.served is not None and record.versions.get(v) is not r}
-            for served in old.values():
-                served.retired = True
-            log.info("model '%s' ready (versions %s)", name, sorted(new))
+        previous = record.versions
+        record.config = config
+        record.reason = ""
+        record.state = ModelState.READY
+        record.versions = {v: VersionRecord(v, ModelState.READY, served=s) for v, s in new.items()}
+        for version, reason in failures.items():
+            log.error("model '%s' version %d: %s", name, version, reason)
+            kept = previous.get(version)
+            if kept is not None and kept.state == ModelState.READY and kept.served is not None:
+                # The same version number failed to reload: its previous load keeps serving.
+                kept.reason = f"reload failed, still serving the previous load: {reason}"
+                record.versions[version] = kept
+            else:
+                record.versions[version] = VersionRecord(version, ModelState.UNAVAILABLE, reason)
+        old = {v: r.served for v, r in previous.items() if r.served is not None and record.versions.get(v) is not r}
+        for served in old.values():
+            served.retired = True
+        log.info("model '%s' ready (versions %s)", name, sorted(new))
         await asyncio.gather(*(served.close() for served in old.values()))
 
     def _fail(self, record: ModelRecord, reason: str) -> None:
@@ -229,6 +265,7 @@ class ModelManager:
             record.versions = {}
             record.state = ModelState.UNAVAILABLE
             record.reason = "unloaded"
+            self._discard_unused_uploads(name)
             log.info("model '%s' unloaded", name)
 
     async def close(self) -> None:

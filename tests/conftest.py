@@ -28,7 +28,9 @@ def free_port() -> int:
 class ServerProcess:
     """``modeldock serve`` in a child process; ``url`` is its HTTP base address, ``grpc_url`` its gRPC one."""
 
-    def __init__(self, repository: Path | list[Path], extra_args: list[str], log_path: Path) -> None:
+    def __init__(
+        self, repository: Path | list[Path], extra_args: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> None:
         self.metrics_port = free_port()
         self.http_port = free_port()
         self.url = f"http://127.0.0.1:{self.http_port}"
@@ -43,8 +45,8 @@ class ServerProcess:
         args += ["--grpc-port", str(self.grpc_port)]
         args += extra_args
         self._log = open(log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=environment)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -76,12 +78,14 @@ class ServerProcess:
 
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``start_server(repo, *extra_args)`` starts a server and waits until it is ready."""
+    """Factory: ``start_server(repo, *extra_args, env={...})`` starts a server and waits until it is ready."""
     started: list[ServerProcess] = []
 
-    def start(repository: Path | list[Path], *extra_args: str, wait: bool = True) -> ServerProcess:
+    def start(
+        repository: Path | list[Path], *extra_args: str, wait: bool = True, env: dict[str, str] | None = None
+    ) -> ServerProcess:
         log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-        server = ServerProcess(repository, list(extra_args), log_path)
+        server = ServerProcess(repository, list(extra_args), log_path, env)
         started.append(server)
         if wait:
             server.wait_ready()

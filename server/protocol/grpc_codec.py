@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-import orjson
 from google.protobuf import json_format
 
 from server.errors import InvalidInput
+from server.load_request import FILE_PREFIX, parse_config_override
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
@@ -271,22 +271,20 @@ def shared_memory_status_response(regions: list[Mapping[str, Any]]) -> pb.System
     return message
 
 
-def config_override(parameters: Mapping[str, pb.ModelRepositoryParameter]) -> dict[str, Any] | None:
-    """The JSON config a load request carries in ``parameters["config"]``, if any."""
-    for key in parameters:
-        if key.startswith("file:"):
-            raise InvalidInput(f"load parameter '{key}': loading model files sent with the request is not supported")
-    if "config" not in parameters:
-        return None
-    parameter = parameters["config"]
-    choice = parameter.WhichOneof("parameter_choice")
-    if choice not in ("string_param", "bytes_param"):
-        raise InvalidInput("load parameter 'config' must be a JSON string")
-    text = getattr(parameter, choice)
-    try:
-        override = orjson.loads(text)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
-    if not isinstance(override, dict):
-        raise InvalidInput("load parameter 'config' must be a JSON object")
-    return override
+def decode_load_request(
+    parameters: Mapping[str, pb.ModelRepositoryParameter],
+) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+    """A load request's config override (``parameters["config"]``) and model files (``file:<path>`` bytes)."""
+    override = None
+    files: dict[str, bytes] = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        if key == "config":
+            if choice not in ("string_param", "bytes_param"):
+                raise InvalidInput("load parameter 'config' must be a JSON string")
+            override = parse_config_override(getattr(parameter, choice))
+        elif key.startswith(FILE_PREFIX):
+            if choice != "bytes_param":
+                raise InvalidInput(f"load parameter '{key}' must carry the file's content as bytes_param")
+            files[key] = parameter.bytes_param
+    return override, files

@@ -8,12 +8,14 @@ parameters name a ``shared_memory_region`` travels in that registered region ins
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import numpy as np
 import orjson
 
 from server.errors import InvalidInput
+from server.load_request import FILE_PREFIX, parse_config_override
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.tensor_codec import (
     check_shape,
@@ -154,3 +156,20 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     if not chunks:
         return encoded, None
     return b"".join([encoded, *chunks]), len(encoded)
+
+
+def decode_load_request(body: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
+    """A load request's config override (``parameters.config``) and model files (``file:<path>``, base64)."""
+    parameters = body.get("parameters") or {}
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be an object")
+    override = parse_config_override(parameters["config"]) if "config" in parameters else None
+    files: dict[str, bytes] = {}
+    for key, value in parameters.items():
+        if not key.startswith(FILE_PREFIX):
+            continue
+        try:
+            files[key] = base64.b64decode(value, validate=True)
+        except (TypeError, ValueError):
+            raise InvalidInput(f"load parameter '{key}' must be the file's content in base64") from None
+    return override, files

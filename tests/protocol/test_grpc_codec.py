@@ -413,16 +413,20 @@ def test_repository_index_and_load_parameters() -> None:
     assert [(m.name, m.version, m.state, m.reason) for m in index.models] == [tuple(r.values()) for r in rows]
 
     request = pb.RepositoryModelLoadRequest(model_name="a")
-    assert grpc_codec.config_override(request.parameters) is None
+    assert grpc_codec.decode_load_request(request.parameters) == (None, {})
     request.parameters["config"].string_param = '{"max_batch_size": 4}'
-    assert grpc_codec.config_override(request.parameters) == {"max_batch_size": 4}
+    request.parameters["file:1/model.onnx"].bytes_param = b"\0onnx"
+    assert grpc_codec.decode_load_request(request.parameters) == (
+        {"max_batch_size": 4},
+        {"file:1/model.onnx": b"\0onnx"},
+    )
     request.parameters["config"].string_param = "{not json"
     with pytest.raises(InvalidInput, match="not valid JSON"):
-        grpc_codec.config_override(request.parameters)
+        grpc_codec.decode_load_request(request.parameters)
     request.parameters["config"].string_param = "[1]"
     with pytest.raises(InvalidInput, match="JSON object"):
-        grpc_codec.config_override(request.parameters)
+        grpc_codec.decode_load_request(request.parameters)
     files = pb.RepositoryModelLoadRequest(model_name="a")
-    files.parameters["file:1/model.onnx"].bytes_param = b"\0"
+    files.parameters["file:1/model.onnx"].string_param = "text"
     with pytest.raises(InvalidInput, match="file:1/model.onnx"):
-        grpc_codec.config_override(files.parameters)
+        grpc_codec.decode_load_request(files.parameters)
