@@ -13,9 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from server.core import InferenceServer
-from server.errors import ModelDockError
+from server.errors import InvalidInput, ModelDockError
 from server.protocol import grpc_codec
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import grpc_service_pb2_grpc as pb_grpc
@@ -30,12 +31,55 @@ _Handler = Callable[..., Awaitable[_Response]]
 _END = object()
 
 
+class UnparsableMessage:
+    """Stands in for a request whose bytes are not a valid message, so its handler can refuse it by name."""
+
+    def __init__(self, error: str) -> None:
+        self.error = f"the request is not a valid protobuf message: {error}"
+
+
+class UnparsableAsInvalid(grpc.aio.ServerInterceptor):
+    """gRPC answers a request it cannot parse with UNKNOWN before any handler runs; this makes it the handler's
+    ``UnparsableMessage`` instead, so it reads INVALID_ARGUMENT and a stream carries on after it."""
+
+    def __init__(self) -> None:
+        # Per method, built once: only methods the service has are kept, so the cache cannot grow without bound.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            handler = await continuation(handler_call_details)
+            if handler is None or handler.request_deserializer is None:
+                return handler
+            handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
+            self._handlers[method] = handler
+        return handler
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse_or_mark(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return UnparsableMessage(str(exc))
+
+    return parse_or_mark
+
+
 def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
     """Turn ``ModelDockError`` into its gRPC status; anything else is a server bug and reads as INTERNAL."""
 
     @functools.wraps(handler)
     async def wrapper(self: GrpcInferenceService, request: Any, context: grpc.aio.ServicerContext) -> _Response:
         try:
+            if isinstance(request, UnparsableMessage):
+                raise InvalidInput(f"{handler.__name__}: {request.error}")
             return await handler(self, request, context)
         except ModelDockError as exc:
             if exc.grpc_code == grpc.StatusCode.INTERNAL:
@@ -100,7 +144,9 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return grpc_codec.encode_response(response, infer_request)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+        self,
+        request_iterator: AsyncIterator[pb.ModelInferRequest | UnparsableMessage],
+        context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Serve each request as soon as it arrives, concurrently, and send responses in completion order.
 
@@ -110,7 +156,10 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         outbox: asyncio.Queue[object] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
 
-        async def serve_one(message: pb.ModelInferRequest) -> None:
+        async def serve_one(message: pb.ModelInferRequest | UnparsableMessage) -> None:
+            if isinstance(message, UnparsableMessage):
+                outbox.put_nowait(grpc_codec.stream_error(pb.ModelInferRequest(), message.error))
+                return
             try:
                 infer_request = grpc_codec.decode_request(message, self.core.shared_memory)
                 async for response in self.core.stream_infer(infer_request):
@@ -130,7 +179,7 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 while running:
                     await asyncio.gather(*list(running))
                 outbox.put_nowait(_END)
-            except Exception as exc:  # reading failed (e.g. an unparsable message): end the stream with it
+            except Exception as exc:  # reading the requests failed: end the stream with it
                 outbox.put_nowait(exc)
 
         reader = asyncio.create_task(read_all())
@@ -210,10 +259,11 @@ def create_grpc_server(
 ) -> tuple[grpc.aio.Server, int]:
     """A ``grpc.aio`` server, bound but not yet started, and the port it bound (useful when ``port`` is 0)."""
     server = grpc.aio.server(
+        interceptors=[UnparsableAsInvalid()],
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
-        ]
+        ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceService(core), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

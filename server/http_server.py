@@ -18,7 +18,14 @@ from starlette.types import Receive, Scope, Send
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.metrics import CONTENT_TYPE_LATEST
-from server.protocol.http_codec import HEADER_LENGTH, decode_load_request, decode_request, encode_response
+from server.protocol.http_codec import (
+    HEADER_LENGTH,
+    decode_index_request,
+    decode_load_request,
+    decode_request,
+    encode_response,
+    parse_header_length,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +51,36 @@ async def _json_body(request: Request) -> dict[str, Any]:
     return data
 
 
+# The largest body a compressed request may inflate to.
+MAX_DECOMPRESSED_BYTES = 1 << 31
+
+
 def _decompressed(body: bytes, content_encoding: str | None) -> bytes:
     """Triton's HTTP compression: tritonclient's ``request_compression_algorithm`` sends gzip or deflate bodies.
 
     ``Inference-Header-Content-Length`` counts the uncompressed body, so decompression comes before the codec.
     """
     encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "identity":
+        return body
+    if encoding in ("gzip", "x-gzip"):
+        window = 16 + zlib.MAX_WBITS
+    elif encoding == "deflate":
+        window = zlib.MAX_WBITS
+    else:
+        raise Unsupported(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or an uncompressed body")
+    # Bounded, so a small body that inflates to gigabytes (a compression bomb) is refused, not held in memory.
+    inflater = zlib.decompressobj(window)
     try:
-        if encoding == "identity":
-            return body
-        if encoding in ("gzip", "x-gzip"):
-            return gzip.decompress(body)
-        if encoding == "deflate":
-            return zlib.decompress(body)
-    except (OSError, EOFError, zlib.error) as exc:
+        data = inflater.decompress(body, MAX_DECOMPRESSED_BYTES)
+        if inflater.unconsumed_tail:
+            raise InvalidInput(f"request body decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes")
+        data += inflater.flush()
+    except zlib.error as exc:
         raise InvalidInput(f"request body is not valid {encoding} data: {exc}") from None
-    raise Unsupported(f"Content-Encoding '{encoding}' is not supported; send gzip, deflate or an uncompressed body")
+    if not inflater.eof:
+        raise InvalidInput(f"request body is not valid {encoding} data: the compressed stream is truncated")
+    return data
 
 
 def _response_encoding(accept_encoding: str | None) -> str | None:
@@ -91,10 +112,7 @@ def _compressed(payload: bytes, encoding: str | None) -> tuple[bytes, dict[str, 
 
 async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response:
     body = _decompressed(await request.body(), request.headers.get("content-encoding"))
-    header_length = request.headers.get(HEADER_LENGTH)
-    if header_length is not None and not header_length.isdigit():
-        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{header_length}'")
-    length = int(header_length) if header_length else None
+    length = parse_header_length(request.headers.get(HEADER_LENGTH))
     infer_request = decode_request(body, length, model, version, core.shared_memory)
     response = await core.infer(infer_request)
     payload, json_length = encode_response(response, infer_request)
@@ -133,7 +151,12 @@ class HttpFrontEnd:
                     response = _error(500, f"internal error: {type(exc).__name__}: {exc}")
                 await response(scope, receive, send)
                 return
-        await self.api(scope, receive, send)
+        try:
+            await self.api(scope, receive, send)
+        except Exception:
+            if scope["type"] != "http":
+                raise
+            # Already answered and logged by ``_server_error``; Starlette re-raises it only for servers to log.
 
 
 def _error_response(exc: ModelDockError) -> Response:
@@ -158,6 +181,13 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.exception_handler(Exception)
+    async def _server_error(request: Request, exc: Exception) -> Response:
+        # A server bug: answered in the protocol's error shape, as on the infer route. Starlette re-raises it after
+        # this response, and ``HttpFrontEnd`` stops it there so the client's connection stays usable.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.get("/v2")
     async def server_metadata() -> Response:
@@ -200,7 +230,7 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
     @app.post("/v2/repository/index")
     async def repository_index(request: Request) -> Response:
         body = await _json_body(request)
-        return _json(core.repository_index(ready_only=bool(body.get("ready", False))))
+        return _json(core.repository_index(ready_only=decode_index_request(body)))
 
     @app.post("/v2/repository/models/{model}/load")
     async def load_model(model: str, request: Request) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from server import http_server
+from server.errors import InvalidInput
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 
 
@@ -133,6 +136,18 @@ def test_compression_headers_and_errors(server: ServerProcess) -> None:
     assert broken.status_code == 400 and "gzip" in broken.json()["error"]
     brotli = httpx.post(url, content=body, headers={"Content-Encoding": "br"})
     assert brotli.status_code == 400 and "'br'" in brotli.json()["error"]
+    truncated = httpx.post(url, content=gzip.compress(body)[:-12], headers={"Content-Encoding": "gzip"})
+    assert truncated.status_code == 400 and "truncated" in truncated.json()["error"]
+
+
+def test_compressed_body_inflating_past_the_limit_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http_server, "MAX_DECOMPRESSED_BYTES", 1 << 20)
+    bomb = gzip.compress(bytes(1 << 22))
+    assert len(bomb) < 8192
+    with pytest.raises(InvalidInput, match="more than 1048576 bytes"):
+        http_server._decompressed(bomb, "gzip")
+    assert http_server._decompressed(gzip.compress(bytes(1 << 20)), "gzip") == bytes(1 << 20)
+    assert http_server._decompressed(zlib.compress(b"small"), "deflate") == b"small"
 
 
 def test_binary_data_output_for_all_outputs(server: ServerProcess) -> None:

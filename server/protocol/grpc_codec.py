@@ -22,6 +22,7 @@ from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import model_config_pb2 as config_pb
+from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.tensor_codec import (
     check_shape,
     deserialize_raw,
@@ -130,6 +131,7 @@ def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryReg
         id=message.id,
         parameters=parameters_to_dict(message.parameters),
     )
+    check_request_parameters(request.parameters)
     for position, tensor in enumerate(message.inputs):
         name = tensor.name
         if not name:
@@ -163,6 +165,7 @@ def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryReg
         if any(o.name == name for o in request.outputs):
             raise InvalidInput(f"output '{name}' is requested more than once")
         parameters = parameters_to_dict(output.parameters)
+        check_output_parameters(parameters, name)
         request.outputs.append(RequestedOutput(name, parameters, shared_memory_output(shared_memory, parameters, name)))
     return request
 

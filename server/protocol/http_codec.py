@@ -17,6 +17,7 @@ import orjson
 from server.errors import InvalidInput
 from server.load_request import FILE_PREFIX, parse_config_override
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
+from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.tensor_codec import (
     check_shape,
     deserialize_raw,
@@ -41,6 +42,24 @@ def _load_json(data: bytes) -> Any:
         raise InvalidInput(f"request body is not valid JSON: {exc}") from None
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """An optional JSON object: absent or null is empty, anything but an object is the client's mistake."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be an object")
+    return value
+
+
+def parse_header_length(value: str | None) -> int | None:
+    """The ``Inference-Header-Content-Length`` header; only ASCII digits, as ``int`` would also take "²" or " 1"."""
+    if value is None:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise InvalidInput(f"{HEADER_LENGTH} must be a non-negative integer, got '{value}'")
+    return int(value)
+
+
 def decode_request(
     body: bytes, header_length: int | None, model_name: str, model_version: str, shared_memory: SharedMemoryRegistry
 ) -> InferRequest:
@@ -59,10 +78,11 @@ def decode_request(
 
     request = InferRequest(model_name=model_name, model_version=model_version)
     request_id = header.get("id", "")
-    request.id = request_id if isinstance(request_id, str) else str(request_id)
-    parameters = header.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("request 'parameters' must be an object")
+    if not isinstance(request_id, str):
+        raise InvalidInput(f"request 'id' must be a string, got {request_id!r}")
+    request.id = request_id
+    parameters = _object(header.get("parameters"), "request 'parameters'")
+    check_request_parameters(parameters)
     request.parameters = dict(parameters)
 
     offset = 0
@@ -73,20 +93,20 @@ def decode_request(
         if name in request.inputs:
             raise InvalidInput(f"input '{name}' appears more than once")
         datatype = item.get("datatype")
-        if datatype not in WIRE_DATATYPES:
+        if not isinstance(datatype, str) or datatype not in WIRE_DATATYPES:
             raise InvalidInput(f"input '{name}': unknown datatype {datatype!r}")
         shape = check_shape(item.get("shape"), name)
-        item_params = item.get("parameters") or {}
-        if not isinstance(item_params, dict):
-            raise InvalidInput(f"input '{name}': 'parameters' must be an object")
+        item_params = _object(item.get("parameters"), f"input '{name}': 'parameters'")
         size = item_params.get("binary_data_size")
         array = shared_memory_input(shared_memory, item_params, datatype, shape, name)
         if array is not None:
             if size is not None or "data" in item:
                 raise InvalidInput(f"input '{name}' is in shared memory and must not also carry data")
         elif size is not None:
-            if not isinstance(size, int) or size < 0:
-                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer")
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise InvalidInput(f"input '{name}': binary_data_size must be a non-negative integer, got {size!r}")
+            if "data" in item:
+                raise InvalidInput(f"input '{name}' has both 'data' and binary_data_size; send one or the other")
             if offset + size > len(binary):
                 raise InvalidInput(f"input '{name}': binary_data_size {size} runs past the end of the binary data")
             array = deserialize_raw(datatype, shape, binary[offset : offset + size], name)
@@ -100,7 +120,9 @@ def decode_request(
     if offset != len(binary):
         raise InvalidInput(f"{len(binary) - offset} bytes of binary data are not claimed by any input")
 
-    outputs = header.get("outputs") or []
+    outputs = header.get("outputs")
+    if outputs is None:
+        outputs = []
     if not isinstance(outputs, list):
         raise InvalidInput("'outputs' must be a list")
     seen: set[str] = set()
@@ -110,9 +132,8 @@ def decode_request(
         if item["name"] in seen:
             raise InvalidInput(f"output '{item['name']}' is requested more than once")
         seen.add(item["name"])
-        out_params = item.get("parameters") or {}
-        if not isinstance(out_params, dict):
-            raise InvalidInput(f"output '{item['name']}': 'parameters' must be an object")
+        out_params = _object(item.get("parameters"), f"output '{item['name']}': 'parameters'")
+        check_output_parameters(out_params, item["name"])
         placement = shared_memory_output(shared_memory, out_params, item["name"])
         request.outputs.append(RequestedOutput(item["name"], dict(out_params), placement))
     return request
@@ -158,11 +179,17 @@ def encode_response(response: InferResponse, request: InferRequest) -> tuple[byt
     return b"".join([encoded, *chunks]), len(encoded)
 
 
+def decode_index_request(body: dict[str, Any]) -> bool:
+    """A repository index request's ``ready`` flag: list only the models that are ready."""
+    ready = body.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"'ready' must be true or false, got {ready!r}")
+    return ready
+
+
 def decode_load_request(body: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, bytes]]:
     """A load request's config override (``parameters.config``) and model files (``file:<path>``, base64)."""
-    parameters = body.get("parameters") or {}
-    if not isinstance(parameters, dict):
-        raise InvalidInput("'parameters' must be an object")
+    parameters = _object(body.get("parameters"), "'parameters'")
     override = parse_config_override(parameters["config"]) if "config" in parameters else None
     files: dict[str, bytes] = {}
     for key, value in parameters.items():

@@ -19,6 +19,10 @@ from server.protocol.datatypes import element_size, numpy_dtype
 from server.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
 
 _LENGTH = struct.Struct("<I")
+# numpy's limits: at most 64 dimensions, and an array's byte size (zero-sized dimensions aside) must fit int64.
+_MAX_DIMS = 64
+_MAX_BYTES = 2**63 - 1
+_LARGEST_ELEMENT = 8
 
 
 def element_count(shape: Sequence[int]) -> int:
@@ -26,10 +30,15 @@ def element_count(shape: Sequence[int]) -> int:
 
 
 def check_shape(shape: Any, name: str) -> list[int]:
+    """A shape numpy can hold, checked before any data is read so a bad one is a client error, not a crash."""
     if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
         raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
     if any(d < 0 for d in shape):
         raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if len(shape) > _MAX_DIMS:
+        raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions; at most {_MAX_DIMS} are supported")
+    if math.prod(d for d in shape if d) * _LARGEST_ELEMENT > _MAX_BYTES:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
     return [int(d) for d in shape]
 
 
@@ -120,27 +129,23 @@ def write_shared_memory_output(placement: TensorPlacement, array: np.ndarray, na
     return placement.response_parameters(len(raw))
 
 
-def _flatten(data: Any) -> list[Any]:
+def _flatten(data: Any, name: str) -> list[Any]:
+    """Row-major elements of flat or nested ``data``; nesting must be rectangular, so no element is misplaced."""
     if not isinstance(data, list):
         return [data]
-    if not data or not isinstance(data[0], list):
-        return data
-    out: list[Any] = []
-    stack = [iter(data)]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
-    return out
+    level = data
+    while level and isinstance(level[0], list):
+        if not all(isinstance(item, list) and len(item) == len(level[0]) for item in level):
+            raise InvalidInput(f"input '{name}': data is nested unevenly; nested lists must form a rectangular array")
+        level = [element for item in level for element in item]
+    if list in map(type, level):  # a list among scalars; ``map`` keeps this pass cheap for large flat data
+        raise InvalidInput(f"input '{name}': data is nested unevenly; nested lists must form a rectangular array")
+    return level
 
 
 def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.ndarray:
     """JSON ``data`` (flat or nested) or gRPC typed contents as a numpy array of ``shape``."""
-    flat = _flatten(data)
+    flat = _flatten(data, name)
     expected = element_count(shape)
     if len(flat) != expected:
         raise InvalidInput(f"input '{name}': shape {list(shape)} needs {expected} elements, got {len(flat)}")
@@ -160,9 +165,14 @@ def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.n
     elif dtype.kind in ("i", "u") and any(isinstance(x, float) and not x.is_integer() for x in flat):
         raise InvalidInput(f"input '{name}': {datatype} data must be integers")
     try:
-        return np.array(flat, dtype=dtype).reshape(shape)
+        with np.errstate(over="ignore"):
+            array = np.array(flat, dtype=dtype)
     except (OverflowError, ValueError, TypeError) as exc:
         raise InvalidInput(f"input '{name}': data does not fit {datatype}: {exc}") from None
+    # JSON has no infinities, so one here is a finite number too large for the type (1e300 as FP32).
+    if dtype.kind == "f" and np.isinf(array).any() and np.isfinite(np.array(flat, dtype=np.float64)).all():
+        raise InvalidInput(f"input '{name}': data does not fit {datatype}: a value is out of its range")
+    return array.reshape(shape)
 
 
 def to_list(array: np.ndarray) -> list[Any]:

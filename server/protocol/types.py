@@ -39,12 +39,13 @@ class InferRequest:
     @property
     def priority(self) -> int:
         value = self.parameters.get("priority", 0)
-        return int(value) if isinstance(value, (int, float, str)) and str(value).lstrip("-").isdigit() else 0
+        # The front ends refuse a priority that is not a non-negative integer (server/protocol/parameters.py).
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     @property
     def timeout_us(self) -> int:
         value = self.parameters.get("timeout", 0)
-        return int(value) if isinstance(value, (int, float, str)) and str(value).isdigit() else 0
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
     @property
     def batch_size(self) -> int:

@@ -9,8 +9,10 @@ import orjson
 import pytest
 
 from server.errors import InvalidInput
-from server.protocol.http_codec import decode_request, encode_response
+from server.protocol.http_codec import decode_request, encode_response, parse_header_length
+from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.tensor_codec import (
+    check_shape,
     deserialize_bytes_tensor,
     deserialize_raw,
     from_list,
@@ -67,6 +69,13 @@ def test_bytes_wire_form_is_length_prefixed() -> None:
         (lambda: from_list("FP32", [2], [1.0, "x"], "f"), "input 'f': FP32 data must be numbers"),
         (lambda: from_list("BOOL", [1], [1], "flag"), "input 'flag': BOOL data must be true/false"),
         (lambda: from_list("FP32", [3], [1.0], "f"), "input 'f': shape [3] needs 3 elements, got 1"),
+        (lambda: from_list("FP32", [2, 2], [[1.0, 2.0], [3.0]], "f"), "input 'f': data is nested unevenly"),
+        (lambda: from_list("FP32", [2, 2], [1.0, [2.0, 3.0, 4.0]], "f"), "input 'f': data is nested unevenly"),
+        (lambda: from_list("FP32", [2], [[1.0], 2.0], "f"), "input 'f': data is nested unevenly"),
+        (lambda: from_list("FP16", [1], [1e10], "h"), "input 'h': data does not fit FP16"),
+        (lambda: check_shape([1] * 65, "x"), "input 'x': shape has 65 dimensions; at most 64"),
+        (lambda: check_shape([2**62, 2**62, 0], "x"), "input 'x': shape [4611686018427387904"),
+        (lambda: check_shape([2**64, 1], "x"), "is too large for any tensor"),
     ],
 )
 def test_codec_errors_name_the_tensor(call, message: str) -> None:
@@ -131,6 +140,49 @@ def test_decode_errors(header: dict, extra: bytes, message: str) -> None:
     body, length = _binary_body(header, extra)
     with pytest.raises(InvalidInput, match=message):
         decode_request(body, length, "m", "", NO_REGIONS)
+
+
+def test_nested_data_in_any_rectangular_form_is_row_major() -> None:
+    expected = np.arange(6, dtype=np.float32).reshape(2, 3)
+    for data in ([[0, 1, 2], [3, 4, 5]], [[[0, 1], [2, 3], [4, 5]]], [0, 1, 2, 3, 4, 5]):
+        np.testing.assert_array_equal(from_list("FP32", [2, 3], data, "x"), expected)
+
+
+def test_grpc_infinities_are_kept() -> None:
+    assert from_list("FP32", [1], [float("inf")], "x").tolist() == [float("inf")]
+
+
+@pytest.mark.parametrize("value", ["²", " 12", "-1", "", "1e3"])
+def test_header_length_must_be_ascii_digits(value: str) -> None:
+    with pytest.raises(InvalidInput, match="Inference-Header-Content-Length must be a non-negative integer"):
+        parse_header_length(value)
+
+
+def test_header_length_parses() -> None:
+    assert parse_header_length(None) is None
+    assert parse_header_length("120") == 120
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"priority": "1"}, "'priority' must be a non-negative integer"),
+        ({"priority": True}, "'priority' must be a non-negative integer"),
+        ({"timeout": -5}, "'timeout' must be a non-negative integer"),
+        ({"timeout": 2.0}, "'timeout' must be a non-negative integer"),
+        ({"binary_data_output": 1}, "'binary_data_output' must be true or false"),
+    ],
+)
+def test_request_parameters_of_the_wrong_type_are_refused(parameters: dict, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        check_request_parameters(parameters)
+
+
+def test_parameters_of_the_right_type_and_unknown_ones_pass() -> None:
+    check_request_parameters({"priority": 2, "timeout": 0, "binary_data_output": False, "tag": [1, "x"]})
+    check_output_parameters({"binary_data": True, "classification": 3}, "out")
+    with pytest.raises(InvalidInput, match="output 'out': parameter 'binary_data' must be true or false"):
+        check_output_parameters({"binary_data": "true"}, "out")
 
 
 def test_decode_rejects_broken_json_and_bad_header_length() -> None:

@@ -1,0 +1,38 @@
+"""The request and output parameters the server acts on, type-checked once for both front ends.
+
+A parameter of the wrong type is the client's mistake and is refused by name; read leniently, ``"false"`` would
+turn binary output on and ``"high"`` would quietly become the default priority. Parameters the server does not
+act on pass through unchecked, as in Triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from server.errors import InvalidInput
+
+# Triton's names: queue priority level and queue timeout in microseconds, both unsigned.
+_NON_NEGATIVE_INTEGERS = ("priority", "timeout")
+# The HTTP binary tensor extension: all outputs binary, or one output binary.
+_REQUEST_FLAGS = ("binary_data_output",)
+_OUTPUT_FLAGS = ("binary_data",)
+
+
+def check_request_parameters(parameters: Mapping[str, Any]) -> None:
+    for key in _NON_NEGATIVE_INTEGERS:
+        if key in parameters:
+            value = parameters[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise InvalidInput(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
+    _check_flags(parameters, _REQUEST_FLAGS, "request parameter")
+
+
+def check_output_parameters(parameters: Mapping[str, Any], name: str) -> None:
+    _check_flags(parameters, _OUTPUT_FLAGS, f"output '{name}': parameter")
+
+
+def _check_flags(parameters: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> None:
+    for key in keys:
+        if key in parameters and not isinstance(parameters[key], bool):
+            raise InvalidInput(f"{owner} '{key}' must be true or false, got {parameters[key]!r}")
