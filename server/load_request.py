@@ -49,7 +49,7 @@ def check_file_key(key: str) -> str:
 
 def stage_model_files(name: str, files: Mapping[str, bytes]) -> Path:
     """Write the files into a new temporary ``<tmp>/<name>/`` folder and return that model folder."""
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    if not name or any(c in name for c in "/\\\0") or name in (".", ".."):
         raise InvalidInput(f"model name '{name}' cannot name a model folder")
     relative_paths = {check_file_key(key): content for key, content in files.items()}
     root = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX))

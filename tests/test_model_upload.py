@@ -93,6 +93,13 @@ def test_http_upload_refuses_bad_requests(start_server, tmp_path: Path) -> None:
     no_version = load({"config": bundled_config("simple"), "file:model.onnx": onnx_b64})
     assert no_version.status_code == 400 and "version" in no_version.json()["error"]
 
+    nul_name = httpx.post(
+        f"{server.url}/v2/repository/models/a%00b/load",
+        json={"parameters": {"config": bundled_config("simple"), "file:1/model.onnx": onnx_b64}},
+        timeout=30,
+    )
+    assert nul_name.status_code == 400 and "model name" in nul_name.json()["error"]
+
     assert staged(tmp) == []
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "1").exists()
     assert httpx.get(f"{server.url}/v2/models/uploaded/ready", timeout=10).status_code != 200

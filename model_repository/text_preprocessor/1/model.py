@@ -11,6 +11,8 @@ import unicodedata
 
 import numpy as np
 
+from server.errors import InvalidInput
+
 TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 
 
@@ -29,7 +31,11 @@ class TritonPythonModel:
             normalized = np.empty(texts.shape, dtype=np.object_)
             counts = np.zeros(texts.shape, dtype=np.int32)
             for index, raw in np.ndenumerate(texts):
-                text = normalize(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+                try:
+                    text = normalize(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+                except UnicodeDecodeError as exc:
+                    # A client mistake, reported as one (HTTP 400 / INVALID_ARGUMENT) rather than a model failure.
+                    raise InvalidInput(f"input 'TEXT' element {list(index)} is not UTF-8 text: {exc.reason}") from None
                 normalized[index] = text.encode("utf-8")
                 counts[index] = len(TOKEN.findall(text))
             responses.append({"NORMALIZED": normalized, "TOKEN_COUNT": counts})
