@@ -41,6 +41,8 @@ class Backend(ABC):
 
     #: File name looked for in a version folder when the config gives no ``default_model_filename``.
     default_model_filename: ClassVar[str] = "model"
+    #: Other files a version folder may hold instead, looked for when the config gives no ``default_model_filename``.
+    alternative_model_filenames: ClassVar[tuple[str, ...]] = ()
     #: Whether ``execute`` releases the GIL for most of its time; if not, instances run in worker processes.
     releases_gil: ClassVar[bool] = True
     #: Whether the backend accepts GPU instances at all.
@@ -55,6 +57,14 @@ class Backend(ABC):
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
         """Fill in what the config leaves out (inputs, outputs) from the model file itself."""
         return config
+
+    @classmethod  # noqa: B027 - optional hook: most backends have nothing to check beyond a load's own checks
+    def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
+        """Check the model file against the completed config as a load would, without serving it.
+
+        ``modeldock validate`` calls this so it reports what a load would report (a file the runtime cannot read,
+        inputs that do not match the config); raise ``ModelLoadError`` naming the file and field.
+        """
 
     @classmethod
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:

@@ -7,6 +7,7 @@ is the kind of mistake that costs an afternoon.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,18 @@ from server.errors import ConfigError
 from server.protocol.datatypes import CONFIG_DATATYPES, CONFIG_TO_WIRE
 
 CONFIG_FILENAME = "config.yaml"
+# Seconds a model version may take to load (start every instance, run its warm-up) unless
+# ``parameters.load_timeout_secs`` says otherwise; a load that takes longer fails instead of hanging the server.
+DEFAULT_LOAD_TIMEOUT_S = 300
+LOAD_TIMEOUT_PARAMETER = "load_timeout_secs"
+
+
+class FieldProblem(ValueError):
+    """A check across several fields that still blames one of them, so the error names that field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Strict(BaseModel):
@@ -49,8 +62,8 @@ class TensorConfig(_Strict):
     @field_validator("dims")
     @classmethod
     def _valid_dims(cls, value: list[int]) -> list[int]:
-        if any(d < -1 for d in value):
-            raise ValueError("dims must be -1 (variable) or non-negative")
+        if any(d == 0 or d < -1 for d in value):
+            raise ValueError(f"dims {value}: each must be >= 1, or -1 for a variable size")
         return value
 
     @property
@@ -107,17 +120,28 @@ class DynamicBatching(_Strict):
     @model_validator(mode="after")
     def _levels_consistent(self) -> DynamicBatching:
         if any(size < 1 for size in self.preferred_batch_size):
-            raise ValueError("preferred_batch_size entries must be >= 1")
+            raise FieldProblem("preferred_batch_size", "entries must be >= 1")
         if self.priority_levels:
             if not 1 <= self.default_priority_level <= self.priority_levels:
-                raise ValueError(
-                    f"default_priority_level must be between 1 and priority_levels ({self.priority_levels})"
+                raise FieldProblem(
+                    "default_priority_level",
+                    f"must be between 1 and priority_levels ({self.priority_levels})",
                 )
             bad = [level for level in self.priority_queue_policy if not 1 <= level <= self.priority_levels]
             if bad:
-                raise ValueError(f"priority_queue_policy levels {bad} are outside 1..{self.priority_levels}")
-        elif self.default_priority_level or self.priority_queue_policy:
-            raise ValueError("default_priority_level and priority_queue_policy need priority_levels > 0")
+                raise FieldProblem(
+                    "priority_queue_policy", f"levels {bad} are outside 1..priority_levels ({self.priority_levels})"
+                )
+        elif self.default_priority_level:
+            raise FieldProblem(
+                "default_priority_level",
+                f"{self.default_priority_level} needs priority_levels > 0 (default_priority_level and "
+                "priority_queue_policy need priority_levels > 0)",
+            )
+        elif self.priority_queue_policy:
+            raise FieldProblem(
+                "priority_queue_policy", "default_priority_level and priority_queue_policy need priority_levels > 0"
+            )
         return self
 
 
@@ -264,7 +288,32 @@ class ModelConfig(_Strict):
             names = [t.name for t in getattr(self, kind)]
             dupes = sorted({n for n in names if names.count(n) > 1})
             if dupes:
-                raise ValueError(f"duplicate {kind} names: {dupes}")
+                raise FieldProblem(kind, f"duplicate {kind} names: {dupes}")
+        # One name for an input and an output would make a response's tensors ambiguous with the request's.
+        inputs = {t.name for t in self.input}
+        for position, tensor in enumerate(self.output):
+            if tensor.name in inputs:
+                raise FieldProblem(f"output[{position}].name", f"'{tensor.name}' is also the name of an input")
+        return self
+
+    @model_validator(mode="after")
+    def _load_timeout_valid(self) -> ModelConfig:
+        value = self.parameters.get(LOAD_TIMEOUT_PARAMETER)
+        if value is not None and not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):
+            raise FieldProblem(
+                f"parameters.{LOAD_TIMEOUT_PARAMETER}", f"expected a whole number of seconds >= 1, got '{value}'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _preferred_sizes_fit(self) -> ModelConfig:
+        if self.batching and self.dynamic_batching is not None:
+            too_big = [s for s in self.dynamic_batching.preferred_batch_size if s > self.max_batch_size]
+            if too_big:
+                raise FieldProblem(
+                    "dynamic_batching.preferred_batch_size",
+                    f"{too_big} larger than max_batch_size ({self.max_batch_size})",
+                )
         return self
 
     @model_validator(mode="before")
@@ -288,6 +337,12 @@ class ModelConfig(_Strict):
         if value < minimum:
             raise ConfigError(f"model '{self.name}': field 'parameters.{key}': must be >= {minimum}")
         return value
+
+    @property
+    def load_timeout_s(self) -> int:
+        """Seconds one version may take to load: ``parameters.load_timeout_secs``, else the server's default."""
+        value = self.int_parameter(LOAD_TIMEOUT_PARAMETER, minimum=1)
+        return DEFAULT_LOAD_TIMEOUT_S if value is None else value
 
     def bool_parameter(self, key: str, default: bool = False) -> bool:
         """A backend option from ``parameters`` as a flag (true/false, 1/0, yes/no)."""
@@ -337,6 +392,11 @@ def format_validation_error(source: str, error: ValidationError) -> str:
         msg = item["msg"]
         if item["type"] == "extra_forbidden":
             msg = "unknown field"
+        elif item["type"] == "value_error":
+            cause = item.get("ctx", {}).get("error")
+            msg = str(cause) if cause is not None else msg.removeprefix("Value error, ")
+            if isinstance(cause, FieldProblem):
+                loc += tuple(int(p) if p.isdigit() else p for p in re.findall(r"[^.\[\]]+", cause.field))
         problems.append(f"field '{_format_location(loc)}': {msg}")
     return f"{source}: " + "; ".join(problems)
 
@@ -368,6 +428,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): a config must be a YAML file") from None
     except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc}") from None
+        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
     return parse_model_config(data, str(path), model_dir.name)

@@ -16,6 +16,7 @@ import importlib
 import logging
 import multiprocessing
 import signal
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,7 +87,11 @@ class ModelInstance:
         self.backend = backend
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
 
-    async def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    async def execute(
+        self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Run one batch. ``timeout_s`` bounds worker-process instances only: a thread cannot be stopped, so a
+        hung in-process backend is left to the model manager's own load deadline."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
 
@@ -161,6 +166,19 @@ class WorkerCrashed(Exception):
         self.exitcode = exitcode
 
 
+class WorkerTimedOut(Exception):
+    """The worker process did not answer in the time it was given."""
+
+
+def _kill(process: Any) -> None:
+    """Stop a worker that does not answer: SIGTERM, then SIGKILL if it ignores that."""
+    process.terminate()
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
 class ProcessModelInstance(ModelInstance):
     """One backend object inside its own worker process, behind ``ModelInstance``'s interface.
 
@@ -170,11 +188,17 @@ class ProcessModelInstance(ModelInstance):
     """
 
     def __init__(
-        self, placement: InstancePlacement, config: ModelConfig, version_dir: Path, backend_cls: type[Backend]
+        self,
+        placement: InstancePlacement,
+        config: ModelConfig,
+        version_dir: Path,
+        backend_cls: type[Backend],
+        load_timeout_s: float | None = None,
     ) -> None:
         self.name = placement.name
         self.device = placement.device
         self.config = config
+        self._model_path = backend_cls.model_path(config, version_dir)
         self._args = (
             f"{backend_cls.__module__}:{backend_cls.__qualname__}",
             config.model_dump_json(),
@@ -186,13 +210,18 @@ class ProcessModelInstance(ModelInstance):
         self._conn: Connection | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
         try:
-            self._start()
+            self._start(config.load_timeout_s if load_timeout_s is None else load_timeout_s)
         except BaseException:
             self._executor.shutdown(wait=False)
             raise
 
-    def _start(self) -> None:
-        """Spawn a worker and wait until its backend is built; raises ``ModelLoadError`` if it is not."""
+    def _start(self, timeout_s: float | None = None) -> None:
+        """Spawn a worker and wait until its backend is built; raises ``ModelLoadError`` if it is not.
+
+        The wait is bounded (``parameters.load_timeout_secs`` unless ``timeout_s`` says otherwise) so user code
+        stuck in import or ``initialize`` fails the load instead of holding it, and the server's start-up, forever.
+        """
+        timeout_s = self.config.load_timeout_s if timeout_s is None else timeout_s
         context = multiprocessing.get_context("spawn")
         parent_conn, child_conn = context.Pipe()
         process = context.Process(
@@ -201,11 +230,20 @@ class ProcessModelInstance(ModelInstance):
         process.start()
         child_conn.close()
         try:
-            status, payload = self._receive(parent_conn, process)
+            status, payload = self._receive(parent_conn, process, max(timeout_s, 0.0))
         except WorkerCrashed as exc:
             parent_conn.close()
             raise ModelLoadError(
-                f"model '{self.config.name}': instance {self.name}: worker process died while loading: {exc}"
+                f"{self._model_path}: instance {self.name}: worker process died while loading ({exc}); "
+                "does the model code call sys.exit() or os._exit()?"
+            ) from None
+        except WorkerTimedOut:
+            _kill(process)
+            parent_conn.close()
+            raise ModelLoadError(
+                f"{self._model_path}: instance {self.name}: did not finish loading within the load timeout "
+                f"({self.config.load_timeout_s}s); is its import or initialize() stuck? A model that needs longer can "
+                "set parameters.load_timeout_secs in config.yaml"
             ) from None
         if status != "ready":
             process.join(_WORKER_STOP_TIMEOUT)
@@ -214,13 +252,14 @@ class ProcessModelInstance(ModelInstance):
             cls = getattr(errors, type_name, None)
             if isinstance(cls, type) and issubclass(cls, ModelLoadError):
                 raise cls(message)
-            raise ModelLoadError(f"model '{self.config.name}': instance {self.name}: {type_name}: {message}")
+            raise ModelLoadError(f"{self._model_path}: instance {self.name}: {type_name}: {message}")
         self._process, self._conn = process, parent_conn
 
     @staticmethod
-    def _receive(conn: Connection, process: Any) -> tuple[str, Any]:
-        """The worker's next message, or ``WorkerCrashed`` if it exits first."""
-        wait([conn, process.sentinel])
+    def _receive(conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[str, Any]:
+        """The worker's next message; ``WorkerCrashed`` if it exits first, ``WorkerTimedOut`` after ``timeout_s``."""
+        if not wait([conn, process.sentinel], timeout_s):
+            raise WorkerTimedOut
         try:
             if conn.poll():
                 return conn.recv()  # type: ignore[no-any-return]
@@ -242,7 +281,9 @@ class ProcessModelInstance(ModelInstance):
             self._conn.close()
         self._process = self._conn = None
 
-    def _execute_blocking(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    def _execute_blocking(
+        self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
         if self._process is None:
             # The last restart failed; try again rather than stay broken forever.
             try:
@@ -252,7 +293,15 @@ class ProcessModelInstance(ModelInstance):
         assert self._conn is not None
         try:
             self._conn.send(("execute", dict(inputs), output_names))
-            status, payload = self._receive(self._conn, self._process)
+            status, payload = self._receive(self._conn, self._process, timeout_s)
+        except WorkerTimedOut:
+            # Stopped rather than restarted at once: the next batch starts a fresh worker if one is needed.
+            log.error("instance %s did not answer within %.1fs; stopping it", self.name, timeout_s)
+            _kill(self._process)
+            self._discard_worker()
+            raise BackendError(
+                f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.1f}s"
+            ) from None
         except (WorkerCrashed, BrokenPipeError, OSError) as exc:
             self._process.join()
             description = _exit_description(self._process.exitcode)
@@ -270,9 +319,11 @@ class ProcessModelInstance(ModelInstance):
             raise cls(message)
         raise BackendError(f"model '{self.config.name}': {type_name}: {message}")
 
-    async def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+    async def execute(
+        self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
+    ) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._execute_blocking, inputs, output_names)
+        return await loop.run_in_executor(self._executor, self._execute_blocking, inputs, output_names, timeout_s)
 
     def _stop_worker(self) -> None:
         process, conn = self._process, self._conn
@@ -287,11 +338,7 @@ class ProcessModelInstance(ModelInstance):
         process.join(_WORKER_STOP_TIMEOUT)
         if process.is_alive():
             log.error("instance %s did not stop in %.0fs; terminating it", self.name, _WORKER_STOP_TIMEOUT)
-            process.terminate()
-            process.join(5)
-            if process.is_alive():
-                process.kill()
-                process.join()
+            _kill(process)
         self._discard_worker()
 
     def unload(self) -> None:
@@ -299,13 +346,19 @@ class ProcessModelInstance(ModelInstance):
         self._stop_worker()
 
 
-def create_instances(config: ModelConfig, version_dir: Path, backend_cls: type[Backend]) -> list[ModelInstance]:
-    """Load every instance of a version; on any failure the ones already loaded are released."""
+def create_instances(
+    config: ModelConfig, version_dir: Path, backend_cls: type[Backend], deadline: float | None = None
+) -> list[ModelInstance]:
+    """Load every instance of a version; on any failure the ones already loaded are released.
+
+    ``deadline`` (``time.monotonic()``) bounds the whole version's load for worker-process instances.
+    """
     instances: list[ModelInstance] = []
     try:
         for placement in plan_instances(config, backend_cls):
             if not backend_cls.releases_gil:
-                instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls))
+                timeout_s = None if deadline is None else deadline - time.monotonic()
+                instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls, timeout_s))
                 continue
             instances.append(ModelInstance(placement, backend_cls(config, version_dir, placement.device)))
     except BaseException:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from backends.base import Backend, backend_class
 from server import classification
 from server.batcher import DynamicBatcher
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
-from server.dispatcher import InstancePool
+from server.dispatcher import InstancePool, ModelInstance
 from server.errors import (
     ConfigError,
     InvalidInput,
@@ -32,7 +33,7 @@ from server.errors import (
 )
 from server.load_request import discard_staged, stage_model_files
 from server.protocol.types import InferRequest, InferResponse
-from server.repository import ModelRepository, guess_backend, version_dirs
+from server.repository import ModelRepository, guess_backend, no_versions_reason, version_dirs
 from server.scheduler import DirectScheduler, Scheduler
 from server.stats import ModelStats, StatisticsRegistry
 from server.validation import validate_request
@@ -202,7 +203,7 @@ class ModelManager:
         failures: dict[int, str] = {}
         for version, version_dir in selected.items():
             try:
-                instances = await asyncio.to_thread(create_warm_instances, config, version_dir, backend_cls)
+                instances = await _load_version(config, version_dir, backend_cls)
             except ModelDockError as exc:
                 failures[version] = exc.message
                 continue
@@ -281,7 +282,7 @@ class ModelManager:
         """The version that serves a request; the newest ready one when none is named."""
         record = self.record(name)
         if version:
-            if not version.isdigit():
+            if not (version.isascii() and version.isdigit()):
                 raise InvalidInput(f"model version must be a positive integer, got '{version}'")
             entry = record.versions.get(int(version))
             if entry is None:
@@ -324,6 +325,61 @@ class ModelManager:
         return rows
 
 
+# Beyond a version's load timeout, how long the manager still waits for a backend to report its own timeout.
+_LOAD_GRACE_S = 10.0
+
+
+async def _load_version(config: ModelConfig, version_dir: Path, backend_cls: type[Backend]) -> list[ModelInstance]:
+    """Create a version's warm instances, giving up after ``config.load_timeout_s`` (plus a grace period).
+
+    Worker-process instances enforce the deadline themselves and fail with a clear reason. An in-process backend
+    that hangs cannot be stopped, so it runs on a thread of its own (a hung load never takes a thread the rest of
+    the server needs, nor holds up its exit), and whatever it builds after the manager gave up is released.
+    """
+    timeout_s = config.load_timeout_s
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[list[ModelInstance]] = loop.create_future()
+
+    def deliver(outcome: Any, failed: bool) -> None:
+        if result.cancelled():
+            if not failed:
+                _release_late(config.name, outcome)
+            return
+        if failed:
+            result.set_exception(outcome)
+        else:
+            result.set_result(outcome)
+
+    def hand_over(outcome: Any, failed: bool) -> None:
+        try:
+            loop.call_soon_threadsafe(deliver, outcome, failed)
+        except RuntimeError:  # the event loop is gone: the server stopped while this was loading
+            if not failed:
+                _release_late(config.name, outcome)
+
+    def run() -> None:
+        try:
+            instances = create_warm_instances(config, version_dir, backend_cls, time.monotonic() + timeout_s)
+        except BaseException as exc:
+            hand_over(exc, True)
+            return
+        hand_over(instances, False)
+
+    threading.Thread(target=run, name=f"load-{config.name}-{version_dir.name}", daemon=True).start()
+    try:
+        return await asyncio.wait_for(result, timeout_s + _LOAD_GRACE_S)
+    except TimeoutError:
+        raise ModelLoadError(
+            f"{version_dir}: did not load within {timeout_s}s (parameters.load_timeout_secs in "
+            f"{version_dir.parent / CONFIG_FILENAME}); the backend may be stuck loading the model"
+        ) from None
+
+
+def _release_late(name: str, instances: list[ModelInstance]) -> None:
+    log.warning("model '%s': a load that timed out finished later; releasing its instances", name)
+    threading.Thread(target=lambda: [i.unload() for i in instances], daemon=True).start()
+
+
 def prepare_model(
     model_dir: Path, config_override: dict[str, Any] | None = None
 ) -> tuple[ModelConfig, type[Backend], dict[int, Path]]:
@@ -334,7 +390,7 @@ def prepare_model(
         config = load_model_config(model_dir)
     available = version_dirs(model_dir)
     if not available:
-        raise ModelLoadError(f"{model_dir}: no numbered version folders (e.g. {model_dir}/1/)")
+        raise ModelLoadError(f"{model_dir}: {no_versions_reason(model_dir)}")
     selected_numbers = config.version_policy.select(list(available))
     if not selected_numbers:
         raise ConfigError(

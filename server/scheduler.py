@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.config import BatchInputKind, ModelConfig
+from server.config import BatchInputKind, ModelConfig, TensorConfig
 from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, ModelDockError, ModelNotReady
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
@@ -204,11 +204,43 @@ def _reshaped(config: ModelConfig, inputs: dict[str, np.ndarray]) -> dict[str, n
     return inputs
 
 
+def check_output(config: ModelConfig, tensor: TensorConfig, array: np.ndarray, batch_size: int) -> None:
+    """Fail a batch whose output is not what the config declares, rather than send clients a tensor whose
+    datatype or shape contradicts the model's metadata."""
+    expected = tensor.wire_datatype
+    if expected == "BYTES":
+        matches = array.dtype.kind in ("O", "S", "U")
+    else:
+        matches = array.dtype == numpy_dtype(expected)
+    if not matches:
+        raise BackendError(
+            f"model '{config.name}': output '{tensor.name}' has dtype {array.dtype}, but the config declares "
+            f"{tensor.data_type}"
+        )
+    if config.batching:
+        if array.ndim == 0 or array.shape[0] != batch_size:
+            raise BackendError(
+                f"model '{config.name}': output '{tensor.name}' has leading dimension "
+                f"{array.shape[0] if array.ndim else 'none'} for a batch of {batch_size}"
+            )
+        inner = array.shape[1:]
+    else:
+        inner = array.shape
+    dims = tensor.reshape.shape if tensor.reshape is not None else tensor.dims
+    if len(dims) != len(inner) or any(d not in (-1, a) for d, a in zip(dims, inner, strict=True)):
+        shape = ([-1] if config.batching else []) + list(dims)
+        raise BackendError(
+            f"model '{config.name}': output '{tensor.name}' has shape {list(array.shape)}, but the config declares "
+            f"{shape}"
+        )
+
+
 def split_outputs(
     config: ModelConfig, version: str, batch: list[PendingRequest], outputs: dict[str, np.ndarray]
 ) -> list[InferResponse]:
     sizes = [p.request.batch_size for p in batch] if config.batching else [1]
     total = sum(sizes)
+    checked: set[str] = set()
     responses: list[InferResponse] = []
     for position, pending in enumerate(batch):
         request = pending.request
@@ -220,16 +252,16 @@ def split_outputs(
                 raise BackendError(f"model '{config.name}' did not produce output '{name}'")
             array = np.asarray(outputs[name]) if not isinstance(outputs[name], np.ndarray) else outputs[name]
             tensor = config.output_by_name(name)
+            if tensor is None:  # requests are validated against the config, so only a bug gets here
+                raise BackendError(f"model '{config.name}' has no output '{name}' in its config")
+            if name not in checked:
+                check_output(config, tensor, array, total)
+                checked.add(name)
             if config.batching:
-                if array.ndim == 0 or array.shape[0] != total:
-                    raise BackendError(
-                        f"model '{config.name}': output '{name}' has leading dimension "
-                        f"{array.shape[0] if array.ndim else 'none'} for a batch of {total}"
-                    )
                 array = array[start : start + sizes[position]] if len(batch) > 1 else array
-                if tensor is not None and tensor.reshape is not None:
+                if tensor.reshape is not None:
                     array = array.reshape([sizes[position], *tensor.dims])
-            elif tensor is not None and tensor.reshape is not None:
+            elif tensor.reshape is not None:
                 array = array.reshape(tensor.dims)
             response.outputs[name] = array
         responses.append(response)

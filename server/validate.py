@@ -1,7 +1,9 @@
 """``modeldock validate``: checks model repositories the way a load would, without starting a server.
 
 Every check a load makes before creating instances runs here (config schema, backend, version folders, version
-policy, model files, auto-complete, warm-up samples), so a repository can be checked in CI or before a copy into
+policy, model files, auto-complete, warm-up samples), and each backend checks its model files against the config
+(``Backend.check_model``: the runtime opens the file on the CPU; Python code is imported in a throw-away process
+but its model is not created), so a repository can be checked in CI or before a copy into
 a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
 """
 
@@ -14,7 +16,13 @@ from backends.base import Backend, backend_class
 from server.classification import load_labels
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from server.errors import ModelDockError
-from server.repository import MODEL_FILE_BACKENDS, ModelRepository, guess_backend, version_dirs
+from server.repository import (
+    MODEL_FILE_BACKENDS,
+    ModelRepository,
+    guess_backend,
+    no_versions_reason,
+    version_dirs,
+)
 from server.warmup import warmup_request
 
 
@@ -39,10 +47,18 @@ def model_files(config: ModelConfig, backend_cls: type[Backend], version_dir: Pa
     candidates = [backend_cls.model_path(config, version_dir)]
     if not config.default_model_filename:
         candidates += [version_dir / name for name, backend in MODEL_FILE_BACKENDS if backend == config.backend]
+        candidates += [version_dir / name for name in backend_cls.alternative_model_filenames]
     return candidates
 
 
 def validate_model(model_dir: Path) -> list[Problem]:
+    try:
+        return _validate_model(model_dir)
+    except Exception as exc:  # a check's own bug: one model's problem, and the other models still get checked
+        return [Problem(model_dir.name, str(model_dir), f"cannot be checked: {type(exc).__name__}: {exc}")]
+
+
+def _validate_model(model_dir: Path) -> list[Problem]:
     name = model_dir.name
     config_path = model_dir / CONFIG_FILENAME
     try:
@@ -50,9 +66,12 @@ def validate_model(model_dir: Path) -> list[Problem]:
     except ModelDockError as exc:
         return [_problem(name, config_path, exc.message)]
 
-    available = version_dirs(model_dir)
+    try:
+        available = version_dirs(model_dir)
+    except ModelDockError as exc:
+        return [_problem(name, model_dir, exc.message)]
     if not available:
-        return [_problem(name, model_dir, "no numbered version folders (e.g. 1/)")]
+        return [_problem(name, model_dir, no_versions_reason(model_dir))]
     selected = config.version_policy.select(list(available))
     if not selected:
         return [
@@ -86,6 +105,14 @@ def validate_model(model_dir: Path) -> list[Problem]:
         return [_problem(name, newest, f"{type(exc).__name__}: {exc}")]
     if not config.input or not config.output:
         return [_problem(name, config_path, "field 'input'/'output': not given and the backend cannot infer them")]
+    for version in sorted(selected):
+        try:
+            backend_cls.check_model(config, available[version])
+        except ModelDockError as exc:
+            blamed = config_path if exc.message.startswith(f"{config_path}: ") else available[version]
+            problems.append(_problem(name, blamed, exc.message))
+        except Exception as exc:  # the runtime cannot read the model file: exactly what a load would hit
+            problems.append(_problem(name, available[version], f"{type(exc).__name__}: {exc}"))
 
     try:
         load_labels(config, model_dir)

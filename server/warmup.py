@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
 from backends.base import Backend
-from server.config import ModelConfig, ModelWarmup, WarmupInput
+from server.config import CONFIG_FILENAME, ModelConfig, ModelWarmup, WarmupInput
 from server.dispatcher import ModelInstance, create_instances
 from server.errors import ModelDockError, ModelLoadError
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
@@ -70,28 +71,37 @@ def warmup_request(config: ModelConfig, sample: ModelWarmup, model_dir: Path) ->
     return request
 
 
-def warm_up(config: ModelConfig, model_dir: Path, instances: list[ModelInstance]) -> None:
+def warm_up(
+    config: ModelConfig, model_dir: Path, instances: list[ModelInstance], deadline: float | None = None
+) -> None:
     """Run every warm-up sample ``count`` times on every instance; blocking, so call it from a worker thread.
 
     Samples go through ``ModelInstance.execute`` (on a private event loop, as this is not the server's thread), so
-    they reach the backend exactly as requests do, worker-process instances included.
+    they reach the backend exactly as requests do, worker-process instances included. ``deadline``
+    (``time.monotonic()``) bounds them, so a sample the model never answers fails the load.
     """
     if config.model_warmup:
-        asyncio.run(_warm_up(config, model_dir, instances))
+        asyncio.run(_warm_up(config, model_dir, instances, deadline))
 
 
-async def _warm_up(config: ModelConfig, model_dir: Path, instances: list[ModelInstance]) -> None:
+async def _warm_up(
+    config: ModelConfig, model_dir: Path, instances: list[ModelInstance], deadline: float | None
+) -> None:
     output_names = [t.name for t in config.output]
-    for sample in config.model_warmup:
+    for position, sample in enumerate(config.model_warmup):
+        where = f"{model_dir / CONFIG_FILENAME}: field 'model_warmup[{position}]': model_warmup '{sample.name}' failed"
         try:
             inputs = merge_inputs(config, [warmup_request(config, sample, model_dir)])
             for instance in instances:
                 for _ in range(sample.count):
-                    await instance.execute(inputs, output_names)
+                    timeout_s = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+                    await instance.execute(inputs, output_names, timeout_s)
         except ModelDockError as exc:
-            raise ModelLoadError(f"model_warmup '{sample.name}' failed: {exc.message}") from None
+            if deadline is not None and time.monotonic() >= deadline:
+                where += f" before the load timeout ({config.load_timeout_s}s, parameters.load_timeout_secs)"
+            raise ModelLoadError(f"{where}: {exc.message}") from None
         except Exception as exc:  # the backend rejected the sample: the same failure a client would meet
-            raise ModelLoadError(f"model_warmup '{sample.name}' failed: {type(exc).__name__}: {exc}") from None
+            raise ModelLoadError(f"{where}: {type(exc).__name__}: {exc}") from None
         log.info(
             "model '%s': warm-up '%s' ran %d time(s) on %d instance(s)",
             config.name,
@@ -101,11 +111,13 @@ async def _warm_up(config: ModelConfig, model_dir: Path, instances: list[ModelIn
         )
 
 
-def create_warm_instances(config: ModelConfig, version_dir: Path, backend_cls: type[Backend]) -> list[ModelInstance]:
+def create_warm_instances(
+    config: ModelConfig, version_dir: Path, backend_cls: type[Backend], deadline: float | None = None
+) -> list[ModelInstance]:
     """Load a version's instances and warm them up; on a failed warm-up the instances are released again."""
-    instances = create_instances(config, version_dir, backend_cls)
+    instances = create_instances(config, version_dir, backend_cls, deadline)
     try:
-        warm_up(config, version_dir.parent, instances)
+        warm_up(config, version_dir.parent, instances, deadline)
     except BaseException:
         for instance in instances:
             instance.unload()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, InstanceKind, TimeoutAction, load_model_config
+from server.config import DEFAULT_LOAD_TIMEOUT_S, ConfigError, InstanceKind, TimeoutAction, load_model_config
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:
@@ -88,8 +88,35 @@ def test_defaults_when_file_is_missing(tmp_path: Path) -> None:
         ("instance_group:\n  - {kind: KIND_TPU}\n", "instance_group[0].kind", "KIND_CPU"),
         ("instance_group:\n  - {count: 0}\n", "instance_group[0].count", "greater than or equal"),
         ("version_policy: {latest: {num_versions: 1}, all: {}}\n", "version_policy", "choose one"),
-        ("dynamic_batching: {priority_levels: 2, default_priority_level: 3}\n", "dynamic_batching", "between 1"),
+        (
+            "dynamic_batching: {priority_levels: 2, default_priority_level: 3}\n",
+            "dynamic_batching.default_priority_level",
+            "between 1",
+        ),
         ("name: other\n", "name", "does not match"),
+        ("input:\n  - {name: x, data_type: TYPE_FP32, dims: [4, 0]}\n", "input[0].dims", ">= 1"),
+        (
+            "max_batch_size: 8\ndynamic_batching: {preferred_batch_size: [4, 16]}\n",
+            "dynamic_batching.preferred_batch_size",
+            "[16] larger than max_batch_size (8)",
+        ),
+        (
+            "input:\n  - {name: x, data_type: TYPE_FP32, dims: [1]}\n  - {name: x, data_type: TYPE_FP32, dims: [1]}\n",
+            "input",
+            "duplicate input names: ['x']",
+        ),
+        (
+            "input:\n  - {name: x, data_type: TYPE_FP32, dims: [1]}\n"
+            "output:\n  - {name: y, data_type: TYPE_FP32, dims: [1]}\n  - {name: x, data_type: TYPE_FP32, dims: [1]}\n",
+            "output[1].name",
+            "'x' is also the name of an input",
+        ),
+        (
+            "dynamic_batching: {priority_levels: 0, default_priority_level: 2}\n",
+            "dynamic_batching.default_priority_level",
+            "needs priority_levels > 0",
+        ),
+        ("parameters: {load_timeout_secs: soon}\n", "parameters.load_timeout_secs", "whole number of seconds"),
     ],
 )
 def test_bad_config_names_file_and_field(tmp_path: Path, text: str, field: str, words: str) -> None:
@@ -112,3 +139,16 @@ def test_config_must_be_a_mapping(tmp_path: Path) -> None:
     model_dir = write(tmp_path, "m", "- just\n- a list\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_model_config(model_dir)
+
+
+def test_binary_config_is_a_config_error(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    (model_dir / "config.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    with pytest.raises(ConfigError, match=r"config.yaml: not UTF-8 text"):
+        load_model_config(model_dir)
+
+
+def test_load_timeout_parameter(tmp_path: Path) -> None:
+    assert load_model_config(write(tmp_path, "default", "")).load_timeout_s == DEFAULT_LOAD_TIMEOUT_S
+    assert load_model_config(write(tmp_path, "set", "parameters: {load_timeout_secs: 7}\n")).load_timeout_s == 7

@@ -85,6 +85,54 @@ def _dims_from_ort(shape: list[object]) -> list[int]:
     return [d if isinstance(d, int) and d >= 0 else -1 for d in shape]
 
 
+def check_config_matches(config: ModelConfig, session: ort.InferenceSession, path: Path) -> None:
+    """Fail the load when ``input``/``output`` in the config do not describe the ONNX graph.
+
+    A mismatch would otherwise load as READY and fail every request, or reject every request the metadata
+    endpoint tells clients to send; the error names the field to fix.
+    """
+    source = path.parent.parent / "config.yaml"
+    for kind, args in (("input", session.get_inputs()), ("output", session.get_outputs())):
+        graph = {arg.name: arg for arg in args}
+        for position, tensor in enumerate(getattr(config, kind)):
+            field = f"{kind}[{position}]"
+            arg = graph.get(tensor.name)
+            if arg is None:
+                raise ConfigError(
+                    f"{source}: field '{field}.name': '{tensor.name}' is not an {kind} of {path.name} "
+                    f"(its {kind}s: {sorted(graph)})"
+                )
+            graph_type = _ORT_TO_CONFIG.get(arg.type, arg.type)
+            if graph_type != tensor.data_type:
+                raise ConfigError(
+                    f"{source}: field '{field}.data_type': {tensor.data_type} but {path.name} has {graph_type} "
+                    f"for '{tensor.name}'"
+                )
+            if tensor.allow_ragged_batch:
+                continue  # the model sees every request's elements as one 1-D concatenation
+            graph_dims = _dims_from_ort(list(arg.shape))
+            if config.batching:
+                if not graph_dims or graph_dims[0] != -1:
+                    raise ConfigError(
+                        f"{source}: field 'max_batch_size': {config.max_batch_size} but {kind} '{tensor.name}' of "
+                        f"{path.name} has no variable leading (batch) dimension (shape {graph_dims})"
+                    )
+                graph_dims = graph_dims[1:]
+            dims = tensor.reshape.shape if tensor.reshape is not None else tensor.dims
+            dims_field = f"{field}.reshape.shape" if tensor.reshape is not None else f"{field}.dims"
+            fits = len(dims) == len(graph_dims) and all(g in (-1, d) for d, g in zip(dims, graph_dims, strict=True))
+            if not fits:
+                batch = " after the batch dimension" if config.batching else ""
+                raise ConfigError(
+                    f"{source}: field '{dims_field}': {dims} does not fit {path.name}'s shape {graph_dims}{batch} "
+                    f"for '{tensor.name}'"
+                )
+    known = {t.name for t in config.input} | {item.target_name[0] for item in config.batch_input}
+    missing = [arg.name for arg in session.get_inputs() if arg.name not in known]
+    if missing:
+        raise ConfigError(f"{source}: field 'input': {path.name} needs inputs {missing} that the config leaves out")
+
+
 class OnnxRuntimeBackend(Backend):
     default_model_filename: ClassVar[str] = "model.onnx"
     releases_gil: ClassVar[bool] = True
@@ -115,8 +163,18 @@ class OnnxRuntimeBackend(Backend):
             raise
         except Exception as exc:  # ORT raises its own exception types for every kind of bad file
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+        check_config_matches(config, self.session, path)
         self._input_names = [i.name for i in self.session.get_inputs()]
         self._output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
+        path = cls.model_path(config, version_dir)
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
+        check_config_matches(config, session, path)
 
     @classmethod
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:

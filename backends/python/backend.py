@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Callable, Mapping
+from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
 from typing import Any, ClassVar
@@ -37,9 +36,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend, import_user_module
+from server import errors
 from server.config import ModelConfig, parse_model_config
 from server.devices import Device
-from server.errors import BackendError, ConfigError, ModelLoadError
+from server.errors import BackendError, ConfigError, ModelDockError, ModelLoadError
 
 DEFAULT_CLASS_NAMES = ("TritonPythonModel", "Model")
 
@@ -70,6 +70,61 @@ def _model_class(module: ModuleType, path: Path, config: ModelConfig) -> type:
         if isinstance(cls, type):
             return cls
     raise ModelLoadError(f"{path}: defines no class named {' or '.join(names)} (set parameters.model_class)")
+
+
+def _isolated_main(conn: Connection, function: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    """Body of a throw-away process: run ``function`` and send back its result or its error."""
+    try:
+        result = function(*args)
+    except BaseException as exc:  # user code may raise anything, SystemExit included
+        message = exc.message if isinstance(exc, ModelDockError) else str(exc)
+        conn.send(("error", (type(exc).__name__, message)))
+    else:
+        conn.send(("ok", result))
+
+
+def _run_isolated(function: Callable[..., Any], args: tuple[Any, ...], path: Path, timeout_s: float) -> Any:
+    """``function(*args)`` in a throw-away process, so that importing user code cannot take the server down nor
+    hang it: a process that dies or takes longer than ``timeout_s`` fails with a reason naming ``path``."""
+    context = multiprocessing.get_context("spawn")
+    parent_conn, child_conn = context.Pipe(duplex=False)
+    process = context.Process(target=_isolated_main, args=(child_conn, function, args), daemon=True)
+    process.start()
+    child_conn.close()
+    try:
+        if not parent_conn.poll(timeout_s):
+            process.terminate()
+            process.join(5)
+            if process.is_alive():
+                process.kill()
+            raise ModelLoadError(
+                f"{path}: importing it did not finish within {timeout_s:g}s; a model that needs longer can set "
+                "parameters.load_timeout_secs in config.yaml"
+            )
+        try:
+            status, payload = parent_conn.recv()
+        except EOFError:
+            process.join()
+            raise ModelLoadError(
+                f"{path}: the process importing it died (exit code {process.exitcode}); does the module call "
+                "sys.exit() or os._exit()?"
+            ) from None
+    finally:
+        parent_conn.close()
+        process.join(5)
+    if status == "ok":
+        return payload
+    name, message = payload
+    cls = getattr(errors, name, None)
+    if isinstance(cls, type) and issubclass(cls, ModelLoadError):
+        raise cls(message)
+    raise ModelLoadError(f"{path}: {name}: {message}")
+
+
+def _check_in_worker(path: str, config_json: str) -> None:
+    """Import ``model.py`` and find its class, as a load does, without creating the model."""
+    config = ModelConfig.model_validate_json(config_json)
+    _model_class(_load_module(Path(path), config.name), Path(path), config)
 
 
 def _auto_complete_in_worker(path: str, config_json: str) -> dict[str, Any]:
@@ -119,16 +174,18 @@ class PythonBackend(Backend):
                 raise ModelLoadError(f"{path}: initialize() failed: {type(exc).__name__}: {exc}") from None
 
     @classmethod
+    def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
+        path = cls.model_path(config, version_dir)
+        _run_isolated(_check_in_worker, (str(path), config.model_dump_json()), path, config.load_timeout_s)
+
+    @classmethod
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
         if config.input and config.output:
             return config
         path = cls.model_path(config, version_dir)
         source = f"{version_dir.parent / 'config.yaml'}"
-        try:
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                completed = pool.submit(_auto_complete_in_worker, str(path), config.model_dump_json()).result()
-        except BrokenProcessPool:
-            raise ModelLoadError(f"{path}: the process importing it died while completing the config") from None
+        args = (str(path), config.model_dump_json())
+        completed = _run_isolated(_auto_complete_in_worker, args, path, config.load_timeout_s)
         completed = parse_model_config(completed, f"{source} (as completed by {path.name})", config.name)
         if not completed.input or not completed.output:
             raise ConfigError(

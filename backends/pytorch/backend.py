@@ -37,7 +37,7 @@ import torch
 
 from backends.base import Backend, import_user_module
 from server.config import ModelConfig, TensorConfig
-from server.devices import Device
+from server.devices import CPU, Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
 
 MODEL_FILES = ("model.pt2", "model.pt", "model.py")
@@ -151,6 +151,7 @@ def _exported_program(path: Path) -> torch.export.ExportedProgram:
 
 class PyTorchBackend(Backend):
     default_model_filename: ClassVar[str] = "model.pt"
+    alternative_model_filenames: ClassVar[tuple[str, ...]] = MODEL_FILES
     releases_gil: ClassVar[bool] = True
     supports_gpu: ClassVar[bool] = True
 
@@ -158,6 +159,10 @@ class PyTorchBackend(Backend):
         super().__init__(config, version_dir, device)
         with _LOAD_LOCK:
             self._load()
+
+    @classmethod
+    def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
+        cls(config, version_dir, CPU).unload()
 
     def _load(self) -> None:
         config, version_dir, device = self.config, self.version_dir, self.device
