@@ -6,10 +6,14 @@ whole batch of other clients' requests inside the backend.
 
 from __future__ import annotations
 
+import math
+
 from server.classification import class_count
 from server.config import ModelConfig, TensorConfig
 from server.errors import InvalidInput
+from server.protocol.datatypes import element_size
 from server.protocol.types import InferRequest
+from server.shared_memory import BYTE_SIZE
 
 
 def _dims_match(expected: list[int], actual: tuple[int, ...]) -> bool:
@@ -67,4 +71,19 @@ def validate_request(config: ModelConfig, request: InferRequest) -> None:
             raise InvalidInput(
                 f"unknown output '{requested.name}' requested from model '{config.name}'; it has {sorted(outputs)}"
             )
-        class_count(config, requested.name, requested.parameters)
+        if not class_count(config, requested.name, requested.parameters) and requested.shared_memory is not None:
+            _check_region_fits(config, requested.name, requested.shared_memory.byte_size, batch_size or 1)
+
+
+def _check_region_fits(config: ModelConfig, name: str, byte_size: int, batch_size: int) -> None:
+    """Refuse a shared memory region too small for an output whose size the config fixes before the model runs,
+    rather than run the batch and fail only when writing the result. Variable-size outputs are checked then."""
+    tensor = config.output_by_name(name)
+    if tensor is None or tensor.wire_datatype == "BYTES" or any(d < 0 for d in tensor.dims):
+        return
+    shape = ([batch_size] if config.batching else []) + list(tensor.dims)
+    needed = math.prod(shape) * element_size(tensor.wire_datatype)
+    if byte_size < needed:
+        raise InvalidInput(
+            f"output '{name}': {BYTE_SIZE} is {byte_size} but {tensor.wire_datatype} shape {shape} needs {needed} bytes"
+        )

@@ -358,7 +358,7 @@ def test_register_errors(client: Any, regions: Regions, protocol: str) -> None:
     assert small not in status_rows(client)
 
 
-def test_infer_errors(client: Any, module: ModuleType, regions: Regions, protocol: str) -> None:
+def test_infer_errors(server: ServerProcess, client: Any, module: ModuleType, regions: Regions, protocol: str) -> None:
     invalid = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
     inputs, handle = regions.register("in", 2 * FP32_BYTES)
     shm.set_shared_memory_region(handle, [A, B])
@@ -373,6 +373,7 @@ def test_infer_errors(client: Any, module: ModuleType, regions: Regions, protoco
     assert code == invalid and "input 'INPUT0': shared_memory_byte_size is 32" in message and "64 bytes" in message
 
     small, _ = regions.register("small", 32)
+    before = simple_stats(server)
     code, message = error_of(
         lambda: client.infer(
             "simple",
@@ -381,6 +382,14 @@ def test_infer_errors(client: Any, module: ModuleType, regions: Regions, protoco
         )
     )
     assert code == invalid and "output 'OUTPUT0'" in message and "needs 64 bytes" in message
+    # The output's size is fixed by the config, so the request is refused before the model runs, as a failure.
+    after = simple_stats(server)
+    assert after["execution_count"] == before["execution_count"]
+    assert after["inference_stats"]["fail"]["count"] == before["inference_stats"]["fail"]["count"] + 1
+
+
+def simple_stats(server: ServerProcess) -> dict[str, Any]:
+    return httpx.get(f"{server.url}/v2/models/simple/stats", timeout=10).json()["model_stats"][0]
 
 
 def test_cuda_shared_memory_is_refused_over_http(server: ServerProcess) -> None:
