@@ -5,8 +5,10 @@ it). A folder whose fingerprint differs from the one last acted on is (re)loaded
 unloaded, but only once the fingerprint has stayed the same across two consecutive scans: a model that is still
 being copied keeps changing size or mtime, so half-written files are never loaded.
 
-A plain periodic scan rather than OS file notifications: it behaves the same on bind mounts, network and
-container file systems where inotify events are missing, and the settle check needs a rescan anyway.
+Scans happen every ``--repository-poll-secs``, and sooner when watchfiles reports file events: once the
+folders have been quiet for a moment a scan runs, and a change it sees is confirmed by the next scan after another
+quiet moment. The periodic scan alone is what keeps working where file events never arrive (network and some
+container file systems), so a missing or failing watcher costs only latency.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import logging
 import os
 from pathlib import Path
 
+import watchfiles
+
 from server.errors import ModelDockError
 from server.model_manager import ModelManager
 from server.repository import ModelRepository
@@ -23,6 +27,9 @@ from server.repository import ModelRepository
 log = logging.getLogger(__name__)
 
 Fingerprint = frozenset[tuple[str, int, int]]
+
+# How long the folders must stay free of file events before an event-triggered scan (capped by the poll interval).
+QUIET_S = 1.0
 
 
 def model_fingerprint(model_dir: Path) -> Fingerprint:
@@ -52,6 +59,7 @@ class RepositoryWatcher:
         self._applied: dict[str, Fingerprint] = {}
         self._seen: dict[str, Fingerprint] = {}
         self._loads: set[asyncio.Task[None]] = set()
+        self._file_event = asyncio.Event()
 
     async def prime(self) -> None:
         """Record the state the start-up load is about to read; call before ``ModelManager.load_all``.
@@ -62,12 +70,50 @@ class RepositoryWatcher:
         self._seen = dict(self._applied)
 
     async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
+        stop = asyncio.Event()
+        events = asyncio.create_task(self._follow_file_events(stop))
+        try:
+            while True:
+                await self._wait_for_next_scan()
+                try:
+                    await self.poll_once(wait=False)
+                except Exception:  # a scan failure (e.g. a vanished mount) must not stop watching
+                    log.exception("model repository scan failed")
+        finally:
+            stop.set()
+            events.cancel()
+
+    async def _follow_file_events(self, stop: asyncio.Event) -> None:
+        roots = [str(root) for root in self.manager.repository.roots if root.is_dir()]
+        if not roots:
+            return
+        try:
+            async for _ in watchfiles.awatch(*roots, stop_event=stop, debounce=200, ignore_permission_denied=True):
+                self._file_event.set()
+        except Exception as exc:  # e.g. the inotify watch limit: polling still finds every change
+            log.warning("file events for the model repository are unavailable (%s); polling only", exc)
+
+    def _settling(self) -> bool:
+        """Whether the last scan saw a change that a later scan has yet to confirm."""
+        return any(self._applied.get(name) != fingerprint for name, fingerprint in self._seen.items()) or any(
+            name not in self._seen for name in self._applied
+        )
+
+    async def _wait_for_next_scan(self) -> None:
+        """Until the poll interval is up, or until the folders have been quiet for ``QUIET_S`` after a file event
+        (or after a scan that saw a change settling)."""
+        loop = asyncio.get_running_loop()
+        quiet_s = min(QUIET_S, self.interval_s)
+        latest = loop.time() + self.interval_s
+        due = min(latest, loop.time() + quiet_s) if self._settling() else latest
+        self._file_event.clear()
+        while (remaining := due - loop.time()) > 0:
             try:
-                await self.poll_once(wait=False)
-            except Exception:  # a scan failure (e.g. a vanished mount) must not stop watching
-                log.exception("model repository scan failed")
+                await asyncio.wait_for(self._file_event.wait(), remaining)
+            except TimeoutError:
+                return
+            self._file_event.clear()
+            due = min(latest, loop.time() + quiet_s)
 
     async def poll_once(self, wait: bool = True) -> None:
         """Scan once and start the loads and unloads that are due; ``wait`` for them to finish.

@@ -80,3 +80,20 @@ def test_poll_mode_watches_every_repository(start_server, tmp_path: Path) -> Non
     wait_for(lambda: model_ready(server.url, "two"), what="the model copied into the second repository")
     check_simple_output(infer_simple(None, server.url, "two"))
     check_simple_output(infer_simple(None, server.url, "one"))
+
+
+def test_file_events_trigger_scans_long_before_the_poll_interval(start_server, tmp_path: Path) -> None:
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    server = start_server(repository, "--model-control-mode", "poll", "--repository-poll-secs", "60")
+    time.sleep(0.5)  # let the watcher start following the folder
+    add_simple(tmp_path / "staging", "dropped")
+    started = time.monotonic()
+    shutil.copytree(tmp_path / "staging" / "dropped", repository / "dropped")
+    # A scan after a quiet moment sees it, another after the next quiet moment confirms it: about a second in all.
+    wait_for(lambda: model_ready(server.url, "dropped"), timeout=20, what="the copied model to load on file events")
+    assert time.monotonic() - started < 20
+    check_simple_output(infer_simple(None, server.url, "dropped"))
+
+    shutil.rmtree(repository / "dropped")
+    wait_for(lambda: not model_ready(server.url, "dropped"), timeout=20, what="the removed model to unload")
