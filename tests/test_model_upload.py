@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -14,6 +15,7 @@ import tritonclient.http as triton_http
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import ServerProcess
 from tests.lifecycle_models import BUNDLED_REPOSITORY, add_simple, check_simple_output, index, infer_simple
 
 EXPLICIT = ("--model-control-mode", "explicit")
@@ -27,6 +29,15 @@ def bundled_config(model: str) -> str:
 def staged(tmp: Path) -> list[Path]:
     """The folders the server has written uploaded files into."""
     return sorted(tmp.glob("modeldock-upload-*"))
+
+
+def empty_explicit_server(start_server: Callable[..., ServerProcess], tmp_path: Path) -> tuple[ServerProcess, Path]:
+    """A server in explicit mode on an empty repository, and the temporary folder it stages uploads in."""
+    repository = tmp_path / "repo"
+    repository.mkdir()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    return start_server(repository, *EXPLICIT, env={"TMPDIR": str(tmp)}), tmp
 
 
 def test_http_upload_serves_reloads_and_cleans_up(start_server, tmp_path: Path) -> None:
@@ -69,11 +80,7 @@ def test_http_upload_serves_reloads_and_cleans_up(start_server, tmp_path: Path) 
 
 
 def test_http_upload_refuses_bad_requests(start_server, tmp_path: Path) -> None:
-    repository = tmp_path / "repo"
-    repository.mkdir()
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    server = start_server(repository, *EXPLICIT, env={"TMPDIR": str(tmp)})
+    server, tmp = empty_explicit_server(start_server, tmp_path)
     onnx_b64 = base64.b64encode((BUNDLED_REPOSITORY / "simple" / "1" / "model.onnx").read_bytes()).decode()
 
     def load(parameters: dict[str, object]) -> httpx.Response:
@@ -106,11 +113,7 @@ def test_http_upload_refuses_bad_requests(start_server, tmp_path: Path) -> None:
 
 
 def test_grpc_upload_of_python_backend_model(start_server, tmp_path: Path) -> None:
-    repository = tmp_path / "repo"
-    repository.mkdir()
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    server = start_server(repository, *EXPLICIT, env={"TMPDIR": str(tmp)})
+    server, tmp = empty_explicit_server(start_server, tmp_path)
     client = triton_grpc.InferenceServerClient(server.grpc_url)
     code = (BUNDLED_REPOSITORY / "text_preprocessor" / "1" / "model.py").read_bytes()
 
