@@ -1,8 +1,9 @@
 """Builds the bundled example models with ``onnx.helper`` (and torch) so every file in the repository can be regenerated.
 
-Run ``python model_repository/build.py`` from the repository root; the output is deterministic (fixed seed), so
-regenerating produces the committed files byte for byte. ``torch_mlp`` needs torch to build; without it the script
-leaves the committed file alone and says so. ``text_preprocessor`` is plain Python source, committed as is.
+Run ``python model_repository/build.py`` from the repository root. Seeds are fixed, so the ONNX files come out byte
+for byte as committed; ``model.pt2`` gets the same weights and graph, but torch.export writes a random archive id
+and this script's path into it, so its bytes differ between runs. ``torch_mlp`` needs torch to build; without it
+the script leaves the committed file alone and says so. ``text_preprocessor`` is plain Python source, committed as is.
 """
 
 from __future__ import annotations

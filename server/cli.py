@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 try:  # the faster event loop from uvicorn[standard]; plain asyncio where it is missing (Windows)
@@ -117,6 +119,14 @@ def perf_command(
 
     from server.perf import PerfSettings, run_perf
 
+    # The clients and the plot come from the perf extra, which a server-only install leaves out.
+    missing = [name for name in ("tritonclient", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        Console(stderr=True).print(
+            escape(f'modeldock perf needs {" and ".join(missing)}: pip install "modeldock[perf]"')
+        )
+        raise typer.Exit(code=2)
+
     try:
         levels = [int(c) for c in concurrency.split(",") if c.strip()]
     except ValueError:
@@ -149,14 +159,16 @@ def validate_command(
     models, problems = validate_repositories(paths)
     console = Console()
     if not problems:
-        console.print(f"[green]OK[/green]: {len(models)} model(s) valid: {', '.join(models)}")
+        console.print(f"[green]OK[/green]: {len(models)} model(s) valid: {escape(', '.join(models))}")
         return
     table = Table(title=f"{len(problems)} problem(s) in {len(models)} model(s)", title_justify="left")
     table.add_column("Model")
     table.add_column("File", overflow="fold")
     table.add_column("Problem", overflow="fold")
     for problem in problems:
-        table.add_row(problem.model, problem.file, problem.reason)
+        # Escaped: messages hold brackets, such as the 'pip install "modeldock[tensorrt]"' hint, that rich would
+        # otherwise take for markup and drop.
+        table.add_row(escape(problem.model), escape(problem.file), escape(problem.reason))
     console.print(table)
     raise typer.Exit(code=1)
 

@@ -66,3 +66,11 @@ def test_perf_rejects_bad_concurrency(server: ServerProcess) -> None:
     )
     assert completed.returncode != 0
     assert "concurrency" in completed.stderr
+
+
+def test_perf_without_the_perf_extra_says_how_to_install_it() -> None:
+    # A server-only install has no tritonclient; hide it the way a missing package looks to importlib.
+    script = "import sys; sys.modules['tritonclient'] = None; from server.cli import app; app(['perf', 'simple'])"
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert 'needs tritonclient: pip install "modeldock[perf]"' in completed.stderr

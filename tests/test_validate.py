@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.lifecycle_models import BUNDLED_REPOSITORY, add_simple, append_config
 
@@ -72,3 +75,20 @@ def test_validate_reports_each_problem_with_file_and_field(tmp_path: Path) -> No
     line_with("no_versions", "no numbered version folders")
     assert "6 problem(s) in 7 model(s)" in result.stdout
     assert not any("fine" in line for line in lines)
+
+
+def test_validate_prints_bracketed_text_as_is(tmp_path: Path) -> None:
+    """The table shows messages verbatim: the install hint's 'modeldock[tensorrt]' is not taken for markup."""
+    if importlib.util.find_spec("tensorrt") is not None:
+        pytest.skip("tensorrt is installed, so there is no install hint to show")
+    model_dir = tmp_path / "repo" / "engine"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "1" / "model.plan").write_bytes(b"")
+    (model_dir / "config.yaml").write_text(
+        "backend: tensorrt\nmax_batch_size: 4\ninstance_group: [{count: 1, kind: KIND_GPU, gpus: [0]}]\n"
+        "input:\n  - {name: X, data_type: TYPE_FP32, dims: [4]}\n"
+        "output:\n  - {name: Y, data_type: TYPE_FP32, dims: [4]}\n"
+    )
+    result = validate(tmp_path / "repo")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert 'pip install "modeldock[tensorrt]"' in result.stdout, result.stdout
