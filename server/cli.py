@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -20,6 +19,7 @@ except ImportError:
 
 from server.core import ModelControlMode
 from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.log_settings import LOG_LEVELS
 from server.runtime import ServeSettings, serve
 from server.validate import validate_repositories
 
@@ -63,7 +63,8 @@ def serve_command(
     ] = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> None:
     """Start the server on a model repository."""
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if log_level.lower() not in LOG_LEVELS:
+        raise typer.BadParameter(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
     settings = ServeSettings(
         model_repositories=model_repository,
         host=host,

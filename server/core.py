@@ -12,6 +12,7 @@ from typing import Any
 
 from server import __version__
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
+from server.log_settings import ServerLogging
 from server.metrics import ServerMetrics
 from server.model_manager import ModelManager
 from server.protocol.types import InferRequest, InferResponse
@@ -22,6 +23,7 @@ SERVER_NAME = "modeldock"
 EXTENSIONS = [
     "classification",
     "binary_tensor_data",
+    "logging",
     "model_configuration",
     "model_repository",
     "model_repository(unload_dependents)",
@@ -39,9 +41,15 @@ class ModelControlMode(str, Enum):
 
 
 class InferenceServer:
-    def __init__(self, models: ModelManager, control_mode: ModelControlMode = ModelControlMode.EXPLICIT) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        control_mode: ModelControlMode = ModelControlMode.EXPLICIT,
+        server_logging: ServerLogging | None = None,
+    ) -> None:
         self.models = models
         self.control_mode = control_mode
+        self.logging = server_logging or ServerLogging()
         self.metrics = ServerMetrics(models.statistics)
         # Regions clients registered; the codecs resolve tensors' shared memory parameters against it.
         self.shared_memory = SharedMemoryRegistry()
@@ -55,6 +63,13 @@ class InferenceServer:
         API, do not hold it back: a serving replica must not drop out of its load balancer because a new model
         appeared beside the ones it serves (each model's own readiness says whether that model can serve)."""
         return self.live and self.started
+
+    # -- logging ------------------------------------------------------------------------------------------
+    def log_settings(self) -> dict[str, Any]:
+        return self.logging.current()
+
+    def update_log_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        return self.logging.update(changes)
 
     # -- metadata -----------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:

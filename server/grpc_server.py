@@ -250,8 +250,11 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _unimplemented("tracing", context)
 
-    async def LogSettings(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("changing log settings", context)
+    @_reports_errors
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> Any:
+        changes = grpc_codec.decode_log_settings(request)
+        settings = self.core.update_log_settings(changes) if changes else self.core.log_settings()
+        return grpc_codec.encode_log_settings(settings)
 
 
 def create_grpc_server(

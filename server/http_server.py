@@ -262,6 +262,14 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
         core.shared_memory.unregister(name)
         return Response(status_code=200)
 
+    @app.get("/v2/logging")
+    async def log_settings() -> Response:
+        return _json(core.log_settings())
+
+    @app.post("/v2/logging")
+    async def update_log_settings(request: Request) -> Response:
+        return _json(core.update_log_settings(await _json_body(request)))
+
     @app.get("/v2/cudasharedmemory/status")
     @app.get("/v2/cudasharedmemory/region/{name}/status")
     @app.post("/v2/cudasharedmemory/region/{name}/register")

@@ -15,6 +15,7 @@ from rich.table import Table
 from server.core import InferenceServer, ModelControlMode
 from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
 from server.http_server import create_app
+from server.log_settings import LogSettings, ServerLogging
 from server.model_manager import ModelManager
 from server.repository import ModelRepository
 from server.repository_watcher import RepositoryWatcher
@@ -67,8 +68,10 @@ async def load_initial_models(manager: ModelManager, settings: ServeSettings) ->
 
 
 async def serve(settings: ServeSettings) -> None:
+    server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
+    server_logging.install()
     manager = ModelManager(ModelRepository(settings.model_repositories))
-    core = InferenceServer(manager, settings.model_control_mode)
+    core = InferenceServer(manager, settings.model_control_mode, server_logging)
     watcher: asyncio.Task[None] | None = None
     app = create_app(core)
     if settings.metrics_port:
@@ -82,7 +85,9 @@ async def serve(settings: ServeSettings) -> None:
             app,
             host=settings.host,
             port=settings.http_port,
-            log_level=settings.log_level,
+            log_level=settings.log_level.lower(),
+            # uvicorn's records go to the root handler with everyone else's, under the same log settings.
+            log_config=None,
             access_log=False,
             lifespan="off",
             timeout_keep_alive=30,

@@ -25,8 +25,6 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from server.core import InferenceServer
-
 if TYPE_CHECKING:
     from tests.conftest import ServerProcess
 
@@ -514,21 +512,12 @@ def test_model_not_ready_is_unavailable(client: triton_grpc.InferenceServerClien
 
 
 def test_extensions_not_offered_are_unimplemented(client: triton_grpc.InferenceServerClient) -> None:
-    for call in (
-        client.get_cuda_shared_memory_status,
-        client.get_trace_settings,
-        client.get_log_settings,
-    ):
+    for call in (client.get_cuda_shared_memory_status, client.get_trace_settings):
         code, message = status_of(call)
         assert code == grpc.StatusCode.UNIMPLEMENTED and "not supported" in message
 
 
 def test_statistics(client: triton_grpc.InferenceServerClient) -> None:
-    """UNIMPLEMENTED until the server collects statistics; then the numbers must reflect real requests."""
-    if getattr(InferenceServer, "model_statistics", None) is None:
-        code, message = status_of(lambda: client.get_inference_statistics("simple"))
-        assert code == grpc.StatusCode.UNIMPLEMENTED and "ModelStatistics" in message
-        return
     ones = np.ones((1, 16), np.float32)
     before = client.get_inference_statistics("simple").model_stats[0].inference_count
     client.infer("simple", simple_inputs(ones, ones))

@@ -291,3 +291,27 @@ def decode_load_request(
                 raise InvalidInput(f"load parameter '{key}' must carry the file's content as bytes_param")
             files[key] = parameter.bytes_param
     return override, files
+
+
+def decode_log_settings(request: pb.LogSettingsRequest) -> dict[str, Any]:
+    """The settings a ``LogSettings`` call changes; an empty request only reads them."""
+    changes: dict[str, Any] = {}
+    for name, value in request.settings.items():
+        choice = value.WhichOneof("parameter_choice")
+        if choice is None:
+            raise InvalidInput(f"log setting '{name}' has no value")
+        changes[name] = getattr(value, choice)
+    return changes
+
+
+def encode_log_settings(settings: Mapping[str, Any]) -> pb.LogSettingsResponse:
+    response = pb.LogSettingsResponse()
+    for name, value in settings.items():
+        target = response.settings[name]
+        if isinstance(value, bool):
+            target.bool_param = value
+        elif isinstance(value, int):
+            target.uint32_param = value
+        else:
+            target.string_param = str(value)
+    return response
