@@ -4,7 +4,9 @@ One dispatcher task per model version waits until an instance is idle and only t
 therefore never built ahead while every instance is busy: requests keep accumulating, so batches grow with the
 load instead of being frozen small. Requests wait in one queue per priority level (level 1 served first); a
 batch takes them in priority order, but only those whose inputs have the same non-batch shapes as the oldest
-one (inputs with ``allow_ragged_batch`` may differ), and never more rows than ``max_batch_size``.
+one (inputs with ``allow_ragged_batch`` may differ), and never more rows than ``max_batch_size``. As in Triton, a
+request whose timeout expires with ``timeout_action: DELAY`` waits behind the rest of its own level (still ahead of
+lower levels) and keeps its place in that level's ``max_queue_size``.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ class DynamicBatcher(Scheduler):
             settings.priority_queue_policy.get(level, settings.default_queue_policy)
             for level in range(1, self._levels + 1)
         ]
-        # One queue per level (index 0 is priority 1), then the queue of timed-out DELAY requests.
-        self._queues: list[deque[QueuedRequest]] = [deque() for _ in range(self._levels + 1)]
+        # Two queues per level, in the order batches take from them: level 1, level 1's timed-out DELAY
+        # requests, level 2, level 2's delayed requests, ...
+        self._queues: list[deque[QueuedRequest]] = [deque() for _ in range(2 * self._levels)]
         self._queued = 0
         self._with_deadline = 0
         preferred = sorted(size for size in settings.preferred_batch_size if size <= config.max_batch_size)
@@ -69,8 +72,8 @@ class DynamicBatcher(Scheduler):
         request = pending.request
         level = request.priority if 1 <= request.priority <= self._levels else self._default_level
         policy = self._policies[level - 1]
-        queue = self._queues[level - 1]
-        if policy.max_queue_size and len(queue) >= policy.max_queue_size:
+        queue = self._queues[2 * level - 2]
+        if policy.max_queue_size and len(queue) + len(self._queues[2 * level - 1]) >= policy.max_queue_size:
             raise QueueFull(
                 f"model '{self.config.name}' version {self.version}: queue is full ({policy.max_queue_size} "
                 f"requests waiting at priority level {level}); retry later"
@@ -95,6 +98,18 @@ class DynamicBatcher(Scheduler):
             for name, array in sorted(request.inputs.items())
         )
 
+    def _withdraw(self, pending: PendingRequest) -> bool:
+        for queue in self._queues:
+            for entry in queue:
+                if entry.pending is pending:
+                    queue.remove(entry)
+                    self._queued -= 1
+                    if entry.deadline_ns is not None:
+                        self._with_deadline -= 1
+                    self._arrived.set()  # the head may have changed: the dispatcher looks again
+                    return True
+        return False
+
     async def close(self) -> None:
         self._closed = True
         self._arrived.set()
@@ -111,6 +126,7 @@ class DynamicBatcher(Scheduler):
             for queue in self._queues:
                 for entry in queue:
                     self.stats.dequeued()
+                    self.stats.record_failure([entry.pending.arrival_ns])
                     entry.pending.fail(error)
                 queue.clear()
             self._queued = self._with_deadline = 0
@@ -127,7 +143,11 @@ class DynamicBatcher(Scheduler):
             instance = await self._acquire_instance()
             if instance is None:
                 continue
-            batch = await self._collect()
+            try:
+                batch = await self._collect()
+            except BaseException:
+                self.pool.release(instance)
+                raise
             if not batch:
                 self.pool.release(instance)
                 continue
@@ -151,7 +171,11 @@ class DynamicBatcher(Scheduler):
                 return None
 
     async def _collect(self) -> list[QueuedRequest]:
-        """Wait (at most ``max_queue_delay`` from the oldest request's arrival) for a preferred batch size."""
+        """Wait (at most ``max_queue_delay`` from the oldest request's arrival) for a preferred batch size.
+
+        As in Triton, a batch never grows past the largest preferred size (``max_batch_size`` when none is set),
+        even when more requests have waited out the delay: the preferred sizes are the ones the model runs best at.
+        """
         while True:
             self._expire()
             head = self._head()
@@ -246,17 +270,17 @@ class DynamicBatcher(Scheduler):
         if not self._with_deadline:
             return None
         return min(
-            (e.deadline_ns for q in self._queues[: self._levels] for e in q if e.deadline_ns is not None),
+            (e.deadline_ns for q in self._queues[::2] for e in q if e.deadline_ns is not None),
             default=None,
         )
 
     def _expire(self) -> None:
-        """Reject (REJECT) or move behind everything else (DELAY) the requests past their queue timeout."""
+        """Reject (REJECT) or move behind the rest of their level (DELAY) the requests past their queue timeout."""
         if not self._with_deadline:
             return
         now = time.monotonic_ns()
-        delayed = self._queues[self._levels]
-        for queue in self._queues[: self._levels]:
+        for index in range(0, len(self._queues), 2):
+            queue, delayed = self._queues[index], self._queues[index + 1]
             if not any(e.deadline_ns is not None and e.deadline_ns <= now for e in queue):
                 continue
             keep: list[QueuedRequest] = []

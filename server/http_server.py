@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import logging
 import re
@@ -110,11 +111,56 @@ def _compressed(payload: bytes, encoding: str | None) -> tuple[bytes, dict[str, 
     return payload, {}
 
 
-async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response:
+# How long a request waits for its answer before its connection is watched for the client going away.
+WATCH_DISCONNECT_AFTER_S = 0.05
+
+
+class _DisconnectWatch:
+    """Cancels the task serving a request when its client disconnects, so a request still queued is dropped
+    (as for a cancelled gRPC call) instead of taking a place in a batch for nobody.
+
+    Watching costs a task per request, so it starts only once the request has waited
+    ``WATCH_DISCONNECT_AFTER_S``: quick answers never pay for it, and long waits are the ones worth dropping.
+    """
+
+    def __init__(self, receive: Receive) -> None:
+        self._receive = receive
+        self._task = asyncio.current_task()
+        self._watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+        self._timer = asyncio.get_running_loop().call_later(WATCH_DISCONNECT_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self._watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        # The body has been read, so the next message is the disconnect.
+        if (await self._receive())["type"] == "http.disconnect" and self._task is not None:
+            self.disconnected = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
+
+
+async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response | None:
+    """The response to an inference request, or None when the client disconnected before it was ready."""
     body = _decompressed(await request.body(), request.headers.get("content-encoding"))
     length = parse_header_length(request.headers.get(HEADER_LENGTH))
     infer_request = decode_request(body, length, model, version, core.shared_memory)
-    response = await core.infer(infer_request)
+    watch = _DisconnectWatch(request.receive)
+    try:
+        response = await core.infer(infer_request)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if not watch.disconnected or task is None:
+            raise
+        task.uncancel()
+        return None
+    finally:
+        watch.stop()
     payload, json_length = encode_response(response, infer_request)
     payload, headers = _compressed(payload, _response_encoding(request.headers.get("accept-encoding")))
     if json_length is None:
@@ -142,6 +188,7 @@ class HttpFrontEnd:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
+                response: Response | None
                 try:
                     response = await _infer(self.core, Request(scope, receive), match[1], match[2] or "")
                 except ModelDockError as exc:
@@ -149,7 +196,8 @@ class HttpFrontEnd:
                 except Exception as exc:  # a server bug: answer it as one, keep the connection usable
                     log.exception("inference request failed")
                     response = _error(500, f"internal error: {type(exc).__name__}: {exc}")
-                await response(scope, receive, send)
+                if response is not None:
+                    await response(scope, receive, send)
                 return
         try:
             await self.api(scope, receive, send)

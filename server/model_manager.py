@@ -85,10 +85,14 @@ class ServedVersion:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
         pending = self.scheduler.submit(request)
         classifies = any(classification.PARAMETER in o.parameters for o in request.outputs)
-        async for response in pending.responses():
-            if classifies:
-                classification.classify_response(self.config, request, response, self.labels)
-            yield response
+        try:
+            async for response in pending.responses():
+                if classifies:
+                    classification.classify_response(self.config, request, response, self.labels)
+                yield response
+        finally:
+            # Reached unanswered only when the caller stopped waiting (cancelled, disconnected).
+            self.scheduler.cancel(pending)
 
     async def infer(self, request: InferRequest) -> InferResponse:
         last: InferResponse | None = None

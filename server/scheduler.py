@@ -47,6 +47,10 @@ class PendingRequest:
             self._done = True
             self._responses.put_nowait(_END)
 
+    def cancel(self) -> None:
+        """The client stopped waiting: whatever the request still produces is dropped."""
+        self._done = True
+
     def fail(self, error: BaseException) -> None:
         if self._done:
             return
@@ -89,6 +93,10 @@ class Scheduler(ABC):
     def enqueue(self, pending: PendingRequest) -> None:
         """Accept a request or raise (``QueueFull``) at once; never block the caller."""
 
+    @abstractmethod
+    def _withdraw(self, pending: PendingRequest) -> bool:
+        """Take back a request that has not started executing; False if it already has (or has finished)."""
+
     def submit(self, request: InferRequest) -> PendingRequest:
         if self._closed:
             raise ModelNotReady(f"model '{self.config.name}' version {self.version} is unloading")
@@ -101,6 +109,19 @@ class Scheduler(ABC):
         self.stats.queued()
         return pending
 
+    def cancel(self, pending: PendingRequest) -> None:
+        """The client stopped waiting: its gRPC call was cancelled, or its stream or connection closed.
+
+        As in Triton, a request that has not started is dropped at once (its place in the queue is free again)
+        and counted as failed; one already executing finishes with its batch and only its responses are lost.
+        """
+        if pending.done:
+            return
+        pending.cancel()
+        if self._withdraw(pending):
+            self.stats.dequeued()
+            self.stats.record_failure([pending.arrival_ns])
+
     async def close(self) -> None:
         """Stop taking requests and wait for those already accepted to finish."""
         self._closed = True
@@ -112,15 +133,6 @@ class Scheduler(ABC):
         task = asyncio.ensure_future(coro)  # type: ignore[arg-type]
         self._in_flight.add(task)
         task.add_done_callback(self._in_flight.discard)
-
-    async def run_batch(self, batch: list[PendingRequest]) -> None:
-        """Run requests as one batch on the next idle instance and give each its own slice of the outputs."""
-        instance = await self.pool.acquire()
-        try:
-            outcome = await self._execute_on(instance, batch)
-        finally:
-            self.pool.release(instance)
-        self._deliver(batch, outcome)
 
     async def _execute_on(self, instance: ModelInstance, batch: list[PendingRequest]) -> BatchOutcome:
         """Run one batch; delivery is separate so a scheduler can free the instance before responses go out."""
@@ -157,8 +169,32 @@ class Scheduler(ABC):
 class DirectScheduler(Scheduler):
     """Triton's default scheduler: every request runs on its own, on the next idle instance."""
 
+    def __init__(self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> None:
+        super().__init__(config, version, pool, stats)
+        # Accepted requests still waiting for an instance; a cancelled one leaves this set and is skipped.
+        self._waiting: set[PendingRequest] = set()
+
     def enqueue(self, pending: PendingRequest) -> None:
-        self._spawn(self.run_batch([pending]))
+        self._waiting.add(pending)
+        self._spawn(self._run(pending))
+
+    def _withdraw(self, pending: PendingRequest) -> bool:
+        if pending not in self._waiting:
+            return False
+        self._waiting.remove(pending)
+        return True
+
+    async def _run(self, pending: PendingRequest) -> None:
+        """Run one request on the next idle instance, unless its client left while it waited for one."""
+        instance = await self.pool.acquire()
+        if not self._withdraw(pending):
+            self.pool.release(instance)
+            return
+        try:
+            outcome = await self._execute_on(instance, [pending])
+        finally:
+            self.pool.release(instance)
+        self._deliver([pending], outcome)
 
 
 def requested_output_names(config: ModelConfig, requests: list[InferRequest]) -> list[str]:

@@ -21,7 +21,7 @@ class SleepBackend(Backend):
     """Sleeps ``parameters.sleep_ms`` per batch (releasing the GIL, as real backends do) and returns 2 * INPUT.
 
     With ``parameters.sleep_from_input: true`` a batch sleeps as many milliseconds as its first input value, so a
-    test can make one batch outlast another.
+    test can make one batch outlast another. A batch with a negative input value fails, as a backend bug would.
     """
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
@@ -33,5 +33,7 @@ class SleepBackend(Backend):
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         self.batches.append(tuple(inputs["INPUT"].shape))
+        if (inputs["INPUT"] < 0).any():
+            raise ValueError("negative input")
         time.sleep(float(inputs["INPUT"].flat[0]) / 1000 if self.sleep_from_input else self.sleep_s)
         return {"OUTPUT": inputs["INPUT"] * 2}

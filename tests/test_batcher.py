@@ -13,8 +13,8 @@ import pytest
 from server.batcher import DynamicBatcher
 from server.config import ModelConfig, parse_model_config
 from server.dispatcher import InstancePool, create_instances
-from server.errors import ConfigError, QueueFull, RequestTimeout
-from server.model_manager import make_scheduler
+from server.errors import BackendError, ConfigError, QueueFull, RequestTimeout
+from server.model_manager import ServedVersion, make_scheduler
 from server.protocol.types import InferRequest
 from server.scheduler import DirectScheduler, PendingRequest, merge_inputs
 from tests.slow_backend import SleepBackend
@@ -169,7 +169,7 @@ async def test_delayed_request_moves_behind_the_others(tmp_path: Path) -> None:
         max_batch_size=1,
         priority_levels=2,
         default_priority_level=2,
-        priority_queue_policy={1: {"default_timeout_microseconds": 50_000, "timeout_action": "DELAY"}},
+        priority_queue_policy={1: {"allow_timeout_override": True, "timeout_action": "DELAY"}},
     )
     batcher = make_batcher(tmp_path, config)
     finished: list[str] = []
@@ -180,9 +180,9 @@ async def test_delayed_request_moves_behind_the_others(tmp_path: Path) -> None:
 
     blocker = asyncio.create_task(run("blocker", batcher.submit(request(0))))
     await asyncio.sleep(0.02)
-    delayed = asyncio.create_task(run("delayed", batcher.submit(request(1, priority=1))))
-    await asyncio.sleep(0.1)  # past the 50 ms timeout: moved behind the queued requests
-    normal = asyncio.create_task(run("normal", batcher.submit(request(2, priority=2))))
+    delayed = asyncio.create_task(run("delayed", batcher.submit(request(1, priority=1, timeout=50_000))))
+    await asyncio.sleep(0.1)  # past the 50 ms timeout: moved behind the queued requests of its level
+    normal = asyncio.create_task(run("normal", batcher.submit(request(2, priority=1))))
     await asyncio.gather(blocker, delayed, normal)
     assert finished == ["blocker", "normal", "delayed"]
     await batcher.close()
@@ -279,3 +279,183 @@ def test_batch_input_must_name_an_input() -> None:
     data["batch_input"][0]["source_input"] = ["NOPE"]
     with pytest.raises(ConfigError, match="source_input 'NOPE'"):
         parse_model_config(data, "test config", "ragged")
+
+
+async def test_cancelled_request_leaves_the_queue_and_never_runs(tmp_path: Path) -> None:
+    config = model_config(sleep_ms=200, max_batch_size=1, default_queue_policy={"max_queue_size": 1})
+    batcher = make_batcher(tmp_path, config)
+    blocker = batcher.submit(request(0))
+    await asyncio.sleep(0.03)
+    abandoned = batcher.submit(request(1))
+    batcher.cancel(abandoned)
+    # Its place in the queue is free at once: the queue holds one request.
+    waiting = batcher.submit(request(2))
+    assert batcher.stats.pending == 1
+    outputs = await asyncio.wait_for(asyncio.gather(result(blocker), result(waiting)), 5)
+    assert [float(o[0, 0]) for o in outputs] == [0, 4]
+    assert executed_shapes(batcher) == [(1, 4), (1, 4)]
+    stats = batcher.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (2, 1)
+    assert batcher.stats.pending == 0
+    await batcher.close()
+
+
+async def test_cancelled_request_in_a_running_batch_only_loses_its_answer(tmp_path: Path) -> None:
+    batcher = make_batcher(tmp_path, model_config(sleep_ms=200))
+    running = batcher.submit(request(1))
+    await asyncio.sleep(0.03)
+    batcher.cancel(running)
+    batcher.cancel(running)  # a second cancel changes nothing
+    await asyncio.wait_for(batcher.close(), 5)
+    assert executed_shapes(batcher) == [(1, 4)]
+    stats = batcher.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 0)
+    assert batcher.stats.pending == 0
+
+
+async def test_cancelled_request_of_the_direct_scheduler_never_runs(tmp_path: Path) -> None:
+    config = model_config(sleep_ms=200).model_copy(update={"dynamic_batching": None})
+    scheduler = make_scheduler(config, "1", InstancePool(create_instances(config, tmp_path, SleepBackend)))
+    assert isinstance(scheduler, DirectScheduler)
+    blocker = scheduler.submit(request(0))
+    await asyncio.sleep(0.03)
+    abandoned = scheduler.submit(request(1))
+    scheduler.cancel(abandoned)
+    assert scheduler.stats.pending == 0
+    await asyncio.wait_for(result(blocker), 5)
+    await asyncio.wait_for(scheduler.close(), 5)
+    assert [len(i.backend.batches) for i in scheduler.pool.instances] == [1]  # type: ignore[attr-defined]
+    stats = scheduler.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 1)
+    assert scheduler.stats.pending == 0
+
+
+async def test_consumer_cancelled_while_queued_cancels_the_request(tmp_path: Path) -> None:
+    config = model_config(sleep_ms=200, max_batch_size=1)
+    pool = InstancePool(create_instances(config, tmp_path, SleepBackend))
+    served = ServedVersion(config, 1, SleepBackend, pool, tmp_path)
+    blocker = asyncio.ensure_future(served.infer(request(0)))
+    await asyncio.sleep(0.03)
+    client = asyncio.ensure_future(served.infer(request(1)))
+    await asyncio.sleep(0.03)
+    client.cancel()  # what a cancelled gRPC call or a closed stream does to its handler
+    await asyncio.wait_for(blocker, 5)
+    await asyncio.wait_for(served.close(), 5)
+    assert [len(i.backend.batches) for i in pool.instances] == [1]  # type: ignore[attr-defined]
+    stats = served.scheduler.stats
+    assert (stats.success.count, stats.fail.count, stats.pending) == (1, 1, 0)
+
+
+async def test_delayed_request_counts_against_the_queue_size(tmp_path: Path) -> None:
+    policy = {"max_queue_size": 1, "default_timeout_microseconds": 30_000, "timeout_action": "DELAY"}
+    batcher = make_batcher(tmp_path, model_config(sleep_ms=300, max_batch_size=1, default_queue_policy=policy))
+    blocker = batcher.submit(request(0))
+    await asyncio.sleep(0.02)
+    delayed = batcher.submit(request(1))
+    await asyncio.sleep(0.1)  # past its timeout: delayed, but still waiting in the queue
+    with pytest.raises(QueueFull):
+        batcher.submit(request(2))
+    await asyncio.wait_for(asyncio.gather(result(blocker), result(delayed)), 5)
+    await batcher.close()
+
+
+async def test_delayed_request_stays_ahead_of_lower_priority_levels(tmp_path: Path) -> None:
+    config = model_config(
+        sleep_ms=300,
+        max_batch_size=1,
+        priority_levels=2,
+        default_priority_level=2,
+        priority_queue_policy={1: {"default_timeout_microseconds": 50_000, "timeout_action": "DELAY"}},
+    )
+    batcher = make_batcher(tmp_path, config)
+    finished: list[str] = []
+
+    async def run(name: str, pending: PendingRequest) -> None:
+        await result(pending)
+        finished.append(name)
+
+    blocker = asyncio.create_task(run("blocker", batcher.submit(request(0))))
+    await asyncio.sleep(0.02)
+    low = asyncio.create_task(run("low", batcher.submit(request(1, priority=2))))
+    delayed = asyncio.create_task(run("delayed", batcher.submit(request(2, priority=1))))
+    await asyncio.wait_for(asyncio.gather(blocker, low, delayed), 5)
+    # Triton delays a timed-out request behind its own level and the levels above it, never below.
+    assert finished == ["blocker", "delayed", "low"]
+    await batcher.close()
+
+
+async def test_batch_stays_at_the_preferred_size_after_the_queue_delay(tmp_path: Path) -> None:
+    config = model_config(sleep_ms=200, preferred_batch_size=[2], max_queue_delay_microseconds=50_000)
+    batcher = make_batcher(tmp_path, config)
+    blocker = batcher.submit(request(0))
+    await asyncio.sleep(0.1)  # the blocker waited out the delay and runs alone
+    rest = [batcher.submit(request(i)) for i in range(1, 7)]
+    await asyncio.wait_for(asyncio.gather(result(blocker), *(result(p) for p in rest)), 5)
+    # The six waited past the delay behind the blocker; as in Triton, batches are still cut at the preferred 2.
+    assert executed_shapes(batcher) == [(1, 4), (2, 4), (2, 4), (2, 4)]
+    await batcher.close()
+
+
+async def test_preferred_batch_is_sent_before_the_queue_delay(tmp_path: Path) -> None:
+    config = model_config(preferred_batch_size=[2], max_queue_delay_microseconds=1_000_000)
+    batcher = make_batcher(tmp_path, config)
+    begin = time.monotonic()
+    pending = [batcher.submit(request(i)) for i in range(5)]
+    await asyncio.wait_for(asyncio.gather(*(result(p) for p in pending[:4])), 5)
+    assert time.monotonic() - begin < 0.5
+    await asyncio.wait_for(result(pending[4]), 5)
+    assert executed_shapes(batcher) == [(2, 4), (2, 4), (1, 4)]
+    await batcher.close()
+
+
+async def test_batcher_bug_fails_the_waiting_requests_and_keeps_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    batcher = make_batcher(tmp_path, model_config(max_queue_delay_microseconds=20_000))
+    original = DynamicBatcher._take
+
+    def broken_take(self: DynamicBatcher, head: Any) -> Any:
+        monkeypatch.setattr(DynamicBatcher, "_take", original)
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(DynamicBatcher, "_take", broken_take)
+    failed = [batcher.submit(request(i)) for i in range(3)]
+    for pending in failed:
+        with pytest.raises(BackendError, match="dynamic batcher failed"):
+            await asyncio.wait_for(result(pending), 5)
+    # The instance the failed dispatcher held is back: the next request is served.
+    output = await asyncio.wait_for(result(batcher.submit(request(5))), 5)
+    assert float(output[0, 0]) == 10
+    stats = batcher.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 3)
+    assert batcher.stats.pending == 0
+    await batcher.close()
+
+
+async def test_backend_error_fails_its_batch_only(tmp_path: Path) -> None:
+    batcher = make_batcher(tmp_path, model_config(sleep_ms=100))
+    first = batcher.submit(request(1))
+    await asyncio.sleep(0.03)
+    doomed = [batcher.submit(request(-1)), batcher.submit(request(2))]  # a negative input fails its batch
+    await asyncio.sleep(0.03)
+    await asyncio.wait_for(result(first), 5)
+    for pending in doomed:
+        with pytest.raises(BackendError, match="negative input"):
+            await asyncio.wait_for(result(pending), 5)
+    after = await asyncio.wait_for(result(batcher.submit(request(3))), 5)
+    assert float(after[0, 0]) == 6
+    stats = batcher.stats.to_json()
+    assert (stats["inference_stats"]["success"]["count"], stats["inference_stats"]["fail"]["count"]) == (2, 2)
+    assert stats["execution_count"] == 2
+    assert batcher.stats.pending == 0
+    await batcher.close()
+
+
+async def test_timeout_does_not_touch_a_request_already_executing(tmp_path: Path) -> None:
+    config = model_config(sleep_ms=300, default_queue_policy={"default_timeout_microseconds": 100_000})
+    batcher = make_batcher(tmp_path, config)
+    output = await asyncio.wait_for(result(batcher.submit(request(1))), 5)
+    assert float(output[0, 0]) == 2
+    stats = batcher.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 0)
+    await batcher.close()

@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import onnx
 import pytest
 import yaml
 from onnx import TensorProto, helper
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from tests.conftest import ServerProcess
 
@@ -129,6 +131,8 @@ def batching_server(
     write_model(
         repository, "sleepy_queue", sleepy_config(500, max_batch_size=1, default_queue_policy={"max_queue_size": 1})
     )
+    for name in ("sleepy_grpc_cancel", "sleepy_stream_close", "sleepy_http_close"):
+        write_model(repository, name, sleepy_config(1000, max_batch_size=1, default_queue_policy={"max_queue_size": 1}))
     write_model(
         repository,
         "sleepy_timeout",
@@ -223,3 +227,91 @@ async def test_queue_timeout_answers_503(batching_server: ServerProcess) -> None
         assert timed_out.status_code == 503
         assert "timed out" in timed_out.json()["error"]
         assert (await running).status_code == 200
+
+
+def grpc_request(model: str) -> service_pb2.ModelInferRequest:
+    data = np.ones((1, 4), dtype=np.float32)
+    request = service_pb2.ModelInferRequest(model_name=model)
+    request.inputs.add(name="INPUT", datatype="FP32", shape=[1, 4])
+    request.raw_input_contents.append(data.tobytes())
+    return request
+
+
+async def wait_for_pending(client: httpx.AsyncClient, model: str, count: int) -> None:
+    """Until the model's pending-request gauge reads ``count`` (it drops when a cancelled request is dropped)."""
+    pattern = f'nv_inference_pending_request_count{{model="{model}",version="1"}} {float(count)}'
+    for _ in range(100):
+        if pattern in (await client.get("/metrics")).text:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"{model}: pending requests never reached {count}")
+
+
+async def check_cancelled_request_was_dropped(client: httpx.AsyncClient, model: str) -> None:
+    """With one request running and the cancelled one gone from the queue, the queue (size 1) has room again."""
+    data = np.ones((1, 4), dtype=np.float32)
+    await wait_for_pending(client, model, 0)
+    queued = await client.post(f"/v2/models/{model}/infer", json=body(data))
+    assert queued.status_code == 200, queued.text
+    stats = (await client.get(f"/v2/models/{model}/stats")).json()["model_stats"][0]
+    # The running request and the one queued after the cancel ran; the cancelled one did not.
+    assert stats["inference_count"] == 2
+    assert stats["inference_stats"]["success"]["count"] == 2
+    assert stats["inference_stats"]["fail"]["count"] == 1
+    await wait_for_pending(client, model, 0)
+
+
+async def test_cancelled_grpc_call_leaves_the_queue(batching_server: ServerProcess) -> None:
+    model = "sleepy_grpc_cancel"
+    data = np.ones((1, 4), dtype=np.float32)
+    async with (
+        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
+        grpc.aio.insecure_channel(batching_server.grpc_url) as channel,
+    ):
+        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request(model))
+        await wait_for_pending(client, model, 1)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
+        assert (await running).status_code == 200
+        await followers
+
+
+async def test_closed_grpc_stream_leaves_the_queue(batching_server: ServerProcess) -> None:
+    model = "sleepy_stream_close"
+    data = np.ones((1, 4), dtype=np.float32)
+    async with (
+        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
+        grpc.aio.insecure_channel(batching_server.grpc_url) as channel,
+    ):
+        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
+        await stream.write(grpc_request(model))
+        await wait_for_pending(client, model, 1)
+        stream.cancel()
+        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
+        assert (await running).status_code == 200
+        await followers
+
+
+async def test_closed_http_connection_leaves_the_queue(batching_server: ServerProcess) -> None:
+    model = "sleepy_http_close"
+    data = np.ones((1, 4), dtype=np.float32)
+    async with (
+        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
+        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as impatient,
+    ):
+        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        abandoned = asyncio.create_task(impatient.post(f"/v2/models/{model}/infer", json=body(data)))
+        await wait_for_pending(client, model, 1)
+        abandoned.cancel()  # httpx closes the connection of a request it gives up on
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
+        assert (await running).status_code == 200
+        await followers
