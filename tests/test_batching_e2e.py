@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,57 +261,52 @@ async def check_cancelled_request_was_dropped(client: httpx.AsyncClient, model: 
     await wait_for_pending(client, model, 0)
 
 
-async def test_cancelled_grpc_call_leaves_the_queue(batching_server: ServerProcess) -> None:
-    model = "sleepy_grpc_cancel"
-    data = np.ones((1, 4), dtype=np.float32)
-    async with (
-        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
-        grpc.aio.insecure_channel(batching_server.grpc_url) as channel,
-    ):
-        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
-        await asyncio.sleep(0.1)
+async def abandon_grpc_call(server: ServerProcess, client: httpx.AsyncClient, model: str) -> None:
+    async with grpc.aio.insecure_channel(server.grpc_url) as channel:
         call = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(grpc_request(model))
         await wait_for_pending(client, model, 1)
         call.cancel()
         with pytest.raises(asyncio.CancelledError):
             await call
-        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
-        assert (await running).status_code == 200
-        await followers
 
 
-async def test_closed_grpc_stream_leaves_the_queue(batching_server: ServerProcess) -> None:
-    model = "sleepy_stream_close"
-    data = np.ones((1, 4), dtype=np.float32)
-    async with (
-        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
-        grpc.aio.insecure_channel(batching_server.grpc_url) as channel,
-    ):
-        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
-        await asyncio.sleep(0.1)
+async def abandon_grpc_stream(server: ServerProcess, client: httpx.AsyncClient, model: str) -> None:
+    async with grpc.aio.insecure_channel(server.grpc_url) as channel:
         stream = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer()
         await stream.write(grpc_request(model))
         await wait_for_pending(client, model, 1)
         stream.cancel()
-        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
-        assert (await running).status_code == 200
-        await followers
 
 
-async def test_closed_http_connection_leaves_the_queue(batching_server: ServerProcess) -> None:
-    model = "sleepy_http_close"
+async def abandon_http_request(server: ServerProcess, client: httpx.AsyncClient, model: str) -> None:
     data = np.ones((1, 4), dtype=np.float32)
-    async with (
-        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client,
-        httpx.AsyncClient(base_url=batching_server.url, timeout=30) as impatient,
-    ):
-        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
-        await asyncio.sleep(0.1)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as impatient:
         abandoned = asyncio.create_task(impatient.post(f"/v2/models/{model}/infer", json=body(data)))
         await wait_for_pending(client, model, 1)
         abandoned.cancel()  # httpx closes the connection of a request it gives up on
         with pytest.raises(asyncio.CancelledError):
             await abandoned
+
+
+@pytest.mark.parametrize(
+    ("model", "abandon"),
+    [
+        ("sleepy_grpc_cancel", abandon_grpc_call),
+        ("sleepy_stream_close", abandon_grpc_stream),
+        ("sleepy_http_close", abandon_http_request),
+    ],
+    ids=["cancelled-grpc-call", "closed-grpc-stream", "closed-http-connection"],
+)
+async def test_request_whose_client_left_leaves_the_queue(
+    batching_server: ServerProcess,
+    model: str,
+    abandon: Callable[[ServerProcess, httpx.AsyncClient, str], Awaitable[None]],
+) -> None:
+    data = np.ones((1, 4), dtype=np.float32)
+    async with httpx.AsyncClient(base_url=batching_server.url, timeout=30) as client:
+        running = asyncio.create_task(client.post(f"/v2/models/{model}/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        await abandon(batching_server, client, model)
         followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
         assert (await running).status_code == 200
         await followers
