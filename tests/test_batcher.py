@@ -16,7 +16,7 @@ from server.dispatcher import InstancePool, create_instances
 from server.errors import BackendError, ConfigError, QueueFull, RequestTimeout
 from server.model_manager import ServedVersion, make_scheduler
 from server.protocol.types import InferRequest
-from server.scheduler import DirectScheduler, PendingRequest, merge_inputs
+from server.scheduler import DirectScheduler, PendingRequest, Scheduler, merge_inputs
 from tests.slow_backend import SleepBackend
 
 
@@ -281,6 +281,13 @@ def test_batch_input_must_name_an_input() -> None:
         parse_model_config(data, "test config", "ragged")
 
 
+def assert_settled(batcher: Scheduler, succeeded: int, failed: int) -> None:
+    """Every request is counted once, with its outcome, and none is left pending."""
+    stats = batcher.stats.to_json()["inference_stats"]
+    assert (stats["success"]["count"], stats["fail"]["count"]) == (succeeded, failed)
+    assert batcher.stats.pending == 0
+
+
 async def test_cancelled_request_leaves_the_queue_and_never_runs(tmp_path: Path) -> None:
     config = model_config(sleep_ms=200, max_batch_size=1, default_queue_policy={"max_queue_size": 1})
     batcher = make_batcher(tmp_path, config)
@@ -294,9 +301,7 @@ async def test_cancelled_request_leaves_the_queue_and_never_runs(tmp_path: Path)
     outputs = await asyncio.wait_for(asyncio.gather(result(blocker), result(waiting)), 5)
     assert [float(o[0, 0]) for o in outputs] == [0, 4]
     assert executed_shapes(batcher) == [(1, 4), (1, 4)]
-    stats = batcher.stats.to_json()["inference_stats"]
-    assert (stats["success"]["count"], stats["fail"]["count"]) == (2, 1)
-    assert batcher.stats.pending == 0
+    assert_settled(batcher, succeeded=2, failed=1)
     await batcher.close()
 
 
@@ -308,9 +313,7 @@ async def test_cancelled_request_in_a_running_batch_only_loses_its_answer(tmp_pa
     batcher.cancel(running)  # a second cancel changes nothing
     await asyncio.wait_for(batcher.close(), 5)
     assert executed_shapes(batcher) == [(1, 4)]
-    stats = batcher.stats.to_json()["inference_stats"]
-    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 0)
-    assert batcher.stats.pending == 0
+    assert_settled(batcher, succeeded=1, failed=0)
 
 
 async def test_cancelled_request_of_the_direct_scheduler_never_runs(tmp_path: Path) -> None:
@@ -426,9 +429,7 @@ async def test_batcher_bug_fails_the_waiting_requests_and_keeps_serving(
     # The instance the failed dispatcher held is back: the next request is served.
     output = await asyncio.wait_for(result(batcher.submit(request(5))), 5)
     assert float(output[0, 0]) == 10
-    stats = batcher.stats.to_json()["inference_stats"]
-    assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 3)
-    assert batcher.stats.pending == 0
+    assert_settled(batcher, succeeded=1, failed=3)
     await batcher.close()
 
 
