@@ -135,8 +135,7 @@ class DynamicBatching(_Strict):
         elif self.default_priority_level:
             raise FieldProblem(
                 "default_priority_level",
-                f"{self.default_priority_level} needs priority_levels > 0 (default_priority_level and "
-                "priority_queue_policy need priority_levels > 0)",
+                f"{self.default_priority_level} needs priority_levels > 0",
             )
         elif self.priority_queue_policy:
             raise FieldProblem(
