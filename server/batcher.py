@@ -22,7 +22,7 @@ from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, QueueFull, RequestTimeout
 from server.protocol.types import InferRequest
 from server.scheduler import PendingRequest, Scheduler
-from server.stats import ModelStats
+from server.stats import FailureReason, ModelStats
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class DynamicBatcher(Scheduler):
             for queue in self._queues:
                 for entry in queue:
                     self.stats.dequeued()
-                    self.stats.record_failure([entry.pending.arrival_ns])
+                    self.stats.record_failure([entry.pending.arrival_ns], FailureReason.OTHER)
                     entry.pending.fail(error)
                 queue.clear()
             self._queued = self._with_deadline = 0
@@ -295,7 +295,7 @@ class DynamicBatcher(Scheduler):
                     continue
                 self._queued -= 1
                 self.stats.dequeued()
-                self.stats.record_failure([entry.pending.arrival_ns], now)
+                self.stats.record_failure([entry.pending.arrival_ns], FailureReason.REJECTED, now)
                 entry.pending.fail(
                     RequestTimeout(
                         f"request to model '{self.config.name}' timed out after waiting {entry.timeout_us} us in "

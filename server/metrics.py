@@ -18,16 +18,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from server.stats import ModelStats, StatisticsRegistry
+from server.stats import FailureReason, ModelStats, StatisticsRegistry
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 __all__ = ["CONTENT_TYPE_LATEST", "ServerMetrics"]
 
-# name, help, type, how to read the value from a ModelStats.
+# name, help, type, how to read the value from a ModelStats (a dict by failure reason gives one sample per reason,
+# labelled ``reason`` as in Triton).
 _FAMILIES: list[tuple[str, str, str, object]] = [
     ("nv_inference_request_success", "Number of successful inference requests", "counter", lambda s: s.success.count),
-    ("nv_inference_request_failure", "Number of failed inference requests", "counter", lambda s: s.fail.count),
+    ("nv_inference_request_failure", "Number of failed inference requests", "counter", lambda s: s.failures),
     (
         "nv_inference_count",
         "Number of inferences performed (batch size counted)",
@@ -41,10 +42,11 @@ _FAMILIES: list[tuple[str, str, str, object]] = [
         lambda s: s.execution_count,
     ),
     (
+        # Successful requests only, as in Triton: the request time of failed ones is in the statistics' ``fail``.
         "nv_inference_request_duration_us",
         "Cumulative inference request duration in microseconds",
         "counter",
-        lambda s: (s.success.ns + s.fail.ns) // 1000,
+        lambda s: s.success.ns // 1000,
     ),
     (
         "nv_inference_queue_duration_us",
@@ -88,7 +90,12 @@ class _StatisticsCollector(Collector):
         for name, documentation, kind, read in _FAMILIES:
             family = Metric(name, documentation, kind)
             for stats in all_stats:
-                family.add_sample(name, _labels(stats), float(read(stats)))  # type: ignore[operator]
+                value = read(stats)  # type: ignore[operator]
+                if isinstance(value, dict):
+                    for reason in FailureReason:
+                        family.add_sample(name, _failure_labels(stats, reason), float(value[reason]))
+                else:
+                    family.add_sample(name, _labels(stats), float(value))
             yield family
         histogram = HistogramMetricFamily(
             "modeldock_inference_batch_size", "Number of inferences in each executed batch", labels=["model", "version"]
@@ -106,6 +113,11 @@ class _StatisticsCollector(Collector):
 
 def _labels(stats: ModelStats) -> dict[str, str]:
     return {"model": stats.name, "version": stats.version}
+
+
+def _failure_labels(stats: ModelStats, reason: FailureReason) -> dict[str, str]:
+    # Triton's order (its labels are sorted), so a failure line reads exactly as Triton writes it.
+    return {"model": stats.name, "reason": reason.value, "version": stats.version}
 
 
 # prometheus-client names a counter family ``<name>_total`` in its HELP/TYPE lines; Triton's counters have no

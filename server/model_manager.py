@@ -35,7 +35,7 @@ from server.load_request import discard_staged, stage_model_files
 from server.protocol.types import InferRequest, InferResponse
 from server.repository import ModelRepository, guess_backend, no_versions_reason, version_dirs
 from server.scheduler import DirectScheduler, Scheduler
-from server.stats import ModelStats, StatisticsRegistry
+from server.stats import FailureReason, ModelStats, StatisticsRegistry
 from server.validation import validate_request
 from server.warmup import create_warm_instances
 
@@ -78,8 +78,8 @@ class ServedVersion:
         try:
             validate_request(self.config, request)
         except InvalidInput:
-            # Counted as a failed inference, as Triton does, so a client sending bad tensors shows on the dashboards.
-            self.scheduler.stats.record_failure([time.monotonic_ns()])
+            # Counted as a failed inference (reason OTHER), so a client sending bad tensors shows on the dashboards.
+            self.scheduler.stats.record_failure([time.monotonic_ns()], FailureReason.OTHER)
             raise
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
@@ -243,6 +243,10 @@ class ModelManager:
             served.retired = True
         log.info("model '%s' ready (versions %s)", name, sorted(new))
         await asyncio.gather(*(served.close() for served in old.values()))
+        for version in old:
+            kept = record.versions.get(version)
+            if kept is None or kept.served is None:
+                self.statistics.discard(name, str(version))
 
     def _fail(self, record: ModelRecord, reason: str) -> None:
         """Record a failed load; versions already serving keep serving."""
@@ -267,6 +271,8 @@ class ModelManager:
             for entry in old:
                 entry.state = ModelState.UNLOADING
             await asyncio.gather(*(entry.served.close() for entry in old if entry.served is not None))
+            for entry in old:
+                self.statistics.discard(name, str(entry.version))
             record.versions = {}
             record.state = ModelState.UNAVAILABLE
             record.reason = "unloaded"

@@ -19,7 +19,7 @@ from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, ModelDockError, ModelNotReady
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
-from server.stats import ModelStats, RequestTiming
+from server.stats import FailureReason, ModelStats, RequestTiming
 
 _END = object()
 
@@ -104,7 +104,7 @@ class Scheduler(ABC):
         try:
             self.enqueue(pending)
         except ModelDockError:
-            self.stats.record_failure([pending.arrival_ns])
+            self.stats.record_failure([pending.arrival_ns], FailureReason.REJECTED)
             raise
         self.stats.queued()
         return pending
@@ -120,7 +120,7 @@ class Scheduler(ABC):
         pending.cancel()
         if self._withdraw(pending):
             self.stats.dequeued()
-            self.stats.record_failure([pending.arrival_ns])
+            self.stats.record_failure([pending.arrival_ns], FailureReason.CANCELED)
 
     async def close(self) -> None:
         """Stop taking requests and wait for those already accepted to finish."""
@@ -163,7 +163,7 @@ class Scheduler(ABC):
     def _fail_batch(self, batch: list[PendingRequest], error: ModelDockError) -> None:
         for pending in batch:
             pending.fail(error)
-        self.stats.record_failure([p.arrival_ns for p in batch])
+        self.stats.record_failure([p.arrival_ns for p in batch], FailureReason.BACKEND)
 
 
 class DirectScheduler(Scheduler):

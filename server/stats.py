@@ -9,7 +9,17 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
+
+
+class FailureReason(str, Enum):
+    """Why a request failed: the ``reason`` label of Triton's ``nv_inference_request_failure``."""
+
+    REJECTED = "REJECTED"  # turned away by the scheduler: queue full, or its queue timeout expired
+    CANCELED = "CANCELED"  # its client stopped waiting before it ran
+    BACKEND = "BACKEND"  # the model's execution failed
+    OTHER = "OTHER"  # anything else, such as inputs that do not match the model
 
 
 @dataclass(slots=True)
@@ -43,7 +53,7 @@ class RequestTiming:
 
 
 class ModelStats:
-    """Statistics of one model version; survives reloads so counters never go backwards."""
+    """Statistics of one model version, kept while the version is loaded (reloads of it included)."""
 
     def __init__(self, name: str, version: str) -> None:
         self.name = name
@@ -53,6 +63,8 @@ class ModelStats:
         self.execution_count = 0
         self.success = Duration()
         self.fail = Duration()
+        # ``fail.count`` split by reason, for the metrics.
+        self.failures: dict[FailureReason, int] = dict.fromkeys(FailureReason, 0)
         self.queue = Duration()
         self.compute_input = Duration()
         self.compute_infer = Duration()
@@ -91,11 +103,12 @@ class ModelStats:
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)
 
-    def record_failure(self, arrivals_ns: Sequence[int], end_ns: int | None = None) -> None:
-        """Requests that failed: in the backend, or rejected by a full queue or a timeout."""
+    def record_failure(self, arrivals_ns: Sequence[int], reason: FailureReason, end_ns: int | None = None) -> None:
+        """Requests that failed, each with the time from its arrival to its failure."""
         end_ns = time.monotonic_ns() if end_ns is None else end_ns
         total = sum(end_ns - a for a in arrivals_ns)
         self.fail.add(total, len(arrivals_ns))
+        self.failures[reason] += len(arrivals_ns)
 
     # -- reporting ----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -129,7 +142,11 @@ class ModelStats:
 
 
 class StatisticsRegistry:
-    """Every model version's ``ModelStats`` that has been served since the server started."""
+    """The ``ModelStats`` of every loaded model version.
+
+    As in Triton, a version's counters keep accumulating across reloads of it, and start again from zero when it
+    is loaded after having been unloaded (or dropped by its version policy).
+    """
 
     def __init__(self) -> None:
         self._stats: dict[tuple[str, str], ModelStats] = {}
@@ -141,5 +158,10 @@ class StatisticsRegistry:
             stats = self._stats[key] = ModelStats(name, version)
         return stats
 
+    def discard(self, name: str, version: str) -> None:
+        """Forget a version that is no longer loaded; its metrics disappear from ``/metrics``."""
+        self._stats.pop((name, version), None)
+
     def all(self) -> list[ModelStats]:
-        return [self._stats[key] for key in sorted(self._stats)]
+        # One copy of the items first: the --metrics-port thread reads while the event loop loads and unloads.
+        return [stats for _, stats in sorted(self._stats.items(), key=lambda item: item[0])]
