@@ -33,8 +33,20 @@ QUIET_S = 1.0
 
 
 def model_fingerprint(model_dir: Path) -> Fingerprint:
+    """Every file under the model folder, symlinked folders followed (a version folder may be a link to where a
+    model was built), each real folder once so a link loop cannot make the scan endless."""
     entries: set[tuple[str, int, int]] = set()
-    for folder, _, files in os.walk(model_dir):
+    visited: set[tuple[int, int]] = set()
+    for folder, subfolders, files in os.walk(model_dir, followlinks=True):
+        try:
+            real = os.stat(folder)
+        except OSError:
+            subfolders.clear()
+            continue
+        if (real.st_dev, real.st_ino) in visited:
+            subfolders.clear()
+            continue
+        visited.add((real.st_dev, real.st_ino))
         for filename in files:
             path = Path(folder) / filename
             try:

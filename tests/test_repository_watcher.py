@@ -10,7 +10,7 @@ import httpx
 
 from server.model_manager import ModelManager, ModelState
 from server.repository import ModelRepository
-from server.repository_watcher import RepositoryWatcher
+from server.repository_watcher import RepositoryWatcher, model_fingerprint
 from tests.lifecycle_models import (
     BUNDLED_REPOSITORY,
     add_simple,
@@ -97,3 +97,17 @@ def test_file_events_trigger_scans_long_before_the_poll_interval(start_server, t
 
     shutil.rmtree(repository / "dropped")
     wait_for(lambda: not model_ready(server.url, "dropped"), timeout=20, what="the removed model to unload")
+
+
+def test_fingerprint_follows_a_symlinked_version_folder_and_survives_a_loop(tmp_path: Path) -> None:
+    model_dir = add_simple(tmp_path / "repo", "linked", versions=())
+    built = tmp_path / "build" / "1"
+    built.mkdir(parents=True)
+    shutil.copy(BUNDLED_REPOSITORY / "simple" / "1" / "model.onnx", built / "model.onnx")
+    (model_dir / "1").symlink_to(built, target_is_directory=True)
+    (built / "again").symlink_to(built.parent, target_is_directory=True)  # a loop back up the tree
+
+    before = model_fingerprint(model_dir)
+    assert "1/model.onnx" in {path for path, _, _ in before}
+    (built / "model.onnx").write_bytes((built / "model.onnx").read_bytes() + b"\0")
+    assert model_fingerprint(model_dir) != before  # a change behind the link is seen
