@@ -107,11 +107,20 @@ class ModelInstance:
 _WORKER_STOP_TIMEOUT = 30.0
 
 
-def _error_payload(exc: BaseException) -> tuple[str, str]:
+def error_payload(exc: BaseException) -> tuple[str, str]:
     """An exception as (type name, message): user exception classes need not be picklable or importable."""
     if isinstance(exc, ModelDockError):
         return type(exc).__name__, exc.message
     return type(exc).__name__, str(exc)
+
+
+def rebuilt_error(payload: tuple[str, str], kind: type[ModelDockError]) -> ModelDockError | None:
+    """The server error a worker process reported as ``error_payload``, if it is of ``kind``; None otherwise."""
+    type_name, message = payload
+    cls = getattr(errors, type_name, None)
+    if isinstance(cls, type) and issubclass(cls, kind):
+        return cls(message)
+    return None
 
 
 def _worker_main(
@@ -126,7 +135,7 @@ def _worker_main(
         config = ModelConfig.model_validate_json(config_json)
         backend = backend_cls(config, Path(version_dir), Device(device_kind, device_index))
     except BaseException as exc:
-        conn.send(("error", _error_payload(exc)))
+        conn.send(("error", error_payload(exc)))
         return
     conn.send(("ready", None))
     while True:
@@ -144,7 +153,7 @@ def _worker_main(
         try:
             outputs = backend.execute(inputs, output_names)
         except Exception as exc:
-            conn.send(("error", _error_payload(exc)))
+            conn.send(("error", error_payload(exc)))
         else:
             conn.send(("ok", outputs))
 
@@ -170,7 +179,7 @@ class WorkerTimedOut(Exception):
     """The worker process did not answer in the time it was given."""
 
 
-def _kill(process: Any) -> None:
+def stop_process(process: Any) -> None:
     """Stop a worker that does not answer: SIGTERM, then SIGKILL if it ignores that."""
     process.terminate()
     process.join(5)
@@ -238,7 +247,7 @@ class ProcessModelInstance(ModelInstance):
                 "does the model code call sys.exit() or os._exit()?"
             ) from None
         except WorkerTimedOut:
-            _kill(process)
+            stop_process(process)
             parent_conn.close()
             raise ModelLoadError(
                 f"{self._model_path}: instance {self.name}: did not finish loading within the load timeout "
@@ -248,10 +257,10 @@ class ProcessModelInstance(ModelInstance):
         if status != "ready":
             process.join(_WORKER_STOP_TIMEOUT)
             parent_conn.close()
+            known = rebuilt_error(payload, ModelLoadError)
+            if known is not None:
+                raise known
             type_name, message = payload
-            cls = getattr(errors, type_name, None)
-            if isinstance(cls, type) and issubclass(cls, ModelLoadError):
-                raise cls(message)
             raise ModelLoadError(f"{self._model_path}: instance {self.name}: {type_name}: {message}")
         self._process, self._conn = process, parent_conn
 
@@ -297,7 +306,7 @@ class ProcessModelInstance(ModelInstance):
         except WorkerTimedOut:
             # Stopped rather than restarted at once: the next batch starts a fresh worker if one is needed.
             log.error("instance %s did not answer within %.1fs; stopping it", self.name, timeout_s)
-            _kill(self._process)
+            stop_process(self._process)
             self._discard_worker()
             raise BackendError(
                 f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.1f}s"
@@ -313,10 +322,10 @@ class ProcessModelInstance(ModelInstance):
             ) from exc
         if status == "ok":
             return payload  # type: ignore[no-any-return]
+        known = rebuilt_error(payload, ModelDockError)
+        if known is not None:
+            raise known
         type_name, message = payload
-        cls = getattr(errors, type_name, None)
-        if isinstance(cls, type) and issubclass(cls, ModelDockError):
-            raise cls(message)
         raise BackendError(f"model '{self.config.name}': {type_name}: {message}")
 
     async def execute(
@@ -338,7 +347,7 @@ class ProcessModelInstance(ModelInstance):
         process.join(_WORKER_STOP_TIMEOUT)
         if process.is_alive():
             log.error("instance %s did not stop in %.0fs; terminating it", self.name, _WORKER_STOP_TIMEOUT)
-            _kill(process)
+            stop_process(process)
         self._discard_worker()
 
     def unload(self) -> None:

@@ -36,10 +36,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend, import_user_module
-from server import errors
 from server.config import ModelConfig, parse_model_config
 from server.devices import Device
-from server.errors import BackendError, ConfigError, ModelDockError, ModelLoadError
+from server.dispatcher import error_payload, rebuilt_error, stop_process
+from server.errors import BackendError, ConfigError, ModelLoadError
 
 DEFAULT_CLASS_NAMES = ("TritonPythonModel", "Model")
 
@@ -77,8 +77,7 @@ def _isolated_main(conn: Connection, function: Callable[..., Any], args: tuple[A
     try:
         result = function(*args)
     except BaseException as exc:  # user code may raise anything, SystemExit included
-        message = exc.message if isinstance(exc, ModelDockError) else str(exc)
-        conn.send(("error", (type(exc).__name__, message)))
+        conn.send(("error", error_payload(exc)))
     else:
         conn.send(("ok", result))
 
@@ -93,10 +92,7 @@ def _run_isolated(function: Callable[..., Any], args: tuple[Any, ...], path: Pat
     child_conn.close()
     try:
         if not parent_conn.poll(timeout_s):
-            process.terminate()
-            process.join(5)
-            if process.is_alive():
-                process.kill()
+            stop_process(process)
             raise ModelLoadError(
                 f"{path}: importing it did not finish within {timeout_s:g}s; a model that needs longer can set "
                 "parameters.load_timeout_secs in config.yaml"
@@ -114,10 +110,10 @@ def _run_isolated(function: Callable[..., Any], args: tuple[Any, ...], path: Pat
         process.join(5)
     if status == "ok":
         return payload
+    known = rebuilt_error(payload, ModelLoadError)
+    if known is not None:
+        raise known
     name, message = payload
-    cls = getattr(errors, name, None)
-    if isinstance(cls, type) and issubclass(cls, ModelLoadError):
-        raise cls(message)
     raise ModelLoadError(f"{path}: {name}: {message}")
 
 
