@@ -72,8 +72,8 @@ class DynamicBatcher(Scheduler):
         request = pending.request
         level = request.priority if 1 <= request.priority <= self._levels else self._default_level
         policy = self._policies[level - 1]
-        queue = self._queues[2 * level - 2]
-        if policy.max_queue_size and len(queue) + len(self._queues[2 * level - 1]) >= policy.max_queue_size:
+        queue, delayed = self._level_queues(level)
+        if policy.max_queue_size and len(queue) + len(delayed) >= policy.max_queue_size:
             raise QueueFull(
                 f"model '{self.config.name}' version {self.version}: queue is full ({policy.max_queue_size} "
                 f"requests waiting at priority level {level}); retry later"
@@ -91,6 +91,10 @@ class DynamicBatcher(Scheduler):
             self._dispatcher_started = True
             self._spawn(self._dispatch())
         self._arrived.set()
+
+    def _level_queues(self, level: int) -> tuple[deque[QueuedRequest], deque[QueuedRequest]]:
+        """A priority level's queue and its queue of timed-out DELAY requests."""
+        return self._queues[2 * level - 2], self._queues[2 * level - 1]
 
     def _signature(self, request: InferRequest) -> Signature:
         return tuple(
@@ -279,8 +283,8 @@ class DynamicBatcher(Scheduler):
         if not self._with_deadline:
             return
         now = time.monotonic_ns()
-        for index in range(0, len(self._queues), 2):
-            queue, delayed = self._queues[index], self._queues[index + 1]
+        for level in range(1, self._levels + 1):
+            queue, delayed = self._level_queues(level)
             if not any(e.deadline_ns is not None and e.deadline_ns <= now for e in queue):
                 continue
             keep: list[QueuedRequest] = []

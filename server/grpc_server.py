@@ -252,8 +252,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_reports_errors
     async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> Any:
-        changes = grpc_codec.decode_log_settings(request)
-        settings = self.core.update_log_settings(changes) if changes else self.core.log_settings()
+        # An empty request changes nothing and answers the settings, as a read does.
+        settings = self.core.update_log_settings(grpc_codec.decode_log_settings(request))
         return grpc_codec.encode_log_settings(settings)
 
 

@@ -66,7 +66,7 @@ class ServedVersion:
         self.version = version
         self.backend_cls = backend_cls
         self.pool = pool
-        # The folder it was loaded from; a worker process restarted after a crash loads from it again.
+        # The folder it was loaded from: a folder staged from uploaded files is kept while a version uses it.
         self.model_dir = model_dir
         self.labels = labels or {}
         self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
