@@ -18,10 +18,10 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from server.core import ModelControlMode
-from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
-from server.log_settings import LOG_LEVELS
+from server.extensions.log_settings import LOG_LEVELS
+from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
-from server.validate import validate_repositories
 
 app = typer.Typer(
     name="modeldock",

@@ -12,12 +12,12 @@ from typing import Any
 
 from server import __version__
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
-from server.log_settings import ServerLogging
-from server.metrics import ServerMetrics
-from server.model_manager import ModelManager
+from server.extensions.log_settings import ServerLogging
+from server.extensions.metrics import ServerMetrics
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
-from server.shared_memory import SharedMemoryRegistry
-from server.validation import expected_shape
+from server.repository.model_manager import ModelManager
+from server.scheduling.validation import expected_shape
 
 SERVER_NAME = "modeldock"
 EXTENSIONS = [

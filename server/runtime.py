@@ -13,12 +13,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from server.core import InferenceServer, ModelControlMode
-from server.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
-from server.http_server import create_app
-from server.log_settings import LogSettings, ServerLogging
-from server.model_manager import ModelManager
-from server.repository import ModelRepository
-from server.repository_watcher import RepositoryWatcher
+from server.extensions.log_settings import LogSettings, ServerLogging
+from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
+from server.frontends.http_server import create_app
+from server.repository.discovery import ModelRepository
+from server.repository.model_manager import ModelManager
+from server.repository.watcher import RepositoryWatcher
 
 log = logging.getLogger(__name__)
 

@@ -38,8 +38,8 @@ import numpy as np
 from backends.base import Backend, import_user_module
 from server.config import ModelConfig, parse_model_config
 from server.devices import Device
-from server.dispatcher import error_payload, rebuilt_error, stop_process
 from server.errors import BackendError, ConfigError, ModelLoadError
+from server.worker_processes import error_payload, rebuilt_error, stop_process
 
 DEFAULT_CLASS_NAMES = ("TritonPythonModel", "Model")
 

@@ -1,5 +1,7 @@
-"""The KServe v2 / Open Inference Protocol: datatypes, request/response types and the tensor codec.
+"""The KServe v2 / Open Inference Protocol: datatypes, request/response types, and the codecs for both wires.
 
 Both front ends (HTTP and gRPC) decode into and encode from the types here, so the rules of the protocol live in
-one place.
+one place. Tensors may arrive inline, as binary, or in a registered shared memory region, so the shared memory
+registry lives here too, as do the parameters of a load request. Every layer above uses these types; this package
+imports only ``server.errors``.
 """

@@ -17,12 +17,13 @@ from typing import Any
 from google.protobuf import json_format
 
 from server.errors import InvalidInput
-from server.load_request import FILE_PREFIX, parse_config_override
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import model_config_pb2 as config_pb
+from server.protocol.load_parameters import FILE_PREFIX, parse_config_override
 from server.protocol.parameters import check_output_parameters, check_request_parameters
+from server.protocol.shared_memory import REGION, SharedMemoryRegistry
 from server.protocol.tensor_codec import (
     check_shape,
     deserialize_raw,
@@ -34,7 +35,6 @@ from server.protocol.tensor_codec import (
     write_shared_memory_output,
 )
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
-from server.shared_memory import REGION, SharedMemoryRegistry
 
 # The ``InferTensorContents`` list that carries each datatype; FP16 has none and must travel raw.
 CONTENTS_FIELD: dict[str, str] = {

@@ -15,9 +15,10 @@ import numpy as np
 import orjson
 
 from server.errors import InvalidInput
-from server.load_request import FILE_PREFIX, parse_config_override
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
+from server.protocol.load_parameters import FILE_PREFIX, parse_config_override
 from server.protocol.parameters import check_output_parameters, check_request_parameters
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.tensor_codec import (
     check_shape,
     deserialize_raw,
@@ -30,7 +31,6 @@ from server.protocol.tensor_codec import (
     write_shared_memory_output,
 )
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
-from server.shared_memory import SharedMemoryRegistry
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from server.errors import InvalidInput
 from server.protocol.datatypes import element_size, numpy_dtype
-from server.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
+from server.protocol.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
 
 _LENGTH = struct.Struct("<I")
 # numpy's limits: at most 64 dimensions, and an array's byte size (zero-sized dimensions aside) must fit int64.

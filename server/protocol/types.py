@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from server.shared_memory import TensorPlacement
+    from server.protocol.shared_memory import TensorPlacement
 
 
 @dataclass(slots=True)

@@ -19,8 +19,8 @@ from server.errors import InvalidInput
 from server.protocol import grpc_codec
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferResponse
-from server.shared_memory import SharedMemoryRegistry
 
 RNG = np.random.default_rng(7)
 # Nothing registered: these tests send every tensor in the message.

@@ -11,6 +11,7 @@ import pytest
 from server.errors import InvalidInput
 from server.protocol.http_codec import decode_request, encode_response, parse_header_length
 from server.protocol.parameters import check_output_parameters, check_request_parameters
+from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.tensor_codec import (
     check_shape,
     deserialize_bytes_tensor,
@@ -20,7 +21,6 @@ from server.protocol.tensor_codec import (
     serialize_raw,
 )
 from server.protocol.types import InferRequest, InferResponse, RequestedOutput
-from server.shared_memory import SharedMemoryRegistry
 
 # Nothing registered: these tests send every tensor in the body.
 NO_REGIONS = SharedMemoryRegistry()

@@ -1,6 +1,4 @@
-"""What a load request may carry besides the model name: a config override, and model files to load from.
-
-Both front ends decode their wire format with these, so HTTP and gRPC accept and refuse exactly the same things.
+"""Model files sent with a load request (Triton's ``file:`` parameters), written where a load can find them.
 
 A client can load a model that is not in any repository folder by sending its files, keyed by their path inside
 the model folder (``file:1/model.onnx``), together with the config. The files are written to a private temporary
@@ -14,37 +12,11 @@ import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 from server.errors import InvalidInput
+from server.protocol.load_parameters import check_file_key
 
-FILE_PREFIX = "file:"
 _STAGING_PREFIX = "modeldock-upload-"
-
-
-def parse_config_override(value: Any) -> dict[str, Any]:
-    """The ``config`` load parameter: a model config as JSON text (Triton's form) or an already-decoded object."""
-    if isinstance(value, (str, bytes)):
-        try:
-            value = orjson.loads(value)
-        except orjson.JSONDecodeError as exc:
-            raise InvalidInput(f"load parameter 'config' is not valid JSON: {exc}") from None
-    if not isinstance(value, dict):
-        raise InvalidInput("load parameter 'config' must be a JSON object")
-    return value
-
-
-def check_file_key(key: str) -> str:
-    """The path inside the model folder that a ``file:`` key names; it may not climb out of that folder."""
-    relative = key.removeprefix(FILE_PREFIX)
-    # An empty part also catches a leading "/" (an absolute path) and "a//b".
-    if "\\" in relative or "\0" in relative or any(part in ("", ".", "..") for part in relative.split("/")):
-        raise InvalidInput(
-            f"load parameter '{key}': a file key is a path inside the model folder, such as 'file:1/model.onnx'"
-        )
-    return relative
 
 
 def stage_model_files(name: str, files: Mapping[str, bytes]) -> Path:

@@ -16,7 +16,7 @@ import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
 from server.errors import InvalidInput, NotAllowed
-from server.log_settings import LogSettings, ServerLogging
+from server.extensions.log_settings import LogSettings, ServerLogging
 from tests.lifecycle_models import add_simple, wait_for
 
 DEFAULTS = {

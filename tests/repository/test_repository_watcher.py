@@ -8,9 +8,9 @@ from pathlib import Path
 
 import httpx
 
-from server.model_manager import ModelManager, ModelState
-from server.repository import ModelRepository
-from server.repository_watcher import RepositoryWatcher, model_fingerprint
+from server.repository.discovery import ModelRepository
+from server.repository.model_manager import ModelManager, ModelState
+from server.repository.watcher import RepositoryWatcher, model_fingerprint
 from tests.lifecycle_models import (
     BUNDLED_REPOSITORY,
     add_simple,

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 
 from backends.base import Backend
-from server import errors
 from server.config import InstanceGroup, InstanceKind, ModelConfig
 from server.devices import CPU, Device, gpu_count
 from server.errors import BackendError, ModelDockError, ModelLoadError
+from server.worker_processes import error_payload, rebuilt_error, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -107,22 +107,6 @@ class ModelInstance:
 _WORKER_STOP_TIMEOUT = 30.0
 
 
-def error_payload(exc: BaseException) -> tuple[str, str]:
-    """An exception as (type name, message): user exception classes need not be picklable or importable."""
-    if isinstance(exc, ModelDockError):
-        return type(exc).__name__, exc.message
-    return type(exc).__name__, str(exc)
-
-
-def rebuilt_error(payload: tuple[str, str], kind: type[ModelDockError]) -> ModelDockError | None:
-    """The server error a worker process reported as ``error_payload``, if it is of ``kind``; None otherwise."""
-    type_name, message = payload
-    cls = getattr(errors, type_name, None)
-    if isinstance(cls, type) and issubclass(cls, kind):
-        return cls(message)
-    return None
-
-
 def _worker_main(
     conn: Connection, backend_path: str, config_json: str, version_dir: str, device_kind: str, device_index: int
 ) -> None:
@@ -177,15 +161,6 @@ class WorkerCrashed(Exception):
 
 class WorkerTimedOut(Exception):
     """The worker process did not answer in the time it was given."""
-
-
-def stop_process(process: Any) -> None:
-    """Stop a worker that does not answer: SIGTERM, then SIGKILL if it ignores that."""
-    process.terminate()
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
 
 
 class ProcessModelInstance(ModelInstance):

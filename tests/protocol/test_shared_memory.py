@@ -21,7 +21,7 @@ import tritonclient.utils.shared_memory as shm
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
 from server.errors import InvalidInput, RegionExists, RegionNotFound
-from server.shared_memory import SHM_ROOT, SharedMemoryRegistry
+from server.protocol.shared_memory import SHM_ROOT, SharedMemoryRegistry
 from tests.conftest import ServerProcess
 
 FP32_BYTES = 16 * 4  # one [1, 16] FP32 tensor of the simple model

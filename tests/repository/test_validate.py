@@ -13,7 +13,7 @@ import pytest
 
 from tests.lifecycle_models import BUNDLED_REPOSITORY, add_simple, append_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def validate(*paths: Path) -> subprocess.CompletedProcess[str]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 
-from server.classification import class_count
 from server.config import ModelConfig, TensorConfig
 from server.errors import InvalidInput
+from server.extensions.classification import class_count
 from server.protocol.datatypes import element_size
+from server.protocol.shared_memory import BYTE_SIZE
 from server.protocol.types import InferRequest
-from server.shared_memory import BYTE_SIZE
 
 
 def _dims_match(expected: list[int], actual: tuple[int, ...]) -> bool:

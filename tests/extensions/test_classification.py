@@ -14,8 +14,8 @@ import tritonclient.http as httpclient
 import yaml
 from tritonclient.utils import InferenceServerException
 
-from server.classification import top_k
-from server.validate import validate_model
+from server.extensions.classification import top_k
+from server.repository.validate import validate_model
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 
 LABELS = [f"class-{chr(ord('a') + i)}" for i in range(10)]

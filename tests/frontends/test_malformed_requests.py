@@ -13,7 +13,7 @@ import orjson
 import pytest
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from server.http_server import create_app
+from server.frontends.http_server import create_app
 from tests.conftest import ServerProcess
 
 ROW = [0.5] * 16

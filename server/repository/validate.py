@@ -13,17 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backends.base import Backend, backend_class
-from server.classification import load_labels
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config
 from server.errors import ModelDockError
-from server.repository import (
+from server.extensions.classification import load_labels
+from server.repository.discovery import (
     MODEL_FILE_BACKENDS,
     ModelRepository,
     guess_backend,
     no_versions_reason,
     version_dirs,
 )
-from server.warmup import warmup_request
+from server.repository.warmup import warmup_request
 
 
 @dataclass(frozen=True, slots=True)

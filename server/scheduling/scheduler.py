@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.config import BatchInputKind, ModelConfig, TensorConfig
-from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, ModelDockError, ModelNotReady
+from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
-from server.stats import FailureReason, ModelStats, RequestTiming
+from server.scheduling.instances import InstancePool, ModelInstance
 
 _END = object()
 

@@ -18,11 +18,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from server.config import ModelConfig, QueuePolicy, TimeoutAction
-from server.dispatcher import InstancePool, ModelInstance
 from server.errors import BackendError, QueueFull, RequestTimeout
+from server.extensions.statistics import FailureReason, ModelStats
 from server.protocol.types import InferRequest
-from server.scheduler import PendingRequest, Scheduler
-from server.stats import FailureReason, ModelStats
+from server.scheduling.instances import InstancePool, ModelInstance
+from server.scheduling.scheduler import PendingRequest, Scheduler
 
 log = logging.getLogger(__name__)
 

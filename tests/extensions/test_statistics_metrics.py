@@ -19,7 +19,7 @@ import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2_grpc
 
 from tests.conftest import ServerProcess
-from tests.test_batching_e2e import body, grpc_request, sleepy_config, wait_for_pending, write_model
+from tests.scheduling.test_batching_e2e import body, grpc_request, sleepy_config, wait_for_pending, write_model
 
 SENT = 5
 # Requests the server turns away with 400 (a wrong shape): Triton counts them as failed inferences.

@@ -22,7 +22,7 @@ from tests.lifecycle_models import (
     index,
     infer_simple,
 )
-from tests.test_validate import validate
+from tests.repository.test_validate import validate
 
 POLL = ("--model-control-mode", "poll", "--repository-poll-secs", "0.3")
 SIMPLE_CONFIG = (BUNDLED_REPOSITORY / "simple" / "config.yaml").read_text()

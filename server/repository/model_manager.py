@@ -18,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, backend_class
-from server import classification
-from server.batcher import DynamicBatcher
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
-from server.dispatcher import InstancePool, ModelInstance
 from server.errors import (
     ConfigError,
     InvalidInput,
@@ -31,13 +28,16 @@ from server.errors import (
     ModelNotReady,
     VersionRetired,
 )
-from server.load_request import discard_staged, stage_model_files
+from server.extensions import classification
+from server.extensions.statistics import FailureReason, ModelStats, StatisticsRegistry
 from server.protocol.types import InferRequest, InferResponse
-from server.repository import ModelRepository, guess_backend, no_versions_reason, version_dirs
-from server.scheduler import DirectScheduler, Scheduler
-from server.stats import FailureReason, ModelStats, StatisticsRegistry
-from server.validation import validate_request
-from server.warmup import create_warm_instances
+from server.repository.discovery import ModelRepository, guess_backend, no_versions_reason, version_dirs
+from server.repository.uploads import discard_staged, stage_model_files
+from server.repository.warmup import create_warm_instances
+from server.scheduling.dynamic_batcher import DynamicBatcher
+from server.scheduling.instances import InstancePool, ModelInstance
+from server.scheduling.scheduler import DirectScheduler, Scheduler
+from server.scheduling.validation import validate_request
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
-from server.metrics import CONTENT_TYPE_LATEST
+from server.extensions.metrics import CONTENT_TYPE_LATEST
 from server.protocol.http_codec import (
     HEADER_LENGTH,
     decode_index_request,

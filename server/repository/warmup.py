@@ -16,13 +16,13 @@ import numpy as np
 
 from backends.base import Backend
 from server.config import CONFIG_FILENAME, ModelConfig, ModelWarmup, WarmupInput
-from server.dispatcher import ModelInstance, create_instances
 from server.errors import ModelDockError, ModelLoadError
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.tensor_codec import deserialize_raw, element_count
 from server.protocol.types import InferRequest
-from server.scheduler import merge_inputs
-from server.validation import validate_request
+from server.scheduling.instances import ModelInstance, create_instances
+from server.scheduling.scheduler import merge_inputs
+from server.scheduling.validation import validate_request
 
 log = logging.getLogger(__name__)
 

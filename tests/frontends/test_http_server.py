@@ -16,8 +16,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from server import http_server
 from server.errors import InvalidInput
+from server.frontends import http_server
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 
 

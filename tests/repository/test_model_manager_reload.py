@@ -9,9 +9,9 @@ import pytest
 
 from server.core import InferenceServer
 from server.errors import VersionRetired
-from server.model_manager import ModelManager, ServedVersion
 from server.protocol.types import InferRequest
-from server.repository import ModelRepository
+from server.repository.discovery import ModelRepository
+from server.repository.model_manager import ModelManager, ServedVersion
 from tests.lifecycle_models import A, B, add_simple
 
 

@@ -1,6 +1,6 @@
 """Per model-version inference statistics in Triton's shape (the ``statistics`` protocol extension).
 
-The schedulers record every batch here, on the event loop, so no lock is needed. ``server.metrics`` reads the
+The schedulers record every batch here, on the event loop, so no lock is needed. ``server.extensions.metrics`` reads the
 same objects at scrape time.
 """
 

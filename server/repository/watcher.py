@@ -21,8 +21,8 @@ from pathlib import Path
 import watchfiles
 
 from server.errors import ModelDockError
-from server.model_manager import ModelManager
-from server.repository import ModelRepository
+from server.repository.discovery import ModelRepository
+from server.repository.model_manager import ModelManager
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from server.batcher import DynamicBatcher
 from server.config import ModelConfig, parse_model_config
-from server.dispatcher import InstancePool, create_instances
 from server.errors import BackendError, ConfigError, QueueFull, RequestTimeout
-from server.model_manager import ServedVersion, make_scheduler
 from server.protocol.types import InferRequest
-from server.scheduler import DirectScheduler, PendingRequest, Scheduler, merge_inputs
+from server.repository.model_manager import ServedVersion, make_scheduler
+from server.scheduling.dynamic_batcher import DynamicBatcher
+from server.scheduling.instances import InstancePool, create_instances
+from server.scheduling.scheduler import DirectScheduler, PendingRequest, Scheduler, merge_inputs
 from tests.slow_backend import SleepBackend
 
 
