@@ -17,6 +17,7 @@ from server.extensions.metrics import ServerMetrics
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager
+from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.validation import expected_shape
 
 SERVER_NAME = "modeldock"
@@ -122,6 +123,25 @@ class InferenceServer:
         yield first
         async for response in stream:
             yield response
+
+    async def generate(self, name: str, version: str, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
+        """Text generation on a causal language model: chunks of new text as the engine produces them."""
+        stream = self.models.get(name, version).generate(request)
+        try:
+            try:
+                first = await anext(stream)
+            except VersionRetired:
+                stream = self.models.get(name, version).generate(request)
+                first = await anext(stream)
+        except StopAsyncIteration:
+            return
+        yield first
+        async for output in stream:
+            yield output
+
+    def model_task(self, name: str, version: str = "") -> str:
+        """``generate`` or ``embed`` for a ready language model, "" for any other ready model."""
+        return self.models.get(name, version).task
 
     # -- statistics ---------------------------------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

@@ -35,6 +35,7 @@ from server.repository.discovery import ModelRepository, guess_backend, no_versi
 from server.repository.uploads import discard_staged, stage_model_files
 from server.repository.warmup import create_warm_instances
 from server.scheduling.dynamic_batcher import DynamicBatcher
+from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.instances import InstancePool, ModelInstance
 from server.scheduling.scheduler import DirectScheduler, Scheduler
 from server.scheduling.validation import validate_request
@@ -93,6 +94,20 @@ class ServedVersion:
         finally:
             # Reached unanswered only when the caller stopped waiting (cancelled, disconnected).
             self.scheduler.cancel(pending)
+
+    @property
+    def task(self) -> str:
+        """``generate`` or ``embed`` for language models (``parameters.task``, filled in by their backend); else ""."""
+        return self.config.parameters.get("task", "")
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
+        generate = getattr(self.scheduler, "generate", None)
+        if generate is None:
+            raise InvalidInput(f"model '{self.config.name}' does not generate text (it is not a causal language model)")
+        if self.retired:
+            raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
+        async for output in generate(request):
+            yield output
 
     async def infer(self, request: InferRequest) -> InferResponse:
         last: InferResponse | None = None
