@@ -1,0 +1,118 @@
+"""Small language models with random weights and a trained byte-level BPE tokenizer, for examples and tests.
+
+Nothing is downloaded: the tokenizer is trained on the text below and the weights are drawn from a fixed seed, so
+the same files come out on every machine. The models are tiny (well under 1 MB each) but have the real
+architectures (GPT-2 for generation, BERT for embeddings) and are saved with ``save_pretrained`` exactly as a Hugging
+Face model folder is, so serving them exercises the same code path as a real model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_CORPUS = """
+ModelDock serves machine learning models from a folder over HTTP and gRPC. Users drop a model into the repository
+and talk to it with the Triton client or the OpenAI client. The server batches requests dynamically, runs many
+model instances at once, and streams tokens as a language model generates them. A sequence is admitted when the
+cache has room for it; it is retired when it stops. The quick brown fox jumps over the lazy dog. Hello world!
+What is the capital of France? Paris is the capital of France. One, two, three, four, five, six, seven, eight,
+nine, ten. Tell me a story about a robot who learned to paint. Once upon a time there was a small robot.
+The weather today is sunny with a light breeze. Numbers: 0 1 2 3 4 5 6 7 8 9 10 42 100 2026.
+def main(): print("hello") # code, too. {"key": "value", "list": [1, 2, 3]}
+"""
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer (any text encodes, nothing is unknown) wrapped for ``transformers``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL_TOKENS[1:],
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    return wrapped
+
+
+def build_causal_lm(
+    out: Path,
+    *,
+    seed: int = 0,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_positions: int = 256,
+    vocab_size: int = 512,
+    initializer_range: float = 0.2,
+) -> Path:
+    """A GPT-2 model folder (config, safetensors weights, tokenizer, generation config) at ``out``.
+
+    The wide ``initializer_range`` spreads the logits, so greedy decoding has clear winners and the same prompt
+    decodes to the same tokens whether it runs alone or in a batch.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_positions=n_positions,
+        initializer_range=initializer_range,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = GPT2LMHeadModel(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def build_encoder(
+    out: Path, *, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, vocab_size: int = 512
+) -> Path:
+    """A BERT encoder folder for embeddings (mean-pooled last hidden state)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    tokenizer = build_tokenizer(vocab_size)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        intermediate_size=hidden_size * 2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = BertModel(config).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
