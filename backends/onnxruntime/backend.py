@@ -128,6 +128,8 @@ def check_config_matches(config: ModelConfig, session: ort.InferenceSession, pat
                     f"for '{tensor.name}'"
                 )
     known = {t.name for t in config.input} | {item.target_name[0] for item in config.batch_input}
+    if config.sequence_batching is not None:
+        known |= config.sequence_batching.server_inputs
     missing = [arg.name for arg in session.get_inputs() if arg.name not in known]
     if missing:
         raise ConfigError(f"{source}: field 'input': {path.name} needs inputs {missing} that the config leaves out")
@@ -206,10 +208,14 @@ class OnnxRuntimeBackend(Backend):
                 tensors.append(TensorConfig(name=arg.name, data_type=data_type, dims=dims))
             return tensors
 
+        # Sequence control and state tensors are the server's, not the client's.
+        sequence = config.sequence_batching
+        server_inputs = sequence.server_inputs if sequence is not None else set()
+        server_outputs = sequence.server_outputs if sequence is not None else set()
         if not config.input:
-            config.input = describe(session.get_inputs())
+            config.input = describe([a for a in session.get_inputs() if a.name not in server_inputs])
         if not config.output:
-            config.output = describe(session.get_outputs())
+            config.output = describe([a for a in session.get_outputs() if a.name not in server_outputs])
         return config
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
