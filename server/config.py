@@ -354,14 +354,14 @@ class SequenceBatching(_Strict):
         return self.max_sequence_idle_microseconds or DEFAULT_SEQUENCE_IDLE_MICROSECONDS
 
     @property
-    def server_inputs(self) -> set[str]:
-        """Model inputs the server fills in (controls and states): never sent by clients nor shown to them."""
-        return {c.name for c in self.control_input} | {s.input_name for s in self.state}
+    def server_inputs(self) -> list[str]:
+        """Model inputs the server fills in (controls, then states): never sent by clients nor shown to them."""
+        return [c.name for c in self.control_input] + [s.input_name for s in self.state]
 
     @property
-    def server_outputs(self) -> set[str]:
+    def server_outputs(self) -> list[str]:
         """Model outputs the server keeps (new states): never sent to clients."""
-        return {s.output_name for s in self.state}
+        return [s.output_name for s in self.state]
 
 
 class BatchInputKind(str, Enum):

@@ -64,6 +64,28 @@ def write_model(repository: Path, name: str, config: dict[str, Any], reset_on_st
     return model_dir
 
 
+def write_torch_accumulator(repository: Path) -> None:
+    """The accumulator as a torch.export program (forward takes the state, returns the new one by name)."""
+    import torch
+
+    class Accumulator(torch.nn.Module):
+        def forward(self, INPUT: torch.Tensor, INPUT_STATE: torch.Tensor) -> dict[str, torch.Tensor]:  # noqa: N803
+            total = INPUT + INPUT_STATE
+            return {"OUTPUT": total, "OUTPUT_STATE": total.clone()}
+
+    batch = torch.export.Dim("batch", min=1, max=8)
+    program = torch.export.export(
+        Accumulator(),
+        (torch.zeros(2, 1), torch.zeros(2, 1)),
+        dynamic_shapes={"INPUT": {0: batch}, "INPUT_STATE": {0: batch}},
+    )
+    config = accumulator_config(control_input=[])
+    config["backend"] = "pytorch"
+    (repository / "torch_accumulator" / "1").mkdir(parents=True)
+    (repository / "torch_accumulator" / "config.yaml").write_text(yaml.safe_dump(config))
+    torch.export.save(program, str(repository / "torch_accumulator" / "1" / "model.pt2"))
+
+
 def control_config(corrid_type: str) -> dict[str, Any]:
     corrid_output = "TYPE_STRING" if corrid_type == "TYPE_STRING" else corrid_type
     return {
@@ -127,6 +149,11 @@ def sequence_server(
         "data_file": "absent",
     }
     write_model(repository, "missing_file", missing, reset_on_start=False)
+    wrong_type = accumulator_config()
+    wrong_type["sequence_batching"]["state"][0]["data_type"] = "TYPE_FP64"
+    del wrong_type["sequence_batching"]["state"][0]["initial_state"]
+    write_model(repository, "wrong_state_type", wrong_type)
+    write_torch_accumulator(repository)
     for name, corrid_type in (("controls", "TYPE_UINT64"), ("controls_string", "TYPE_STRING")):
         (repository / name / "1").mkdir(parents=True)
         (repository / name / "config.yaml").write_text(yaml.safe_dump(control_config(corrid_type)))
@@ -304,12 +331,28 @@ def test_initial_state_from_data_file_and_zero_data(sequence_server: ServerProce
     assert add(client, "zero_start", 5, 7.0, end=True) == 14.0
 
 
-def test_missing_initial_state_file_fails_the_load_naming_the_field(sequence_server: ServerProcess) -> None:
+@pytest.mark.parametrize(
+    ("model", "field", "detail"),
+    [
+        ("missing_file", "sequence_batching.state[0].initial_state[0].data_file", "absent"),
+        ("wrong_state_type", "sequence_batching.state[0].input_name", "TYPE_FP64"),
+    ],
+)
+def test_bad_sequence_model_fails_the_load_naming_the_field(
+    sequence_server: ServerProcess, model: str, field: str, detail: str
+) -> None:
     rows = httpx.post(f"{sequence_server.url}/v2/repository/index", json={}).json()
-    (row,) = [r for r in rows if r["name"] == "missing_file"]
+    (row,) = [r for r in rows if r["name"] == model]
     assert row["state"] == "UNAVAILABLE"
-    assert "sequence_batching.state[0].initial_state[0].data_file" in row["reason"]
-    assert "absent" in row["reason"]
+    assert f"field '{field}'" in row["reason"] and detail in row["reason"]
+
+
+def test_a_pytorch_model_keeps_state_too(sequence_server: ServerProcess) -> None:
+    client = _http(sequence_server)
+    assert add(client, "torch_accumulator", 3, 1.5, start=True) == 1.5
+    assert add(client, "torch_accumulator", 4, 10.0, start=True) == 10.0
+    assert add(client, "torch_accumulator", 3, 2.0, end=True) == 3.5
+    assert add(client, "torch_accumulator", 4, 1.0, end=True) == 11.0
 
 
 @pytest.mark.parametrize("make_client", [_http, _grpc])
