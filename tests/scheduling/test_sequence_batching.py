@@ -49,6 +49,28 @@ class TritonPythonModel:
 """
 
 
+UNBATCHED_MODEL = """
+class TritonPythonModel:
+    def execute(self, requests):
+        (request,) = requests
+        keep = 1.0 - request.get_input("START")
+        total = request.get_input("INPUT") + request.get_input("TOTAL_IN") * keep
+        return [{"OUTPUT": total, "TOTAL_OUT": total.copy()}]
+"""
+
+UNBATCHED_CONFIG = """
+backend: python
+max_batch_size: 0
+input: [{name: INPUT, data_type: TYPE_FP32, dims: [1]}]
+output: [{name: OUTPUT, data_type: TYPE_FP32, dims: [1]}]
+instance_group: [{count: 2, kind: KIND_CPU}]
+sequence_batching:
+  max_sequence_idle_microseconds: 30000000
+  control_input: [{name: START, control: [{kind: CONTROL_SEQUENCE_START, fp32_false_true: [0, 1]}]}]
+  state: [{input_name: TOTAL_IN, output_name: TOTAL_OUT, data_type: TYPE_FP32, dims: [1]}]
+"""
+
+
 def accumulator_config(**sequence_batching: Any) -> dict[str, Any]:
     """The bundled accumulator's config with some ``sequence_batching`` fields replaced."""
     config = yaml.safe_load((BUNDLED_REPOSITORY / "accumulator" / "config.yaml").read_text())
@@ -129,7 +151,11 @@ def sequence_server(
         "oldest",
         accumulator_config(
             direct=None,
-            oldest={"max_candidate_sequences": 4, "preferred_batch_size": [4], "max_queue_delay_microseconds": 500_000},
+            oldest={
+                "max_candidate_sequences": 4,
+                "preferred_batch_size": [4],
+                "max_queue_delay_microseconds": 2_000_000,
+            },
         ),
     )
     from_file = accumulator_config(control_input=[])
@@ -154,6 +180,9 @@ def sequence_server(
     del wrong_type["sequence_batching"]["state"][0]["initial_state"]
     write_model(repository, "wrong_state_type", wrong_type)
     write_torch_accumulator(repository)
+    (repository / "unbatched" / "1").mkdir(parents=True)
+    (repository / "unbatched" / "config.yaml").write_text(UNBATCHED_CONFIG)
+    (repository / "unbatched" / "1" / "model.py").write_text(UNBATCHED_MODEL)
     for name, corrid_type in (("controls", "TYPE_UINT64"), ("controls_string", "TYPE_STRING")):
         (repository / name / "1").mkdir(parents=True)
         (repository / name / "config.yaml").write_text(yaml.safe_dump(control_config(corrid_type)))
@@ -452,3 +481,19 @@ def test_dynamic_and_sequence_batching_exclude_each_other() -> None:
     config["dynamic_batching"] = {}
     with pytest.raises(ConfigError, match="field 'sequence_batching'"):
         parse_model_config(config, "config.yaml", "accumulator")
+
+
+def test_a_model_without_batching_keeps_state_per_sequence(sequence_server: ServerProcess) -> None:
+    """``max_batch_size: 0``: tensors have no batch dimension, and each instance holds one sequence at a time."""
+    client = _grpc(sequence_server)
+
+    def add_unbatched(sequence_id: int, value: float, start: bool = False) -> float:
+        tensor = grpcclient.InferInput("INPUT", [1], "FP32")
+        tensor.set_data_from_numpy(np.array([value], dtype=np.float32))
+        result = client.infer("unbatched", [tensor], sequence_id=sequence_id, sequence_start=start)
+        return float(result.as_numpy("OUTPUT")[0])
+
+    assert add_unbatched(1, 2.0, start=True) == 2.0
+    assert add_unbatched(2, 5.0, start=True) == 5.0
+    assert add_unbatched(1, 3.0) == 5.0
+    assert add_unbatched(2, 1.0) == 6.0
