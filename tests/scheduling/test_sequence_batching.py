@@ -22,6 +22,7 @@ from server.config import parse_model_config
 from server.errors import ConfigError
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 from tests.extensions.test_statistics_metrics import metric
+from tests.repository.test_validate import validate
 
 IDLE_US = 1_000_000
 INITIAL = 100.0
@@ -497,3 +498,13 @@ def test_a_model_without_batching_keeps_state_per_sequence(sequence_server: Serv
     assert add_unbatched(2, 5.0, start=True) == 5.0
     assert add_unbatched(1, 3.0) == 5.0
     assert add_unbatched(2, 1.0) == 6.0
+
+
+def test_validate_reports_a_missing_initial_state_file(tmp_path: Path) -> None:
+    shutil.copytree(BUNDLED_REPOSITORY / "accumulator", tmp_path / "accumulator")
+    config = accumulator_config()
+    config["sequence_batching"]["state"][0]["initial_state"] = {"data_type": "TYPE_FP32", "dims": [1], "data_file": "x"}
+    (tmp_path / "accumulator" / "config.yaml").write_text(yaml.safe_dump(config))
+    result = validate(tmp_path)
+    assert result.returncode != 0
+    assert "sequence_batching.state[0].initial_state[0].data_file" in result.stdout, result.stdout
