@@ -29,7 +29,7 @@ import numpy as np
 
 from server.config import CONFIG_FILENAME, ControlKind, ModelConfig, SequenceControl, SequenceState
 from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError
-from server.extensions.statistics import ModelStats
+from server.extensions.statistics import FailureReason, ModelStats
 from server.protocol.datatypes import numpy_dtype
 from server.protocol.tensor_codec import deserialize_raw, element_count
 from server.protocol.types import InferRequest
@@ -243,8 +243,8 @@ class SequenceBatcher(Scheduler):
         low, high = _INTEGER_RANGES[self._corrid.data_type]
         if isinstance(sequence_id, str) or not low <= sequence_id <= high:
             raise InvalidInput(
-                f"sequence_id {sequence_id!r} does not fit model '{self.config.name}''s CONTROL_SEQUENCE_CORRID "
-                f"input ({self._corrid.data_type})"
+                f"sequence_id {sequence_id!r} does not fit the CONTROL_SEQUENCE_CORRID input "
+                f"({self._corrid.data_type}) of model '{self.config.name}'"
             )
 
     def _assign(self, sequence: Sequence) -> None:
@@ -340,6 +340,28 @@ class SequenceBatcher(Scheduler):
     # -- forming and running batches ----------------------------------------------------------------------
     async def _serve(self, batcher: InstanceSlots) -> None:
         """Form and run this instance's batches, one at a time, until the scheduler closes with nothing queued."""
+        while True:
+            try:
+                await self._serve_until_closed(batcher)
+                return
+            except Exception:  # a bug here must fail the waiting requests, not leave them hanging
+                log.exception("sequence batcher of model '%s' failed", self.config.name)
+                self._fail_waiting(batcher)
+
+    def _fail_waiting(self, batcher: InstanceSlots) -> None:
+        error = BackendError(f"model '{self.config.name}': the sequence batcher failed; see the server log")
+        for sequence in batcher.slots:
+            if sequence is None:
+                continue
+            sequence.busy = False
+            while sequence.steps:
+                pending = sequence.steps.popleft().pending
+                self._queued.pop(pending, None)
+                self.stats.dequeued()
+                self.stats.record_failure([pending.arrival_ns], FailureReason.OTHER)
+                pending.fail(error)
+
+    async def _serve_until_closed(self, batcher: InstanceSlots) -> None:
         while True:
             ready = self._ready(batcher)
             if not ready:
