@@ -159,6 +159,11 @@ def sequence_server(
             },
         ),
     )
+    direct_wait = accumulator_config(
+        direct={"max_queue_delay_microseconds": 2_000_000, "minimum_slot_utilization": 0.5}
+    )
+    direct_wait["max_batch_size"] = 4
+    write_model(repository, "direct_wait", direct_wait)
     from_file = accumulator_config(control_input=[])
     from_file["sequence_batching"]["state"][0]["initial_state"] = {
         "data_type": "TYPE_FP32",
@@ -314,8 +319,11 @@ def test_idle_sequence_times_out_and_frees_its_slot(sequence_server: ServerProce
     assert add(client, "one_slot", 2, 1.0, end=True) == 5.0
 
 
-def test_oldest_strategy_batches_several_sequences(sequence_server: ServerProcess) -> None:
-    before = statistics(sequence_server, "oldest")
+@pytest.mark.parametrize("model", ["oldest", "direct_wait"])
+def test_concurrent_sequences_batch_together(sequence_server: ServerProcess, model: str) -> None:
+    """Four sequences stepping together share executions (``oldest``: up to its preferred size; ``direct``: a
+    batch waits for half the slots to be ready), and each still sums only its own inputs."""
+    before = statistics(sequence_server, model)
     steps, count = 5, 4
     barrier = threading.Barrier(count)
     totals: dict[int, list[float]] = {}
@@ -327,7 +335,7 @@ def test_oldest_strategy_batches_several_sequences(sequence_server: ServerProces
             seen = []
             for step in range(steps):
                 barrier.wait(30)
-                seen.append(add(client, "oldest", sequence_id, sequence_id * 10.0 + step, start=step == 0))
+                seen.append(add(client, model, sequence_id, sequence_id * 10.0 + step, start=step == 0))
             totals[sequence_id] = seen
         except BaseException as exc:
             errors.append(exc)
@@ -341,14 +349,14 @@ def test_oldest_strategy_batches_several_sequences(sequence_server: ServerProces
     assert not errors, errors
     for sequence_id, seen in totals.items():
         assert seen == np.cumsum([sequence_id * 10.0 + step for step in range(steps)]).tolist()
-    after = statistics(sequence_server, "oldest")
+    after = statistics(sequence_server, model)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == steps * count
     assert executions < inferences, (executions, inferences)
     text = httpx.get(f"http://127.0.0.1:{sequence_server.metrics_port}/metrics").text
-    assert metric(text, "nv_inference_count", "oldest") == after["inference_count"]
-    assert metric(text, "nv_inference_exec_count", "oldest") == after["execution_count"]
+    assert metric(text, "nv_inference_count", model) == after["inference_count"]
+    assert metric(text, "nv_inference_exec_count", model) == after["execution_count"]
 
 
 def test_initial_state_from_data_file_and_zero_data(sequence_server: ServerProcess) -> None:
@@ -509,3 +517,33 @@ def test_validate_reports_a_missing_initial_state_file(tmp_path: Path) -> None:
     result = validate(tmp_path)
     assert result.returncode != 0
     assert "sequence_batching.state[0].initial_state[0].data_file" in result.stdout, result.stdout
+
+
+def test_sequence_over_a_grpc_stream(sequence_server: ServerProcess) -> None:
+    """tritonclient's streaming API, as used for stateful models: one stream, the sequence's requests in order."""
+    client = _grpc(sequence_server)
+    totals: list[float] = []
+    errors: list[Any] = []
+    done = threading.Event()
+
+    def collect(result: Any, error: Any) -> None:
+        if error is not None:
+            errors.append(error)
+        else:
+            totals.append(float(result.as_numpy("OUTPUT")[0, 0]))
+        if len(totals) + len(errors) == 3:
+            done.set()
+
+    client.start_stream(callback=collect)
+    try:
+        for step, value in enumerate((1.0, 2.0, 4.0)):
+            tensor = grpcclient.InferInput("INPUT", [1, 1], "FP32")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+            client.async_stream_infer(
+                "accumulator", [tensor], sequence_id="stream", sequence_start=step == 0, sequence_end=step == 2
+            )
+        assert done.wait(30)
+    finally:
+        client.stop_stream()
+    assert not errors, errors
+    assert totals == [1.0, 3.0, 7.0]
