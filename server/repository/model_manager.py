@@ -38,6 +38,7 @@ from server.scheduling.dynamic_batcher import DynamicBatcher
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.instances import InstancePool, ModelInstance
 from server.scheduling.scheduler import DirectScheduler, Scheduler
+from server.scheduling.sequence_batcher import SequenceBatcher
 from server.scheduling.validation import validate_request
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ class ServedVersion:
         # The folder it was loaded from: a folder staged from uploaded files is kept while a version uses it.
         self.model_dir = model_dir
         self.labels = labels or {}
-        self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
+        self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats, model_dir)
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
@@ -122,8 +123,15 @@ class ServedVersion:
         await asyncio.to_thread(self.pool.unload)
 
 
-def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> Scheduler:
-    """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run.
+def make_scheduler(
+    config: ModelConfig,
+    version: str,
+    pool: InstancePool,
+    stats: ModelStats | None = None,
+    model_dir: Path | None = None,
+) -> Scheduler:
+    """Triton's choice: the sequence batcher for stateful models, the dynamic batcher when the model batches and
+    asks for it, else one request per run. ``model_dir`` is where a sequence model's initial state files live.
 
     A generating language model gets the generation engine instead, which batches at every token step.
     """
@@ -132,6 +140,8 @@ def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats:
         from server.scheduling.generation.scheduler import GenerationScheduler  # needs torch: only when used
 
         return GenerationScheduler(config, version, pool, stats)
+    if config.sequence_batching is not None:
+        return SequenceBatcher(config, version, pool, stats, model_dir)
     if config.batching and config.dynamic_batching is not None:
         return DynamicBatcher(config, version, pool, stats)
     return DirectScheduler(config, version, pool, stats)
@@ -242,9 +252,9 @@ class ModelManager:
             pool = InstancePool(instances)
             try:
                 new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels)
-            except ModelDockError as exc:  # the scheduler refused the config (e.g. engine limits)
-                failures[version] = exc.message
+            except ModelDockError as exc:  # the scheduler refused the config (engine limits, initial state files)
                 await asyncio.to_thread(pool.unload)
+                failures[version] = exc.message
 
         if not new:
             reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"

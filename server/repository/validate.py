@@ -24,6 +24,7 @@ from server.repository.discovery import (
     version_dirs,
 )
 from server.repository.warmup import warmup_request
+from server.scheduling.sequence_batcher import initial_states
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,11 @@ def _validate_model(model_dir: Path) -> list[Problem]:
         load_labels(config, model_dir)
     except ModelDockError as exc:
         problems.append(_problem(name, config_path, exc.message))
+    if config.sequence_batching is not None:
+        try:
+            initial_states(config, model_dir)
+        except ModelDockError as exc:
+            problems.append(_problem(name, config_path, exc.message))
     for position, sample in enumerate(config.model_warmup):
         try:
             warmup_request(config, sample, model_dir)
