@@ -78,6 +78,8 @@ def _validate_model(model_dir: Path) -> list[Problem]:
             _problem(name, config_path, f"field 'version_policy': selects none of the versions {sorted(available)}")
         ]
     newest = available[max(selected)]
+    if config.is_ensemble:  # no model files; its graph is checked against its step models when it loads
+        return []
 
     if not config.backend:
         config.backend = guess_backend(newest)
