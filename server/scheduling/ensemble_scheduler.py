@@ -95,6 +95,7 @@ def check_ensemble(config: ModelConfig, step_configs: Mapping[int, ModelConfig],
         unmapped = [t.name for t in model.input if not t.optional and t.name not in step.input_map]
         if unmapped:
             raise fail(position, f"the model's required input(s) {unmapped} are not in input_map")
+    _check_acyclic(steps, needs, fail)
     for output in config.output:
         producer = produced_by.get(output.name)
         if producer is None or producer[0] is None:
@@ -104,7 +105,6 @@ def check_ensemble(config: ModelConfig, step_configs: Mapping[int, ModelConfig],
     unused = [t.name for t in config.input if t.name not in consumed]
     if unused:
         raise ConfigError(f"{source}: field 'input': ensemble input(s) {unused} are read by no step")
-    _check_acyclic(steps, needs, fail)
 
 
 def _check_match(
@@ -134,7 +134,7 @@ def _check_match(
 
 
 def _check_acyclic(steps: list[EnsembleStep], needs: dict[int, set[int]], fail: StepProblem) -> None:
-    """Kahn's algorithm: steps left over once nothing more can start wait on each other in a cycle."""
+    """Kahn's algorithm: the steps left over once nothing more can start wait on each other."""
     remaining = {p: set(n) for p, n in needs.items()}
     while True:
         ready = [p for p, n in remaining.items() if not n]
@@ -144,6 +144,14 @@ def _check_acyclic(steps: list[EnsembleStep], needs: dict[int, set[int]], fail: 
             del remaining[position]
         for waiting in remaining.values():
             waiting.difference_update(ready)
+    # Steps that only wait on a cycle without being part of it are dropped too, so the error names the cycle.
+    while True:
+        needed = set().union(*remaining.values()) if remaining else set()
+        downstream = [p for p in remaining if p not in needed]
+        if not downstream:
+            break
+        for position in downstream:
+            del remaining[position]
     if remaining:
         first = min(remaining)
         cycle = ", ".join(_step_label(p, steps[p]) for p in sorted(remaining))
