@@ -8,6 +8,7 @@ request and a failed load leaves what was serving in place.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -249,7 +250,7 @@ class ModelManager:
                 failures[version] = f"{type(exc).__name__}: {exc}"
                 continue
             for instance in instances:
-                instance.model_caller = self.call_model
+                instance.model_caller = functools.partial(self.call_model, caller=instance)
             pool = InstancePool(instances)
             new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels, cache=cache)
 
@@ -294,12 +295,31 @@ class ModelManager:
             return None
         return self.response_cache.for_version(config.name, str(version), stats)
 
-    async def call_model(self, request: InferRequest) -> InferResponse:
-        """Run a request from inside the server (an ensemble step, a Python model's call) as a client's would run."""
+    async def call_model(self, request: InferRequest, caller: ModelInstance | None = None) -> InferResponse:
+        """Run a request from inside the server (an ensemble step, a Python model's call) as a client's would run.
+
+        ``caller`` is the instance whose model made the call. A model may call itself, but every instance of it
+        that waits on such a call holds an instance the call needs: once all of them wait, none ever will be
+        free, so the call that would complete that circle fails at once instead of waiting forever.
+        """
+        served = self.get(request.model_name, request.model_version)
+        if caller is None or served.pool is None or caller not in served.pool.instances:
+            try:
+                return await served.infer(request)
+            except VersionRetired:
+                return await self.get(request.model_name, request.model_version).infer(request)
+        if all(instance.self_calls for instance in served.pool.instances if instance is not caller):
+            count = len(served.pool.instances)
+            raise ModelNotReady(
+                f"model '{served.config.name}' version {served.version} calls itself while each of its {count} "
+                "instance(s) is busy waiting on such a call, so the call could never run; give the model more "
+                "instances (instance_group count) than the depth of its calls to itself"
+            )
+        caller.self_calls += 1
         try:
-            return await self.get(request.model_name, request.model_version).infer(request)
-        except VersionRetired:
-            return await self.get(request.model_name, request.model_version).infer(request)
+            return await served.infer(request)
+        finally:
+            caller.self_calls -= 1
 
     def _fail(self, record: ModelRecord, reason: str) -> None:
         """Record a failed load; versions already serving keep serving."""

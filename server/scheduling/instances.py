@@ -88,6 +88,8 @@ class ModelInstance:
     # How the instance's model calls other served models; set by the model manager once the version is loaded
     # (so warm-up runs without it). Only worker-process instances (the Python backend) use it.
     model_caller: ModelCaller | None = None
+    # Calls this instance's model has in flight to its own version (see ``ModelManager.call_model``).
+    self_calls: int = 0
 
     def __init__(self, placement: InstancePlacement, backend: Backend) -> None:
         self.name = placement.name

@@ -100,6 +100,24 @@ class TritonPythonModel:
         return [{"OUT": x, "CALLS": np.array([[calls]], dtype=np.int32)}]
 """
 
+# Recursion: COUNT = N, computed as 1 + countdown(N - 1), each level a call of the model to itself.
+COUNTDOWN_SOURCE = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        n = int(requests[0].get_input("N")[0])
+        if n == 0:
+            return [{"COUNT": np.array([0], dtype=np.int32)}]
+        inner = pb_utils.InferenceRequest(
+            model_name="countdown", requested_output_names=["COUNT"],
+            inputs=[pb_utils.Tensor("N", np.array([n - 1], dtype=np.int32))],
+        ).exec()
+        return [{"COUNT": inner.output_tensors()[0].as_numpy() + 1}]
+"""
+
 
 @pytest.fixture(scope="module")
 def bls_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
@@ -121,6 +139,15 @@ def bls_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pyt
         LOOP_SOURCE,
         [tensor("X"), tensor("LIMIT", dims=[1])],
         [tensor("OUT"), tensor("CALLS", "TYPE_INT32", [1])],
+    )
+    python_model(
+        repository,
+        "countdown",
+        COUNTDOWN_SOURCE,
+        [tensor("N", "TYPE_INT32", [1])],
+        [tensor("COUNT", "TYPE_INT32", [1])],
+        max_batch_size=0,
+        instance_group=[{"count": 3}],
     )
     return start_server(repository)
 
@@ -207,3 +234,14 @@ def test_loops_and_branches_a_dag_cannot_express(
     )
     assert int(response.as_numpy("CALLS")[0, 0]) == calls
     np.testing.assert_allclose(response.as_numpy("OUT"), [result])
+
+
+def test_a_model_calling_itself_fails_fast_instead_of_waiting_forever(bls_server: ServerProcess) -> None:
+    # Three instances: the outer call and two nested ones each hold one.
+    result = http_infer(bls_server, "countdown", N=np.array([2], dtype=np.int32))
+    assert int(result.as_numpy("COUNT")[0]) == 2
+    with pytest.raises(InferenceServerException) as raised:
+        http_infer(bls_server, "countdown", N=np.array([5], dtype=np.int32))
+    assert "calls itself while each of its 3 instance(s) is busy waiting on such a call" in raised.value.message()
+    # Nothing was left stuck: the model still answers.
+    assert int(grpc_infer(bls_server, "countdown", N=np.array([1], dtype=np.int32)).as_numpy("COUNT")[0]) == 1

@@ -88,7 +88,8 @@ def test_http_statistics(counted_server: ServerProcess) -> None:
         check_simple_stats(stats)
     everything = httpx.get(counted_server.url + "/v2/models/stats").json()["model_stats"]
     by_name = {s["name"]: s for s in everything}
-    assert set(by_name) == {"simple", "mlp_classifier", "torch_mlp", "text_preprocessor"}
+    bundled = {"simple", "mlp_classifier", "torch_mlp", "text_preprocessor"}
+    assert set(by_name) == bundled | {"preprocess_pixels", "pick_top_class", "classify_image"}
     assert by_name["mlp_classifier"]["inference_count"] == 0
     assert by_name["mlp_classifier"]["inference_stats"]["fail"]["count"] == REJECTED
     assert by_name["mlp_classifier"]["inference_stats"]["success"]["count"] == 0
@@ -105,7 +106,7 @@ def test_tritonclient_reads_statistics(counted_server: ServerProcess) -> None:
     try:
         [stats] = client.get_inference_statistics("simple")["model_stats"]
         check_simple_stats(stats)
-        assert len(client.get_inference_statistics()["model_stats"]) == 4
+        assert len(client.get_inference_statistics()["model_stats"]) == 7
     finally:
         client.close()
 
