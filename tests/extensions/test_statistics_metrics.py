@@ -89,7 +89,7 @@ def test_http_statistics(counted_server: ServerProcess) -> None:
     everything = httpx.get(counted_server.url + "/v2/models/stats").json()["model_stats"]
     by_name = {s["name"]: s for s in everything}
     bundled = {"simple", "mlp_classifier", "torch_mlp", "text_preprocessor"}
-    assert set(by_name) == bundled | {"preprocess_pixels", "pick_top_class", "classify_image"}
+    assert set(by_name) == bundled | {"preprocess_pixels", "pick_top_class", "classify_image", "classify_image_bls"}
     assert by_name["mlp_classifier"]["inference_count"] == 0
     assert by_name["mlp_classifier"]["inference_stats"]["fail"]["count"] == REJECTED
     assert by_name["mlp_classifier"]["inference_stats"]["success"]["count"] == 0
@@ -106,7 +106,7 @@ def test_tritonclient_reads_statistics(counted_server: ServerProcess) -> None:
     try:
         [stats] = client.get_inference_statistics("simple")["model_stats"]
         check_simple_stats(stats)
-        assert len(client.get_inference_statistics()["model_stats"]) == 7
+        assert len(client.get_inference_statistics()["model_stats"]) == 8
     finally:
         client.close()
 
