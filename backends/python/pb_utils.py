@@ -23,11 +23,12 @@ from server.worker_processes import current_channel
 
 
 class TritonError(Exception):
-    """An error with Triton's ``message()`` accessor."""
+    """An error with Triton's ``message()`` accessor (Triton's status ``code`` is accepted and kept)."""
 
-    def __init__(self, msg: str) -> None:
+    def __init__(self, msg: str, code: int = 0) -> None:
         super().__init__(msg)
         self._message = msg
+        self.code = code
 
     def message(self) -> str:
         return self._message
@@ -55,6 +56,9 @@ class Tensor:
     def shape(self) -> list[int]:
         return list(self._array.shape)
 
+    def is_cpu(self) -> bool:
+        return True
+
 
 class InferenceResponse:
     """What ``execute`` may return for a request (instead of a dict of arrays), and what a model call returns."""
@@ -77,7 +81,10 @@ class InferenceRequest:
     """A request from this model to another served model (Triton's BLS).
 
     ``model_version`` -1 means the newest ready version. ``timeout`` (microseconds) is the request's queue
-    timeout, honoured as for a client request when the called model allows overriding it.
+    timeout, honoured as for a client request when the called model allows overriding it. Triton's
+    ``request_id``, ``flags``, ``preferred_memory``, ``trace`` and ``parameters`` are accepted so Triton code runs
+    as is; they do not change how the call runs. Calls that are part of a sequence (``correlation_id``) are not
+    supported.
     """
 
     def __init__(
@@ -88,11 +95,17 @@ class InferenceRequest:
         model_version: int = -1,
         timeout: int = 0,
         priority: int = 0,
-        **unsupported: Any,
+        correlation_id: int | str = 0,
+        request_id: str = "",
+        flags: int = 0,
+        preferred_memory: Any = None,
+        trace: Any = None,
+        parameters: Any = None,
     ) -> None:
-        if unsupported:
-            raise TritonError(f"InferenceRequest: unsupported argument(s) {sorted(unsupported)}")
+        if correlation_id:
+            raise TritonError("InferenceRequest: calls within a sequence (correlation_id) are not supported")
         self.model_name = model_name
+        self.request_id = request_id
         self._inputs = list(inputs)
         self._requested_output_names = list(requested_output_names)
         self.model_version = model_version

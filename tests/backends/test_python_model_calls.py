@@ -245,3 +245,13 @@ def test_a_model_calling_itself_fails_fast_instead_of_waiting_forever(bls_server
     assert "calls itself while each of its 3 instance(s) is busy waiting on such a call" in raised.value.message()
     # Nothing was left stuck: the model still answers.
     assert int(grpc_infer(bls_server, "countdown", N=np.array([1], dtype=np.int32)).as_numpy("COUNT")[0]) == 1
+
+
+def test_a_call_outside_a_served_model_says_why_it_cannot_run() -> None:
+    from backends.python import pb_utils
+
+    request = pb_utils.InferenceRequest(model_name="double", inputs=[pb_utils.Tensor("X", X)], request_id="r1")
+    with pytest.raises(pb_utils.TritonError, match="only from execute"):
+        request.exec()
+    with pytest.raises(pb_utils.TritonError, match="correlation_id"):
+        pb_utils.InferenceRequest(model_name="double", correlation_id=7)

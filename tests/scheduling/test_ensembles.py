@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from server.config import parse_model_config
+from server.errors import ConfigError
 from tests.conftest import ServerProcess
 from tests.pipeline_models import add_add_one, add_double, tensor, write_model
 
@@ -213,3 +216,17 @@ def test_ensemble_is_ready_only_while_every_step_model_is(
     client.load_model("add_one")
     assert client.is_model_ready("pipeline")
     np.testing.assert_allclose(grpc_infer(server, "pipeline", "X", X).as_numpy("E"), X * 2 + 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"platform": "ensemble"}, "field 'ensemble_scheduling': platform 'ensemble' needs ensemble_scheduling"),
+        ({"ensemble_scheduling": PIPELINE["ensemble_scheduling"]}, "field 'ensemble_scheduling': needs platform"),
+        ({**PIPELINE, "backend": "python"}, "field 'backend': an ensemble runs other models"),
+        ({**PIPELINE, "ensemble_scheduling": {"step": []}}, "field 'ensemble_scheduling.step'"),
+    ],
+)
+def test_ensemble_fields_must_agree(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_model_config(fields, "config.yaml", "pipeline")

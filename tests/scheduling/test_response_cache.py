@@ -115,6 +115,10 @@ def test_a_hit_answers_without_running_the_model(cache_server: ServerProcess) ->
     np.testing.assert_array_equal(third, x * 2)
     change = delta(counts(cache_server, "scaled"), before)
     assert change == {"executions": 1, "inferences": 1, "hits": 2, "misses": 1, "successes": 3}
+    over_grpc = grpcclient.InferenceServerClient(cache_server.grpc_url).get_inference_statistics("scaled", as_json=True)
+    grpc_stats = over_grpc["model_stats"][0]["inference_stats"]
+    assert int(grpc_stats["cache_hit"]["count"]) == counts(cache_server, "scaled")["hits"]
+    assert int(grpc_stats["cache_hit"]["ns"]) > 0
 
 
 def test_different_inputs_or_outputs_are_different_entries(cache_server: ServerProcess) -> None:
