@@ -227,7 +227,12 @@ class ProcessModelInstance(ModelInstance):
         process.start()
         child_conn.close()
         try:
-            status, payload = self._receive(parent_conn, process, max(timeout_s, 0.0))
+            deadline = time.monotonic() + max(timeout_s, 0.0)
+            message = self._receive(parent_conn, process, max(timeout_s, 0.0))
+            while message[0] == "call":  # from initialize(): other models are not served to it yet
+                self._answer_call(parent_conn, message, None)
+                message = self._receive(parent_conn, process, max(deadline - time.monotonic(), 0.0))
+            status, payload = message
         except WorkerCrashed as exc:
             parent_conn.close()
             raise ModelLoadError(
@@ -344,7 +349,9 @@ class ProcessModelInstance(ModelInstance):
         """
         _, call_id, model_name, model_version, inputs, output_names, parameters = message
         if loop is None or self.model_caller is None:
-            error = Unsupported(f"model '{self.config.name}' cannot call other models here (during warm-up)")
+            error = Unsupported(
+                f"model '{self.config.name}' cannot call other models while it loads (initialize, warm-up)"
+            )
             self._send_quietly(conn, ("call_result", call_id, "error", error_payload(error)))
             return
         request = InferRequest(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -255,3 +256,43 @@ def test_a_call_outside_a_served_model_says_why_it_cannot_run() -> None:
         request.exec()
     with pytest.raises(pb_utils.TritonError, match="correlation_id"):
         pb_utils.InferenceRequest(model_name="double", correlation_id=7)
+
+
+# Calls another model from initialize(): refused (the model is still loading), and the load goes on.
+INIT_CALL_SOURCE = """
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        try:
+            pb_utils.InferenceRequest(
+                model_name="double", requested_output_names=["Y"],
+                inputs=[pb_utils.Tensor("X", np.zeros((1, 4), dtype=np.float32))],
+            ).exec()
+        except pb_utils.TritonModelException as exc:
+            self.message = exc.message()
+        else:
+            self.message = "no error"
+
+    def execute(self, requests):
+        return [{"MESSAGE": np.array([self.message.encode()], dtype=object)}]
+"""
+
+
+def test_calls_while_loading_are_refused_with_a_reason(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    add_double(tmp_path)
+    python_model(
+        tmp_path,
+        "calls_in_initialize",
+        INIT_CALL_SOURCE,
+        [tensor("X")],
+        [tensor("MESSAGE", "TYPE_STRING", [1])],
+        max_batch_size=0,
+    )
+    server = start_server(tmp_path)
+    message = http_infer(server, "calls_in_initialize", X=X[0]).as_numpy("MESSAGE")[0].decode()
+    assert "cannot call other models while it loads" in message
