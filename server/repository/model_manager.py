@@ -303,23 +303,26 @@ class ModelManager:
         free, so the call that would complete that circle fails at once instead of waiting forever.
         """
         served = self.get(request.model_name, request.model_version)
-        if caller is None or served.pool is None or caller not in served.pool.instances:
+        calls_itself = caller is not None and served.pool is not None and caller in served.pool.instances
+        if calls_itself:
+            assert caller is not None and served.pool is not None
+            if all(instance.self_calls for instance in served.pool.instances if instance is not caller):
+                raise ModelNotReady(
+                    f"model '{served.config.name}' version {served.version} calls itself while each of its "
+                    f"{len(served.pool.instances)} instance(s) is busy waiting on such a call, so the call could "
+                    "never run; give the model more instances (instance_group count) than the depth of its calls "
+                    "to itself"
+                )
+            caller.self_calls += 1
+        try:
             try:
                 return await served.infer(request)
             except VersionRetired:
                 return await self.get(request.model_name, request.model_version).infer(request)
-        if all(instance.self_calls for instance in served.pool.instances if instance is not caller):
-            count = len(served.pool.instances)
-            raise ModelNotReady(
-                f"model '{served.config.name}' version {served.version} calls itself while each of its {count} "
-                "instance(s) is busy waiting on such a call, so the call could never run; give the model more "
-                "instances (instance_group count) than the depth of its calls to itself"
-            )
-        caller.self_calls += 1
-        try:
-            return await served.infer(request)
         finally:
-            caller.self_calls -= 1
+            if calls_itself:
+                assert caller is not None
+                caller.self_calls -= 1
 
     def _fail(self, record: ModelRecord, reason: str) -> None:
         """Record a failed load; versions already serving keep serving."""
