@@ -104,7 +104,7 @@ class ServedVersion:
         pending = self.scheduler.submit(request)
         try:
             async for response in pending.responses():
-                if lookup is not None and self.cache is not None:
+                if lookup is not None and self.cache is not None and response.final:
                     self.cache.store(lookup, response)
                 if classifies:
                     classification.classify_response(self.config, request, response, self.labels)
