@@ -95,12 +95,12 @@ def add_one_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-def add_add_one(repository: Path, name: str = "add_one") -> Path:
+def add_add_one(repository: Path, name: str = "add_one", queue_delay_us: int = 20_000) -> Path:
     config = {
         "backend": "onnxruntime",
         "max_batch_size": 8,
         "input": [tensor("Y")],
         "output": [tensor("Z")],
-        "dynamic_batching": {"max_queue_delay_microseconds": 1000},
+        "dynamic_batching": {"max_queue_delay_microseconds": queue_delay_us},
     }
     return write_model(repository, name, config, {"model.onnx": add_one_model().SerializeToString()})
