@@ -4,8 +4,7 @@ Every check a load makes before creating instances runs here (config schema, bac
 policy, model files, auto-complete, warm-up samples), and each backend checks its model files against the config
 (``Backend.check_model``: the runtime opens the file on the CPU; Python code is imported in a throw-away process
 but its model is not created), and an ensemble's graph is checked against its step models' completed configs,
-so a repository can be checked in CI or before a copy into
-a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
+so a repository can be checked in CI or before a copy into a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
 """
 
 from __future__ import annotations
