@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import json
 import re
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -230,3 +232,26 @@ def test_ensemble_is_ready_only_while_every_step_model_is(
 def test_ensemble_fields_must_agree(fields: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_model_config(fields, "config.yaml", "pipeline")
+
+
+def test_a_client_that_leaves_stops_the_pipeline(ensemble_server: ServerProcess) -> None:
+    before_step = statistics(ensemble_server, "add_one")
+    before_ensemble = statistics(ensemble_server, "pipeline")
+    client = grpcclient.InferenceServerClient(ensemble_server.grpc_url)
+    tensor_in = grpcclient.InferInput("X", list(X.shape), "FP32")
+    tensor_in.set_data_from_numpy(X)
+    # The first step takes 0.3 s, so the client gives up while it runs.
+    with pytest.raises(InferenceServerException, match="Deadline"):
+        client.infer("pipeline", [tensor_in], client_timeout=0.1)
+    failures_before = before_ensemble["inference_stats"]["fail"]["count"]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if statistics(ensemble_server, "pipeline")["inference_stats"]["fail"]["count"] > failures_before:
+            break
+        time.sleep(0.1)
+    time.sleep(1.0)  # long past the first step's end: a step that was going to start has started by now
+    failed = statistics(ensemble_server, "pipeline")["inference_stats"]["fail"]["count"]
+    assert failed - failures_before == 1
+    assert statistics(ensemble_server, "add_one")["inference_count"] == before_step["inference_count"]
+    text = httpx.get(f"{ensemble_server.url}/metrics", timeout=10).text
+    assert 'nv_inference_request_failure{model="pipeline",reason="CANCELED",version="1"} 1.0' in text
