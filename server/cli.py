@@ -18,10 +18,12 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from server.core import ModelControlMode
+from server.errors import ConfigError
 from server.extensions.log_settings import LOG_LEVELS
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
+from server.scheduling.response_cache import parse_cache_config
 
 app = typer.Typer(
     name="modeldock",
@@ -61,10 +63,21 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    cache_config: Annotated[
+        list[str],
+        typer.Option(
+            "--cache-config",
+            help="Response cache, as Triton: local,size=<bytes> (models opt in with response_cache: {enable: true}).",
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    try:
+        cache = parse_cache_config(cache_config)
+    except ConfigError as exc:
+        raise typer.BadParameter(exc.message) from None
     settings = ServeSettings(
         model_repositories=model_repository,
         host=host,
@@ -77,6 +90,7 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
+    settings.cache = cache
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

@@ -461,6 +461,27 @@ class ModelTransactionPolicy(_Strict):
     decoupled: bool = False
 
 
+class EnsembleStep(_Strict):
+    """One model call of an ensemble, and how its tensors connect to the ensemble's tensors."""
+
+    model_name: str = Field(min_length=1)
+    model_version: int = Field(default=-1, ge=-1)
+    # The step model's input name -> the ensemble tensor that feeds it.
+    input_map: dict[str, str] = Field(default_factory=dict)
+    # The step model's output name -> the ensemble tensor it produces.
+    output_map: dict[str, str] = Field(default_factory=dict)
+
+
+class EnsembleScheduling(_Strict):
+    step: list[EnsembleStep] = Field(min_length=1)
+
+
+class ResponseCacheSettings(_Strict):
+    """Triton's ``response_cache``: whether this model's responses may be answered from the server's cache."""
+
+    enable: bool = False
+
+
 class ModelConfig(_Strict):
     """A model's ``config.yaml``; the folder name is the model name unless ``name`` says otherwise."""
 
@@ -479,6 +500,8 @@ class ModelConfig(_Strict):
     model_warmup: list[ModelWarmup] = Field(default_factory=list)
     batch_input: list[BatchInput] = Field(default_factory=list)
     model_transaction_policy: ModelTransactionPolicy = Field(default_factory=ModelTransactionPolicy)
+    ensemble_scheduling: EnsembleScheduling | None = None
+    response_cache: ResponseCacheSettings | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -574,6 +597,16 @@ class ModelConfig(_Strict):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _ensemble_fields_agree(self) -> ModelConfig:
+        if self.is_ensemble and self.ensemble_scheduling is None:
+            raise FieldProblem("ensemble_scheduling", "platform 'ensemble' needs ensemble_scheduling with its steps")
+        if not self.is_ensemble and self.ensemble_scheduling is not None:
+            raise FieldProblem("ensemble_scheduling", f"needs platform: {ENSEMBLE_PLATFORM}")
+        if self.is_ensemble and self.backend:
+            raise FieldProblem("backend", "an ensemble runs other models and has no backend of its own")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _backend_from_platform(cls, data: Any) -> Any:
@@ -619,12 +652,32 @@ class ModelConfig(_Strict):
     def batching(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def is_ensemble(self) -> bool:
+        return self.platform == ENSEMBLE_PLATFORM
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether responses may come from the response cache: asked for with ``response_cache.enable``.
+
+        A model whose answer depends on more than the request (sequence batching with its per-sequence state,
+        decoupled models that stream several responses) must never be cached; this is the one place that says
+        so, and any such field added to the schema must be checked here.
+        """
+        if self.response_cache is None or not self.response_cache.enable:
+            return False
+        if getattr(self, "sequence_batching", None) is not None:
+            return False
+        return not getattr(getattr(self, "model_transaction_policy", None), "decoupled", False)
+
     def to_json(self) -> dict[str, Any]:
         """The config as Triton's JSON model-config shape (what ``/v2/models/{m}/config`` returns)."""
         data = self.model_dump(mode="json", exclude_none=True)
         data["parameters"] = {k: {"string_value": v} for k, v in self.parameters.items()}
         return data
 
+
+ENSEMBLE_PLATFORM = "ensemble"
 
 PLATFORM_TO_BACKEND: dict[str, str] = {
     "onnxruntime_onnx": "onnxruntime",

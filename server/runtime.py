@@ -19,6 +19,7 @@ from server.frontends.http_server import create_app
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
+from server.scheduling.response_cache import CacheSettings, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,8 @@ class ServeSettings:
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
+    # The server-wide response cache (``--cache-config local,size=N``); None: no model's responses are cached.
+    cache: CacheSettings | None = None
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -70,7 +73,8 @@ async def load_initial_models(manager: ModelManager, settings: ServeSettings) ->
 async def serve(settings: ServeSettings) -> None:
     server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
     server_logging.install()
-    manager = ModelManager(ModelRepository(settings.model_repositories))
+    cache = ResponseCache(settings.cache.size_bytes) if settings.cache is not None else None
+    manager = ModelManager(ModelRepository(settings.model_repositories), cache)
     core = InferenceServer(manager, settings.model_control_mode, server_logging)
     watcher: asyncio.Task[None] | None = None
     app = create_app(core)
