@@ -20,6 +20,8 @@ except ImportError:
 from server.core import ModelControlMode
 from server.extensions.log_settings import LOG_LEVELS
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
+from server.protocol.limits import RequestLimits
 from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
 
@@ -61,6 +63,42 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    http_restricted_api: Annotated[
+        list[str],
+        typer.Option(
+            "--http-restricted-api",
+            help="GROUP[,GROUP...]:HEADER=VALUE: these API groups need the header (repeatable). Groups: "
+            + ", ".join(g.value for g in ApiGroup),
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    grpc_restricted_protocol: Annotated[
+        list[str],
+        typer.Option("--grpc-restricted-protocol", help="GROUP[,GROUP...]:HEADER=VALUE, as --http-restricted-api."),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    http_max_body_bytes: Annotated[
+        int, typer.Option("--http-max-body-bytes", min=1, help="Largest HTTP request body, in bytes (413 beyond).")
+    ] = RequestLimits.http_max_body_bytes,
+    max_header_bytes: Annotated[
+        int, typer.Option("--max-header-bytes", min=1024, help="Largest HTTP headers / gRPC metadata, in bytes.")
+    ] = RequestLimits.max_header_bytes,
+    max_inputs: Annotated[
+        int, typer.Option("--max-inputs", min=1, help="Most input tensors in one inference request.")
+    ] = RequestLimits.max_inputs,
+    max_tensor_elements: Annotated[
+        int, typer.Option("--max-tensor-elements", min=1, help="Most elements in one input tensor.")
+    ] = RequestLimits.max_tensor_elements,
+    request_timeout_secs: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout-secs",
+            min=0,
+            help="Longest an inference request may take end to end (0: unbounded). A hung instance is replaced.",
+        ),
+    ] = 0.0,
+    http_cors_origin: Annotated[
+        list[str],
+        typer.Option("--http-cors-origin", help="Origin allowed to call the HTTP API from a browser (repeatable)."),
+    ] = [],  # noqa: B006 - typer needs a literal default
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -77,6 +115,14 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
+    try:
+        settings.http_restrictions = Restrictions.parse(http_restricted_api, "--http-restricted-api")
+        settings.grpc_restrictions = Restrictions.parse(grpc_restricted_protocol, "--grpc-restricted-protocol")
+    except RestrictionSpecError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings.limits = RequestLimits(http_max_body_bytes, max_header_bytes, max_inputs, max_tensor_elements)
+    settings.request_timeout_s = request_timeout_secs
+    settings.cors_origins = http_cors_origin
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

@@ -6,12 +6,15 @@ metadata, inference and repository control behave identically on both.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator, Mapping
 from enum import Enum
 from typing import Any
 
 from server import __version__
-from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
+from server.config import ModelConfig
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
 from server.extensions.log_settings import ServerLogging
 from server.extensions.metrics import ServerMetrics
 from server.protocol.shared_memory import SharedMemoryRegistry
@@ -40,6 +43,29 @@ class ModelControlMode(str, Enum):
     EXPLICIT = "explicit"  # clients, through the repository API (and --load-model at start-up)
 
 
+def request_deadline(request: InferRequest, server_timeout_s: float, config: ModelConfig) -> float | None:
+    """Seconds ``request`` may take, and its ``deadline_ns`` set to match; None when nothing bounds it.
+
+    Triton's ``timeout`` parameter (microseconds) can shorten the server-wide bound, never lengthen it. For a model
+    with a dynamic batcher it keeps Triton's meaning instead: a queue timeout, governed by the queue policy's
+    ``allow_timeout_override`` and ``timeout_action``.
+    """
+    timeout_s = server_timeout_s or None
+    if request.timeout_us > 0 and not (config.batching and config.dynamic_batching is not None):
+        own = request.timeout_us / 1e6
+        timeout_s = own if timeout_s is None else min(timeout_s, own)
+    if timeout_s is not None:
+        request.deadline_ns = time.monotonic_ns() + int(timeout_s * 1e9)
+    return timeout_s
+
+
+def timed_out_message(request: InferRequest, timeout_s: float) -> str:
+    return (
+        f"request to model '{request.model_name}' did not finish within its timeout of {timeout_s:.6g}s "
+        "(the request's 'timeout' parameter or --request-timeout-secs)"
+    )
+
+
 class InferenceServer:
     def __init__(
         self,
@@ -56,6 +82,8 @@ class InferenceServer:
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False
+        # ``--request-timeout-secs``: the longest any inference request may take (0: no server-wide bound).
+        self.request_timeout_s = 0.0
 
     # -- health -------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -102,6 +130,17 @@ class InferenceServer:
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        config = self.models.get(request.model_name, request.model_version).config
+        timeout_s = request_deadline(request, self.request_timeout_s, config)
+        if timeout_s is None:
+            return await self._infer(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._infer(request)
+        except TimeoutError:
+            raise DeadlineExceeded(timed_out_message(request, timeout_s)) from None
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         served = self.models.get(request.model_name, request.model_version)
         try:
             return await served.infer(request)
@@ -110,6 +149,20 @@ class InferenceServer:
             return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        config = self.models.get(request.model_name, request.model_version).config
+        timeout_s = request_deadline(request, self.request_timeout_s, config)
+        if timeout_s is None:
+            async for response in self._stream_infer(request):
+                yield response
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for response in self._stream_infer(request):
+                    yield response
+        except TimeoutError:
+            raise DeadlineExceeded(timed_out_message(request, timeout_s)) from None
+
+    async def _stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         stream = self.models.get(request.model_name, request.model_version).stream(request)
         try:
             try:

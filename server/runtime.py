@@ -11,11 +11,17 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from server.core import InferenceServer, ModelControlMode
 from server.extensions.log_settings import LogSettings, ServerLogging
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
+from server.frontends.http_guard import HttpGuard
 from server.frontends.http_server import create_app
+from server.frontends.restrictions import Restrictions
+from server.protocol.limits import RequestLimits
+from server.protocol.limits import configure as configure_limits
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
@@ -37,6 +43,14 @@ class ServeSettings:
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
+    # Triton's --http-restricted-api / --grpc-restricted-protocol, already parsed.
+    http_restrictions: Restrictions = field(default_factory=Restrictions)
+    grpc_restrictions: Restrictions = field(default_factory=Restrictions)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # The longest an inference request may take end to end, in seconds (0: no server-wide bound).
+    request_timeout_s: float = 0.0
+    # Origins allowed to call the HTTP API from a browser; CORS stays off while this is empty.
+    cors_origins: list[str] = field(default_factory=list)
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -71,9 +85,13 @@ async def serve(settings: ServeSettings) -> None:
     server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
     server_logging.install()
     manager = ModelManager(ModelRepository(settings.model_repositories))
+    configure_limits(settings.limits)
     core = InferenceServer(manager, settings.model_control_mode, server_logging)
+    core.request_timeout_s = settings.request_timeout_s
     watcher: asyncio.Task[None] | None = None
-    app = create_app(core)
+    app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits))
+    if settings.cors_origins:
+        app = CORSMiddleware(app, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if settings.metrics_port:
         try:
             core.metrics.serve(settings.host, settings.metrics_port)
@@ -95,7 +113,7 @@ async def serve(settings: ServeSettings) -> None:
     )
     # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
     grpc_server, settings.grpc_port = create_grpc_server(
-        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes, settings.grpc_restrictions
     )
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
     await grpc_server.start()

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
+from server.frontends.http_guard import HttpGuard
 from server.protocol.http_codec import (
     HEADER_LENGTH,
     decode_index_request,
@@ -180,11 +181,18 @@ class HttpFrontEnd:
     the error mapping is the same as FastAPI's handlers below.
     """
 
-    def __init__(self, core: InferenceServer, api: FastAPI) -> None:
+    def __init__(self, core: InferenceServer, api: FastAPI, guard: HttpGuard | None = None) -> None:
         self.core = core
         self.api = api
+        self.guard = guard or HttpGuard()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                receive = self.guard.admit(scope, receive)
+            except ModelDockError as exc:
+                await _error_response(exc)(scope, receive, send)
+                return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
@@ -213,7 +221,7 @@ def _error_response(exc: ModelDockError) -> Response:
     return _error(exc.http_status, exc.message)
 
 
-def create_app(core: InferenceServer) -> HttpFrontEnd:
+def create_app(core: InferenceServer, guard: HttpGuard | None = None) -> HttpFrontEnd:
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
 
@@ -326,4 +334,4 @@ def create_app(core: InferenceServer) -> HttpFrontEnd:
     async def cuda_shared_memory(name: str = "") -> Response:
         raise Unsupported("CUDA shared memory is not supported by this server; use system shared memory")
 
-    return HttpFrontEnd(core, app)
+    return HttpFrontEnd(core, app, guard)

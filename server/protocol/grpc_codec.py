@@ -21,6 +21,7 @@ from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import model_config_pb2 as config_pb
+from server.protocol.limits import LIMITS
 from server.protocol.load_parameters import FILE_PREFIX, parse_config_override
 from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.shared_memory import REGION, SharedMemoryRegistry
@@ -121,6 +122,7 @@ def _check_raw_entries(message: pb.ModelInferRequest) -> None:
 def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry) -> InferRequest:
     if not message.inputs:
         raise InvalidInput("request must have at least one input")
+    LIMITS.check_input_count(len(message.inputs))
     _check_raw_entries(message)
     raw = message.raw_input_contents
     raw_entries = iter(raw)

@@ -35,6 +35,8 @@ class InferRequest:
     # Empty means "all outputs".
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # ``time.monotonic_ns()`` by which the request must be answered (its timeout), or None for no bound.
+    deadline_ns: int | None = None
 
     @property
     def priority(self) -> int:

@@ -142,7 +142,7 @@ class Scheduler(ABC):
             inputs = merge_inputs(self.config, [p.request for p in batch])
             output_names = requested_output_names(self.config, [p.request for p in batch])
             merged = time.monotonic_ns()
-            outputs = await instance.execute(inputs, output_names)
+            outputs = await instance.execute(inputs, output_names, execute_timeout_s(batch))
             executed = time.monotonic_ns()
             responses = split_outputs(self.config, self.version, batch, outputs)
             return BatchOutcome(responses, None, (start, merged, executed, time.monotonic_ns()))
@@ -195,6 +195,18 @@ class DirectScheduler(Scheduler):
         finally:
             self.pool.release(instance)
         self._deliver([pending], outcome)
+
+
+def execute_timeout_s(batch: list[PendingRequest]) -> float | None:
+    """How long a batch may run: until the last of its requests' deadlines, so an instance abandoned for hanging
+    only ever fails requests that were past their own timeout; None when any request has no deadline."""
+    latest = 0
+    for pending in batch:
+        deadline = pending.request.deadline_ns
+        if deadline is None:
+            return None
+        latest = max(latest, deadline)
+    return max(latest - time.monotonic_ns(), 0) / 1e9
 
 
 def requested_output_names(config: ModelConfig, requests: list[InferRequest]) -> list[str]:
