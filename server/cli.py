@@ -18,7 +18,9 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from server.core import ModelControlMode
+from server.errors import ModelDockError
 from server.extensions.log_settings import LOG_LEVELS
+from server.extensions.tracing import TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
 from server.protocol.limits import RequestLimits
@@ -99,6 +101,16 @@ def serve_command(
         list[str],
         typer.Option("--http-cors-origin", help="Origin allowed to call the HTTP API from a browser (repeatable)."),
     ] = [],  # noqa: B006 - typer needs a literal default
+    trace_config: Annotated[
+        list[str],
+        typer.Option(
+            "--trace-config",
+            help="Triton's trace settings: level=TIMESTAMPS, rate=N, count=N, opentelemetry,url=URL (repeatable).",
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="default, ISO8601, or json (one object a line, with request ids).")
+    ] = "default",
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -123,6 +135,15 @@ def serve_command(
     settings.limits = RequestLimits(http_max_body_bytes, max_header_bytes, max_inputs, max_tensor_elements)
     settings.request_timeout_s = request_timeout_secs
     settings.cors_origins = http_cors_origin
+    if log_format not in ("default", "ISO8601", "json"):
+        raise typer.BadParameter(f"--log-format {log_format!r}: expected default, ISO8601 or json")
+    settings.log_format = log_format
+    try:
+        settings.trace_config = TraceConfig.parse(trace_config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ModelDockError as exc:
+        raise typer.BadParameter(f"--trace-config: {exc.message}") from None
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

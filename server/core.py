@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from enum import Enum
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 from server import __version__
 from server.config import ModelConfig
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
-from server.extensions.log_settings import ServerLogging
+from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.metrics import ServerMetrics
+from server.extensions.tracing import RequestTracing
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager
@@ -32,6 +34,7 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
     "system_shared_memory",
+    "trace",
 ]
 
 
@@ -72,10 +75,12 @@ class InferenceServer:
         models: ModelManager,
         control_mode: ModelControlMode = ModelControlMode.EXPLICIT,
         server_logging: ServerLogging | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.models = models
         self.control_mode = control_mode
         self.logging = server_logging or ServerLogging()
+        self.tracing = tracing or RequestTracing()
         self.metrics = ServerMetrics(models.statistics)
         # Regions clients registered; the codecs resolve tensors' shared memory parameters against it.
         self.shared_memory = SharedMemoryRegistry()
@@ -98,6 +103,17 @@ class InferenceServer:
 
     def update_log_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         return self.logging.update(changes)
+
+    # -- tracing ------------------------------------------------------------------------------------------
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        if model:
+            self.model_ready(model)  # an unknown model is refused by name
+        return self.tracing.settings(model)
+
+    def update_trace_settings(self, changes: Mapping[str, Any], model: str = "") -> dict[str, Any]:
+        if model:
+            self.model_ready(model)
+        return self.tracing.update(changes, model)
 
     # -- metadata -----------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -130,6 +146,20 @@ class InferenceServer:
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self.logging.json:
+            REQUEST_ID.set(request.id or uuid.uuid4().hex)
+        span = self.tracing.start(request) if self.tracing.active else None
+        if span is None:
+            return await self._bounded_infer(request)
+        try:
+            response = await self._bounded_infer(request)
+        except BaseException as exc:
+            self.tracing.finish(request, span, exc)
+            raise
+        self.tracing.finish(request, span)
+        return response
+
+    async def _bounded_infer(self, request: InferRequest) -> InferResponse:
         config = self.models.get(request.model_name, request.model_version).config
         timeout_s = request_deadline(request, self.request_timeout_s, config)
         if timeout_s is None:

@@ -15,7 +15,9 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp
 
 from server.core import InferenceServer, ModelControlMode
+from server.errors import ModelDockError
 from server.extensions.log_settings import LogSettings, ServerLogging
+from server.extensions.tracing import RequestTracing, TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
 from server.frontends.http_guard import HttpGuard
 from server.frontends.http_server import create_app
@@ -51,6 +53,8 @@ class ServeSettings:
     request_timeout_s: float = 0.0
     # Origins allowed to call the HTTP API from a browser; CORS stays off while this is empty.
     cors_origins: list[str] = field(default_factory=list)
+    trace_config: TraceConfig = field(default_factory=TraceConfig)
+    log_format: str = "default"
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -82,11 +86,16 @@ async def load_initial_models(manager: ModelManager, settings: ServeSettings) ->
 
 
 async def serve(settings: ServeSettings) -> None:
-    server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
+    log_settings = LogSettings.for_level(settings.log_level).model_copy(update={"log_format": settings.log_format})
+    server_logging = ServerLogging(log_settings)
     server_logging.install()
+    try:
+        tracing = RequestTracing(settings.trace_config)
+    except ModelDockError as exc:
+        raise SystemExit(exc.message) from None
     manager = ModelManager(ModelRepository(settings.model_repositories))
     configure_limits(settings.limits)
-    core = InferenceServer(manager, settings.model_control_mode, server_logging)
+    core = InferenceServer(manager, settings.model_control_mode, server_logging, tracing)
     core.request_timeout_s = settings.request_timeout_s
     watcher: asyncio.Task[None] | None = None
     app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits))
@@ -127,7 +136,12 @@ async def serve(settings: ServeSettings) -> None:
         core.started = True
         if poll is not None:
             watcher = asyncio.create_task(poll.run())
-        print_banner(core, settings)
+        if settings.log_format == "json":  # the table is for people; log collectors get a record
+            log.info(
+                "serving %s", ", ".join(f"{r['name']}:{r['version']}:{r['state']}" for r in core.repository_index())
+            )
+        else:
+            print_banner(core, settings)
         await http_task
     finally:
         core.live = False
@@ -140,3 +154,4 @@ async def serve(settings: ServeSettings) -> None:
         await grpc_server.stop(grace=5)
         core.shared_memory.unregister_all()
         await manager.close()
+        tracing.shutdown()

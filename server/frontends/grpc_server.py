@@ -282,8 +282,13 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _unimplemented("CUDA shared memory", context)
 
-    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("tracing", context)
+    @_reports_errors
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> Any:
+        # An empty request changes nothing and answers the settings, as a read does.
+        changes = grpc_codec.decode_trace_settings(request)
+        if changes:
+            return grpc_codec.encode_trace_settings(self.core.update_trace_settings(changes, request.model_name))
+        return grpc_codec.encode_trace_settings(self.core.trace_settings(request.model_name))
 
     @_reports_errors
     async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> Any:

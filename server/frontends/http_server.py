@@ -326,6 +326,16 @@ def create_app(core: InferenceServer, guard: HttpGuard | None = None) -> HttpFro
     async def update_log_settings(request: Request) -> Response:
         return _json(core.update_log_settings(await _json_body(request)))
 
+    @app.get("/v2/trace/setting")
+    @app.get("/v2/models/{model}/trace/setting")
+    async def trace_settings(model: str = "") -> Response:
+        return _json(core.trace_settings(model))
+
+    @app.post("/v2/trace/setting")
+    @app.post("/v2/models/{model}/trace/setting")
+    async def update_trace_settings(request: Request, model: str = "") -> Response:
+        return _json(core.update_trace_settings(await _json_body(request), model))
+
     @app.get("/v2/cudasharedmemory/status")
     @app.get("/v2/cudasharedmemory/region/{name}/status")
     @app.post("/v2/cudasharedmemory/region/{name}/register")

@@ -317,3 +317,19 @@ def encode_log_settings(settings: Mapping[str, Any]) -> pb.LogSettingsResponse:
         else:
             target.string_param = str(value)
     return response
+
+
+def decode_trace_settings(request: pb.TraceSettingRequest) -> dict[str, Any]:
+    """Triton's gRPC trace settings: a value list per setting; an empty list clears the setting."""
+    changes: dict[str, Any] = {}
+    for name, setting in request.settings.items():
+        values = list(setting.value)
+        changes[name] = None if not values else values if name == "trace_level" else values[0]
+    return changes
+
+
+def encode_trace_settings(settings: Mapping[str, Any]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for name, value in settings.items():
+        response.settings[name].value.extend(value if isinstance(value, list) else [str(value)])
+    return response

@@ -37,6 +37,10 @@ class InferRequest:
     parameters: dict[str, Any] = field(default_factory=dict)
     # ``time.monotonic_ns()`` by which the request must be answered (its timeout), or None for no bound.
     deadline_ns: int | None = None
+    # The request's OpenTelemetry span when it is traced; the scheduler then records ``marks_ns`` for it:
+    # (arrival, batch start, inputs merged, executed, outputs split, batch size).
+    trace: Any = None
+    marks_ns: tuple[int, int, int, int, int, int] | None = None
 
     @property
     def priority(self) -> int:

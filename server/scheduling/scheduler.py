@@ -156,6 +156,8 @@ class Scheduler(ABC):
             self._fail_batch(batch, outcome.error)
             return
         for pending, response in zip(batch, outcome.responses, strict=True):
+            if pending.request.trace is not None:
+                pending.request.marks_ns = (pending.arrival_ns, *outcome.marks_ns, len(batch))
             pending.send(response)
         timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
         self.stats.record_batch(timings, *outcome.marks_ns)
