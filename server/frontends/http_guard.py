@@ -45,7 +45,7 @@ class HttpGuard:
         limit = self.limits.http_max_body_bytes
         if content_length is not None:
             if content_length.isdigit() and int(content_length) > limit:
-                raise _too_large(int(content_length), limit)
+                raise _too_large(int(content_length), limit, declared=True)
             return receive
         received = 0
 
@@ -61,10 +61,9 @@ class HttpGuard:
         return receive_bounded
 
 
-def _too_large(size: int, limit: int) -> PayloadTooLarge:
-    return PayloadTooLarge(
-        f"request body is {size} bytes or more; at most {limit} are accepted (--http-max-body-bytes)"
-    )
+def _too_large(size: int, limit: int, declared: bool = False) -> PayloadTooLarge:
+    size_text = f"{size} bytes" if declared else f"more than {limit} bytes"
+    return PayloadTooLarge(f"request body is {size_text}; at most {limit} are accepted (--http-max-body-bytes)")
 
 
 def _header_lookup(scope: Scope) -> Callable[[str], bytes | None]:

@@ -105,6 +105,8 @@ def grpc_refusal(header: str) -> ApiRestricted:
 def http_group(path: str) -> ApiGroup | None:
     """The API group of an HTTP route (None for routes outside every group, e.g. the OpenAPI page)."""
     if not path.startswith("/v2"):
+        if path.startswith("/v1/"):  # OpenAI-compatible routes are inference too
+            return ApiGroup.INFERENCE
         return ApiGroup.STATISTICS if path == "/metrics" else None
     rest = path[3:]
     if rest in ("", "/"):

@@ -178,6 +178,7 @@ def test_every_grpc_method_belongs_to_a_group() -> None:
         ("/v2/logging", ApiGroup.LOGGING),
         ("/v2/trace/setting", ApiGroup.TRACE),
         ("/v2/models/m/trace/setting", ApiGroup.TRACE),
+        ("/v1/chat/completions", ApiGroup.INFERENCE),
         ("/docs", None),
     ],
 )
