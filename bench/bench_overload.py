@@ -80,6 +80,10 @@ class PhaseResult:
         return float(np.percentile(values, 99)) if values else float("nan")
 
     @property
+    def served_p50_s(self) -> float:
+        return float(np.median(self.served_latency_s)) if self.served_latency_s else float("nan")
+
+    @property
     def served_p99_s(self) -> float:
         return self._p99(self.served_latency_s)
 
