@@ -179,6 +179,26 @@ class InferenceServer:
             return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        if self.logging.json:
+            REQUEST_ID.set(request.id or uuid.uuid4().hex)
+        span = self.tracing.start(request) if self.tracing.active else None
+        if span is None:
+            async for response in self._bounded_stream(request):
+                yield response
+            return
+        error: BaseException | None = None
+        try:
+            async for response in self._bounded_stream(request):
+                yield response
+        except GeneratorExit:  # the caller stopped reading: not a failure of the request
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.tracing.finish(request, span, error)
+
+    async def _bounded_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         config = self.models.get(request.model_name, request.model_version).config
         timeout_s = request_deadline(request, self.request_timeout_s, config)
         if timeout_s is None:

@@ -233,8 +233,16 @@ class RequestTracing:
         """The root span of ``request`` when it is sampled, else None."""
         if not self.active or self._tracer is None or not self._sampling(request.model_name).pick():
             return None
+        from opentelemetry.trace import SpanKind
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+        parent = None
+        if request.trace_parent:
+            parent = TraceContextTextMapPropagator().extract({"traceparent": request.trace_parent})
         span = self._tracer.start_span(
             "modeldock.infer",
+            context=parent,
+            kind=SpanKind.SERVER,
             attributes={
                 "modeldock.model.name": request.model_name,
                 "modeldock.model.version": request.model_version or "",

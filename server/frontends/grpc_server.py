@@ -175,6 +175,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_reports_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         infer_request = grpc_codec.decode_request(request, self.core.shared_memory)
+        if self.core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
+            infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
         response = await self.core.infer(infer_request)
         return grpc_codec.encode_response(response, infer_request)
 
@@ -197,6 +199,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 return
             try:
                 infer_request = grpc_codec.decode_request(message, self.core.shared_memory)
+                if self.core.tracing.active:
+                    infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
                 async for response in self.core.stream_infer(infer_request):
                     outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
             except ModelDockError as exc:

@@ -151,6 +151,8 @@ async def _infer(core: InferenceServer, request: Request, model: str, version: s
     body = _decompressed(await request.body(), request.headers.get("content-encoding"))
     length = parse_header_length(request.headers.get(HEADER_LENGTH))
     infer_request = decode_request(body, length, model, version, core.shared_memory)
+    if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
+        infer_request.trace_parent = request.headers.get("traceparent")
     watch = _DisconnectWatch(request.receive)
     try:
         response = await core.infer(infer_request)

@@ -40,6 +40,8 @@ class InferRequest:
     # The request's OpenTelemetry span when it is traced; the scheduler then records ``marks_ns`` for it:
     # (arrival, batch start, inputs merged, executed, outputs split, batch size).
     trace: Any = None
+    # The caller's W3C ``traceparent`` header, read by the front ends only while tracing is on.
+    trace_parent: str | None = None
     marks_ns: tuple[int, int, int, int, int, int] | None = None
 
     @property

@@ -5,6 +5,7 @@ lines carrying the request id. The settings logic and ``--trace-config`` parsing
 from __future__ import annotations
 
 import json
+import queue
 import shutil
 import threading
 import time
@@ -112,15 +113,23 @@ def _attribute(span: Any, key: str) -> Any:
     return None
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
+@pytest.mark.parametrize("protocol", ["http", "grpc", "grpc-stream"])
 def test_each_request_exports_its_spans(traced: ServerProcess, collector: Collector, protocol: str) -> None:
     request_id = f"traced-{protocol}"
     if protocol == "http":
         client: Any = triton_http.InferenceServerClient(f"127.0.0.1:{traced.http_port}")
         client.infer("simple", _simple_inputs(triton_http), request_id=request_id)
-    else:
+    elif protocol == "grpc":
         client = triton_grpc.InferenceServerClient(traced.grpc_url)
         client.infer("simple", _simple_inputs(triton_grpc), request_id=request_id)
+    else:
+        client = triton_grpc.InferenceServerClient(traced.grpc_url)
+        answers: queue.Queue[Any] = queue.Queue()
+        client.start_stream(callback=lambda result, error: answers.put((result, error)))
+        client.async_stream_infer("simple", _simple_inputs(triton_grpc), request_id=request_id)
+        result, error = answers.get(timeout=30)
+        client.stop_stream()
+        assert error is None and result.as_numpy("OUTPUT0").tolist() == [[2.0] * 16]
 
     def has_request(spans: list[Any]) -> bool:
         roots = [s for s in spans if _attribute(s, "modeldock.request.id") == request_id]
@@ -138,6 +147,22 @@ def test_each_request_exports_its_spans(traced: ServerProcess, collector: Collec
         assert child.end_time_unix_nano <= root.end_time_unix_nano
     assert children["queue"].end_time_unix_nano <= children["compute"].start_time_unix_nano
     assert _attribute(children["compute"], "modeldock.batch.size") == 1
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_callers_trace_context_is_continued(traced: ServerProcess, collector: Collector, protocol: str) -> None:
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    headers = {"traceparent": f"00-{trace_id}-{parent_id}-01"}
+    request_id = f"continued-{protocol}"
+    if protocol == "http":
+        client: Any = triton_http.InferenceServerClient(f"127.0.0.1:{traced.http_port}")
+        client.infer("simple", _simple_inputs(triton_http), request_id=request_id, headers=headers)
+    else:
+        client = triton_grpc.InferenceServerClient(traced.grpc_url)
+        client.infer("simple", _simple_inputs(triton_grpc), request_id=request_id, headers=headers)
+    spans = collector.wait_for(lambda spans: any(_attribute(s, "modeldock.request.id") == request_id for s in spans))
+    (root,) = [s for s in spans if _attribute(s, "modeldock.request.id") == request_id]
+    assert root.trace_id.hex() == trace_id and root.parent_span_id.hex() == parent_id
 
 
 def test_trace_settings_over_http(traced: ServerProcess) -> None:
