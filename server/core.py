@@ -7,14 +7,12 @@ metadata, inference and repository control behave identically on both.
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from enum import Enum
 from typing import Any
 
 from server import __version__
-from server.config import ModelConfig
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
 from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.metrics import ServerMetrics
@@ -22,6 +20,7 @@ from server.extensions.tracing import RequestTracing
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager
+from server.scheduling.deadlines import request_deadline, timed_out_message
 from server.scheduling.validation import expected_shape
 
 SERVER_NAME = "modeldock"
@@ -44,29 +43,6 @@ class ModelControlMode(str, Enum):
     NONE = "none"  # everything at start-up, then nothing changes
     POLL = "poll"  # the repository folders: models follow what is on disk
     EXPLICIT = "explicit"  # clients, through the repository API (and --load-model at start-up)
-
-
-def request_deadline(request: InferRequest, server_timeout_s: float, config: ModelConfig) -> float | None:
-    """Seconds ``request`` may take, and its ``deadline_ns`` set to match; None when nothing bounds it.
-
-    Triton's ``timeout`` parameter (microseconds) can shorten the server-wide bound, never lengthen it. For a model
-    with a dynamic batcher it keeps Triton's meaning instead: a queue timeout, governed by the queue policy's
-    ``allow_timeout_override`` and ``timeout_action``.
-    """
-    timeout_s = server_timeout_s or None
-    if request.timeout_us > 0 and not (config.batching and config.dynamic_batching is not None):
-        own = request.timeout_us / 1e6
-        timeout_s = own if timeout_s is None else min(timeout_s, own)
-    if timeout_s is not None:
-        request.deadline_ns = time.monotonic_ns() + int(timeout_s * 1e9)
-    return timeout_s
-
-
-def timed_out_message(request: InferRequest, timeout_s: float) -> str:
-    return (
-        f"request to model '{request.model_name}' did not finish within its timeout of {timeout_s:.6g}s "
-        "(the request's 'timeout' parameter or --request-timeout-secs)"
-    )
 
 
 class InferenceServer:

@@ -19,6 +19,7 @@ from server.errors import BackendError, ModelDockError, ModelNotReady
 from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
+from server.scheduling.deadlines import execute_timeout_s
 from server.scheduling.instances import InstancePool, ModelInstance
 
 _END = object()
@@ -197,18 +198,6 @@ class DirectScheduler(Scheduler):
         finally:
             self.pool.release(instance)
         self._deliver([pending], outcome)
-
-
-def execute_timeout_s(batch: list[PendingRequest]) -> float | None:
-    """How long a batch may run: until the last of its requests' deadlines, so an instance abandoned for hanging
-    only ever fails requests that were past their own timeout; None when any request has no deadline."""
-    latest = 0
-    for pending in batch:
-        deadline = pending.request.deadline_ns
-        if deadline is None:
-            return None
-        latest = max(latest, deadline)
-    return max(latest - time.monotonic_ns(), 0) / 1e9
 
 
 def requested_output_names(config: ModelConfig, requests: list[InferRequest]) -> list[str]:

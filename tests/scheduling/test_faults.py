@@ -42,7 +42,7 @@ class TritonPythonModel:
         return [{"OUTPUT": x * 2, "PID": np.array([os.getpid()], dtype=np.int64)}]
 """
 HANG_MS = 20_000
-TIMEOUT_S = 1.5
+TIMEOUT_S = 6.0  # generous: a worker process restarting on a loaded machine must fit in it
 
 
 def _write(repository: Path, name: str, config: dict[str, Any], files: dict[str, str] | None = None) -> None:
@@ -110,7 +110,7 @@ async def test_a_hung_thread_instance_fails_its_request_and_is_replaced(faulty_s
         response = await hung
         waited = time.monotonic() - started
     assert response.status_code == 504, response.text
-    assert "did not finish within its timeout of 1.5s" in response.json()["error"]
+    assert f"did not finish within its timeout of {TIMEOUT_S:g}s" in response.json()["error"]
     assert TIMEOUT_S <= waited < TIMEOUT_S + 5
     assert _ready(faulty_server, "threaded")
     # Both instances answer at once again: the hung call was abandoned, not waited for.
@@ -118,7 +118,7 @@ async def test_a_hung_thread_instance_fails_its_request_and_is_replaced(faulty_s
         started = time.monotonic()
         answers = await asyncio.gather(*(client.post(url, json=_body(200.0)) for _ in range(2)))
         assert all(a.status_code == 200 for a in answers)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < TIMEOUT_S
     log = faulty_server.log()
     assert "instance threaded_0_0 did not answer in time" in log or "instance threaded_0_1 did not answer" in log
     assert "restarted" in log
