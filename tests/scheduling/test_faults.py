@@ -5,6 +5,7 @@ the model stays READY. Requests on the model's other instances are answered corr
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,9 @@ import tritonclient.grpc as triton_grpc
 import yaml
 from tritonclient.utils import InferenceServerException
 
+from server.devices import CPU
+from server.errors import BackendError
+from server.scheduling.instances import InstancePlacement, ModelInstance
 from tests.conftest import ServerProcess
 
 # Each request's first value picks what the instance does: a positive value is a sleep in milliseconds (the
@@ -164,3 +168,32 @@ async def test_a_raising_or_dying_worker_fails_only_its_request(
         again = await client.post(url, json=_body(3.0))
         assert again.status_code == 200, again.text
         assert again.json()["outputs"][0]["data"] == [6.0, 2.0, 4.0, 6.0]
+
+
+class _Blocking:
+    """A backend stand-in whose ``execute`` blocks until released, as a hung runtime call would."""
+
+    def __init__(self, built: list[_Blocking]) -> None:
+        self.release = threading.Event()
+        built.append(self)
+
+    def execute(self, inputs: dict[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        if float(inputs["INPUT"].flat[0]) < 0:
+            self.release.wait(30)
+        return {"OUTPUT": inputs["INPUT"] * 2}
+
+    def unload(self) -> None:
+        pass
+
+
+async def test_an_abandoned_thread_instance_gets_a_fresh_backend() -> None:
+    built: list[_Blocking] = []
+    instance = ModelInstance(InstancePlacement("probe", CPU), _Blocking(built), lambda: _Blocking(built))  # type: ignore[arg-type,return-value]
+    hang = {"INPUT": np.array([-1.0], dtype=np.float32)}
+    with pytest.raises(BackendError, match="did not finish the batch within 0.2s"):
+        await instance.execute(hang, ["OUTPUT"], timeout_s=0.2)
+    answer = await asyncio.wait_for(instance.execute({"INPUT": np.ones(1, np.float32)}, ["OUTPUT"], 5.0), 5)
+    assert answer["OUTPUT"].tolist() == [2.0]
+    assert len(built) == 2 and instance.backend is built[1]
+    built[0].release.set()  # the abandoned call may finish later; nobody waits for it
+    instance.unload()
