@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -278,6 +279,11 @@ class RequestTracing:
             span.record_exception(error)
         span.end()
 
-    def shutdown(self) -> None:
-        if self._provider is not None:
-            self._provider.shutdown()
+    def shutdown(self, timeout_s: float = 3.0) -> None:
+        """Flush the spans still buffered, for at most ``timeout_s``: an unreachable collector (the exporter retries
+        for a while) must not hold up the server's exit."""
+        if self._provider is None:
+            return
+        flushing = threading.Thread(target=self._provider.shutdown, name="trace-shutdown", daemon=True)
+        flushing.start()
+        flushing.join(timeout_s)

@@ -321,7 +321,9 @@ def create_grpc_server(
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # Both the soft limit (beyond it gRPC refuses some calls at random) and the hard one.
             ("grpc.max_metadata_size", LIMITS.max_header_bytes),
+            ("grpc.absolute_max_metadata_size", LIMITS.max_header_bytes),
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceService(core), server)
