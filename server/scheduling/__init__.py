@@ -1,7 +1,7 @@
 """Scheduling: how requests become batches and batches reach model instances.
 
 One module per scheduler (``dynamic_batcher``, ``sequence_batcher`` for stateful models, ``ensemble_scheduler``,
-the pass-through ``scheduler``), the instances and the pool that runs them (``instances``), the response cache in
+the pass-through ``scheduler``), the instances and the pool that runs them (``instances``), request deadlines (``deadlines``), the response cache in
 front of a model's scheduler (``response_cache``), the check of a request against its model's config before it is
 queued (``validation``), the callable through which ensembles and Python models reach other models
 (``model_calls``: handed down by the repository, never imported from it), and ``generation/``: the engine that

@@ -12,14 +12,16 @@ then restarted. That class attribute is the one rule: it is a property of the ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import multiprocessing
+import queue
 import signal
 import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -82,8 +84,52 @@ def plan_instances(config: ModelConfig, backend_cls: type[Backend]) -> list[Inst
     return placements
 
 
+class InstanceThread(Executor):
+    """A single daemon worker thread as an ``Executor``.
+
+    A daemon, unlike ``ThreadPoolExecutor``'s threads, which the interpreter joins at exit: a thread abandoned in
+    a hung backend call must not keep the server from shutting down.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("cannot run work on an instance thread that was shut down")
+        future: Future[Any] = Future()
+        self._jobs.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        self._jobs.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
 class ModelInstance:
-    """One backend object with its own worker thread."""
+    """One backend object with its own worker thread.
+
+    A thread cannot be stopped, so a batch that outlives its timeout is abandoned instead: the thread is left to
+    finish (or hang) on its own, and the instance carries on with a fresh thread and, when ``rebuild`` is given, a
+    fresh backend object, so the requests after it do not queue behind the hung call.
+    """
 
     # How the instance's model calls other served models; set by the model manager once the version is loaded
     # (so warm-up runs without it). Only worker-process instances (the Python backend) use it.
@@ -91,19 +137,53 @@ class ModelInstance:
     # Calls this instance's model has in flight to its own version (see ``ModelManager.call_model``).
     self_calls: int = 0
 
-    def __init__(self, placement: InstancePlacement, backend: Backend) -> None:
+    def __init__(
+        self, placement: InstancePlacement, backend: Backend, rebuild: Callable[[], Backend] | None = None
+    ) -> None:
         self.name = placement.name
         self.device = placement.device
         self.backend = backend
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
+        self._rebuild = rebuild
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> InstanceThread:
+        return InstanceThread(f"instance-{self.name}")
 
     async def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
-        """Run one batch. ``timeout_s`` bounds worker-process instances only: a thread cannot be stopped, so a
-        hung in-process backend is left to the model manager's own load deadline."""
+        """Run one batch; past ``timeout_s`` it fails with ``BackendError`` and the instance is replaced."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
+        running = loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
+        if timeout_s is None:
+            return await running
+        done, _ = await asyncio.wait({running}, timeout=max(timeout_s, 0.0))
+        if not done:
+            self._abandon(running)
+            raise BackendError(
+                f"instance {self.name} did not finish the batch within {timeout_s:.3g}s; the batch is abandoned "
+                "and the instance restarted"
+            )
+        return running.result()
+
+    def _abandon(self, running: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        log.error("instance %s did not answer in time; replacing its thread and backend", self.name)
+        # Whatever the abandoned call returns or raises later is nobody's answer.
+        running.add_done_callback(lambda future: future.cancelled() or future.exception())
+        hung = self._executor
+        self._executor = self._new_executor()
+        hung.shutdown(wait=False)
+        if self._rebuild is not None:
+            self._executor.submit(self._replace_backend)
+
+    def _replace_backend(self) -> None:
+        assert self._rebuild is not None
+        try:
+            self.backend = self._rebuild()
+        except Exception:  # keep serving with the old object rather than with none
+            log.exception("instance %s could not rebuild its backend; keeping the old one", self.name)
+        else:
+            log.info("instance %s restarted", self.name)
 
     def unload(self) -> None:
         self._executor.shutdown(wait=True)
@@ -307,12 +387,14 @@ class ProcessModelInstance(ModelInstance):
                 self._answer_call(conn, message, loop)
             status, payload = message
         except WorkerTimedOut:
-            # Stopped rather than restarted at once: the next batch starts a fresh worker if one is needed.
-            log.error("instance %s did not answer within %.1fs; stopping it", self.name, timeout_s)
+            # Stopped rather than restarted at once: the next batch starts a fresh worker (a failed warm-up, which
+            # also gets here, unloads the instance next and needs none).
+            log.error("instance %s did not answer within %.3gs; stopping it", self.name, timeout_s)
             stop_process(self._process)
             self._discard_worker()
             raise BackendError(
-                f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.1f}s"
+                f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.3g}s; "
+                "it is restarted for the next batch"
             ) from None
         except (WorkerCrashed, BrokenPipeError, OSError) as exc:
             self._process.join()
@@ -417,7 +499,8 @@ def create_instances(
                 timeout_s = None if deadline is None else deadline - time.monotonic()
                 instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls, timeout_s))
                 continue
-            instances.append(ModelInstance(placement, backend_cls(config, version_dir, placement.device)))
+            rebuild = functools.partial(backend_cls, config, version_dir, placement.device)
+            instances.append(ModelInstance(placement, rebuild(), rebuild))
     except BaseException:
         for instance in instances:
             instance.unload()
