@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import socket
+import statistics
 import struct
 import subprocess
 import sys
@@ -215,16 +216,19 @@ def wait_ready(target: Target, models: list[str], timeout_s: float = 180) -> Non
     raise TimeoutError(f"{target.name} not ready in {timeout_s}s:\n{target.log.read_text() if target.log else ''}")
 
 
-def start_modeldock(work: Path, extra_args: list[str]) -> Target:
+def start_modeldock(work: Path, name: str, extra_args: list[str]) -> Target:
+    """``modeldock`` with ``--modeldock-args``; ``modeldock-uvicorn`` and ``modeldock-granian`` pick the HTTP server."""
+    if name != "modeldock":
+        extra_args = [*extra_args, "--http-server", name.removeprefix("modeldock-")]
     http_port, grpc_port = free_port(), free_port()
-    log = work / "modeldock.log"
+    log = work / f"{name}.log"
     command = [
         sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", "0",
         "--log-level", "warning", "--model-control-mode", "none", "-m", str(work / "modeldock"), *extra_args,
     ]  # fmt: skip
     process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    return Target("modeldock", process, http_port, grpc_port, log)
+    return Target(name, process, http_port, grpc_port, log)
 
 
 def start_triton(work: Path, triton: Path) -> Target:
@@ -447,25 +451,20 @@ def ratio(value: float, anchor: float | None) -> str:
 def print_table(report: Report) -> str:
     lines = [
         f"Machine: {report.machine}; started {report.started}",
+        f"Each figure: the median of {report.settings['rounds']} interleaved rounds of {report.settings['duration_s']} s; "
+        f"load generators pinned to CPU {report.settings['client_cpu']}; ONNX Runtime threads {report.settings['threads']}",
         "",
         "| model | c | target | req/s | vs Triton same protocol | p50 ms | p99 ms | p99/p50 | errors |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    anchors = {
-        "modeldock-http-binary": "triton-http-binary",
-        "modeldock-http-json": "triton-http-json",
-        "modeldock-grpc": "triton-grpc",
-        "floor-uvicorn": "triton-http-binary",
-        "floor-granian": "triton-http-binary",
-        "floor-granian-rsgi": "triton-http-binary",
-    }
     by_key = {(m.model, m.concurrency, m.target): m for m in report.measurements}
     for m in report.measurements:
-        anchor = by_key.get((m.model, m.concurrency, anchors.get(m.target, "")))
+        server, protocol = split_target(m.target)
+        anchor = None if server == "triton" else by_key.get((m.model, m.concurrency, f"triton-{protocol}"))
         lines.append(
             f"| {m.model} | {m.concurrency} | {m.target} | {m.rps:,.0f} | "
             f"{ratio(m.rps, anchor.rps if anchor else None)} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
-            f"{m.p99_ms / m.p50_ms if m.p50_ms else float('nan'):.1f} | {m.errors}{' ' + m.note if m.note else ''} |"
+            f"{m.p99_ms / m.p50_ms if m.p50_ms else float('nan'):.1f} | {m.errors} |"
         )
     for model, rates in report.in_process.items():
         best = max(rates, key=rates.__getitem__)
@@ -486,12 +485,38 @@ def print_table(report: Report) -> str:
     return text
 
 
+def median_of(runs: list[Measurement]) -> Measurement:
+    """The median of interleaved rounds per figure: one round hit by another process's burst does not decide."""
+    first = runs[0]
+    return Measurement(
+        first.model,
+        first.target,
+        first.concurrency,
+        statistics.median(r.rps for r in runs),
+        statistics.median(r.p50_ms for r in runs),
+        statistics.median(r.p99_ms for r in runs),
+        sum(r.errors for r in runs),
+        f"median of {len(runs)}" if len(runs) > 1 else "",
+    )
+
+
+def split_target(target: str) -> tuple[str, str]:
+    """``<server>-http-binary``, ``<server>-http-json`` or ``<server>-grpc`` as (server, protocol); floors speak binary."""
+    if target.startswith("floor-"):
+        return target, "http-binary"
+    if target.endswith("-grpc"):
+        return target.removesuffix("-grpc"), "grpc"
+    server, _, protocol = target.partition("-http-")
+    return server, f"http-{protocol}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--triton-venv", type=Path, default=ROOT.parent / "triton-venv")
     parser.add_argument("--models", default="tiny,mlp")
     parser.add_argument("--concurrency", default="1,8,64")
-    parser.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell")
+    parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; the median is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--client-cpu", default=str((os.cpu_count() or 1) - 1), help="taskset CPU list for wrk/h2load")
     parser.add_argument(
@@ -500,7 +525,7 @@ def main() -> None:
         "triton-grpc,floor-uvicorn,floor-granian,floor-granian-rsgi",
     )
     parser.add_argument(
-        "--modeldock-args", default="", help="extra `modeldock serve` arguments, e.g. '--http-server uvicorn'"
+        "--modeldock-args", default="", help="extra `modeldock serve` arguments, e.g. '--http-server granian'"
     )
     parser.add_argument(
         "--soak", type=float, default=0, help="then run ModelDock's tiny binary at c=64 this long, sampling RSS"
@@ -514,7 +539,8 @@ def main() -> None:
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is missing: apt-get install wrk nghttp2-client")
 
-    needs_triton = any(t.startswith("triton") for t in targets)
+    server_names = list(dict.fromkeys(split_target(t)[0] for t in targets))
+    needs_triton = "triton" in server_names
     triton_dir, site = (
         triton_install(args.triton_venv) if needs_triton else (Path(), Path(sysconfig.get_paths()["purelib"]))
     )
@@ -523,6 +549,7 @@ def main() -> None:
         started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         settings={
             "duration_s": args.duration,
+            "rounds": args.rounds,
             "threads": args.threads,
             "client_cpu": args.client_cpu,
             "modeldock_args": args.modeldock_args,
@@ -533,37 +560,38 @@ def main() -> None:
         onnx_paths = write_repositories(work, models, args.threads, site)
         servers: dict[str, Target] = {}
         try:
-            if any(t.startswith("modeldock") for t in targets):
-                servers["modeldock"] = start_modeldock(work, args.modeldock_args.split())
-            if needs_triton:
-                servers["triton"] = start_triton(work, triton_dir)
-            for server in ("uvicorn", "granian", "granian-rsgi"):
-                if f"floor-{server}" in targets:
-                    servers[f"floor-{server}"] = start_floor(work, server, onnx_paths, args.threads)
-            for name in ("modeldock", "triton"):
-                if name in servers:
-                    wait_ready(servers[name], models)
-                    for model in models:
-                        check_answer(servers[name].http_port, model, binary=True)
-                        check_answer(servers[name].http_port, model, binary=False)
-            for name in ("floor-uvicorn", "floor-granian", "floor-granian-rsgi"):
-                if name in servers:
-                    for model in models:
-                        check_answer(servers[name].http_port, model, binary=True)
+            for name in server_names:
+                if name.startswith("modeldock"):
+                    servers[name] = start_modeldock(work, name, args.modeldock_args.split())
+                elif name == "triton":
+                    servers[name] = start_triton(work, triton_dir)
+                else:
+                    servers[name] = start_floor(work, name.removeprefix("floor-"), onnx_paths, args.threads)
+            for name, server in servers.items():
+                if not name.startswith("floor-"):
+                    wait_ready(server, models)
+                for model in models:
+                    check_answer(server.http_port, model, binary=True)
+                    if not name.startswith("floor-"):
+                        check_answer(server.http_port, model, binary=False)
 
             for model in models:
                 report.in_process[model] = in_process(onnx_paths[model], FEATURES[model], args.threads)
                 for concurrency in levels:
-                    for target in targets:
-                        m = measure(work, servers, target, model, concurrency, args.duration, args.client_cpu)
-                        report.measurements.append(m)
-                        print(
-                            f"{model:>5} c={concurrency:<3} {target:<22} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} ms  "
-                            f"p99 {m.p99_ms:7.2f} ms  errors {m.errors} {m.note}",
-                            flush=True,
-                        )
-            if args.soak and "modeldock" in servers:
-                report.soak = soak(work, servers["modeldock"], models[0], args.soak, args.client_cpu)
+                    rounds: dict[str, list[Measurement]] = {t: [] for t in targets}
+                    for _ in range(args.rounds):
+                        for target in targets:
+                            m = measure(work, servers, target, model, concurrency, args.duration, args.client_cpu)
+                            rounds[target].append(m)
+                            print(
+                                f"{model:>5} c={concurrency:<3} {target:<30} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} "
+                                f"ms  p99 {m.p99_ms:7.2f} ms  errors {m.errors}",
+                                flush=True,
+                            )
+                    report.measurements.extend(median_of(runs) for runs in rounds.values())
+            soaked = next((name for name in servers if name.startswith("modeldock")), None)
+            if args.soak and soaked is not None:
+                report.soak = soak(work, servers[soaked], models[0], args.soak, args.client_cpu)
         finally:
             for target in servers.values():
                 target.stop()
@@ -576,9 +604,9 @@ def main() -> None:
 def measure(
     work: Path, servers: dict[str, Target], target: str, model: str, concurrency: int, seconds: float, cpu: str
 ) -> Measurement:
-    server_name = target.split("-http")[0].removesuffix("-grpc")
+    server_name, protocol = split_target(target)
     server = servers[server_name]
-    if target.endswith("grpc"):
+    if protocol == "grpc":
         before = success_count(server.http_port, model)
         rps, p50, p99, errors, done = run_h2load(work, server.grpc_port, model, concurrency, seconds, cpu)
         confirmed = success_count(server.http_port, model) - before
@@ -586,7 +614,7 @@ def measure(
         if confirmed < done:
             errors += done - confirmed
         return Measurement(model, target, concurrency, rps, p50, p99, errors)
-    binary = not target.endswith("json")
+    binary = protocol == "http-binary"
     body, json_size = http_body(model, binary)
     rps, p50, p99, errors = run_wrk(work, server.http_port, model, body, json_size, concurrency, seconds, cpu)
     return Measurement(model, target, concurrency, rps, p50, p99, errors)

@@ -20,6 +20,7 @@ except ImportError:
 from server.core import ModelControlMode
 from server.extensions.log_settings import LOG_LEVELS
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.frontends.http_listener import HttpServerKind
 from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
 
@@ -61,6 +62,14 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    http_server: Annotated[
+        HttpServerKind,
+        typer.Option(
+            "--http-server",
+            envvar="MODELDOCK_HTTP_SERVER",
+            help="HTTP server running the front end: uvicorn (Python) or granian (Rust).",
+        ),
+    ] = HttpServerKind.UVICORN,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -77,6 +86,7 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
+    settings.http_server = http_server
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

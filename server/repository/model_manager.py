@@ -36,7 +36,7 @@ from server.repository.uploads import discard_staged, stage_model_files
 from server.repository.warmup import create_warm_instances
 from server.scheduling.dynamic_batcher import DynamicBatcher
 from server.scheduling.instances import InstancePool, ModelInstance
-from server.scheduling.scheduler import DirectScheduler, Scheduler
+from server.scheduling.scheduler import DirectScheduler, PendingRequest, Scheduler
 from server.scheduling.validation import validate_request
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ class ServedVersion:
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+    def _submit(self, request: InferRequest) -> PendingRequest:
         try:
             validate_request(self.config, request)
         except InvalidInput:
@@ -83,7 +83,10 @@ class ServedVersion:
             raise
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
-        pending = self.scheduler.submit(request)
+        return self.scheduler.submit(request)
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        pending = self._submit(request)
         classifies = any(classification.PARAMETER in o.parameters for o in request.outputs)
         try:
             async for response in pending.responses():
@@ -95,11 +98,17 @@ class ServedVersion:
             self.scheduler.cancel(pending)
 
     async def infer(self, request: InferRequest) -> InferResponse:
-        last: InferResponse | None = None
-        async for response in self.stream(request):
-            last = response
+        """The request's last response: ``stream`` without an async generator, the per-request path of unary calls."""
+        pending = self._submit(request)
+        try:
+            last = await pending.last_response()
+        finally:
+            # Reached unanswered only when the caller stopped waiting (cancelled, disconnected).
+            self.scheduler.cancel(pending)
         if last is None:
             raise ModelNotReady(f"model '{self.config.name}' returned no response")
+        if request.outputs and any(classification.PARAMETER in o.parameters for o in request.outputs):
+            classification.classify_response(self.config, request, last, self.labels)
         return last
 
     async def close(self) -> None:
