@@ -216,9 +216,15 @@ def wait_ready(target: Target, models: list[str], timeout_s: float = 180) -> Non
     raise TimeoutError(f"{target.name} not ready in {timeout_s}s:\n{target.log.read_text() if target.log else ''}")
 
 
-def start_modeldock(work: Path, name: str, extra_args: list[str]) -> Target:
-    """``modeldock`` with ``--modeldock-args``; ``modeldock-uvicorn`` and ``modeldock-granian`` pick the HTTP server."""
-    if name != "modeldock":
+def start_modeldock(work: Path, name: str, extra_args: list[str], baseline: Path | None = None) -> Target:
+    """``modeldock`` with ``--modeldock-args``; ``modeldock-uvicorn`` and ``modeldock-granian`` pick the HTTP server;
+    ``modeldock-baseline`` runs the source tree ``--baseline`` names (an older checkout), for before/after."""
+    source = ROOT
+    if name == "modeldock-baseline":
+        if baseline is None:
+            raise SystemExit("modeldock-baseline needs --baseline <source tree>, e.g. from `git archive <commit>`")
+        source = baseline
+    elif name != "modeldock":
         extra_args = [*extra_args, "--http-server", name.removeprefix("modeldock-")]
     http_port, grpc_port = free_port(), free_port()
     log = work / f"{name}.log"
@@ -227,7 +233,7 @@ def start_modeldock(work: Path, name: str, extra_args: list[str]) -> Target:
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", "0",
         "--log-level", "warning", "--model-control-mode", "none", "-m", str(work / "modeldock"), *extra_args,
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, cwd=source, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     return Target(name, process, http_port, grpc_port, log)
 
 
@@ -530,6 +536,7 @@ def main() -> None:
     parser.add_argument(
         "--soak", type=float, default=0, help="then run ModelDock's tiny binary at c=64 this long, sampling RSS"
     )
+    parser.add_argument("--baseline", type=Path, help="source tree run as the modeldock-baseline target")
     parser.add_argument("--output", type=Path, default=BENCH / "results", help="folder for bench_triton.{json,md}")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
@@ -562,7 +569,7 @@ def main() -> None:
         try:
             for name in server_names:
                 if name.startswith("modeldock"):
-                    servers[name] = start_modeldock(work, name, args.modeldock_args.split())
+                    servers[name] = start_modeldock(work, name, args.modeldock_args.split(), args.baseline)
                 elif name == "triton":
                     servers[name] = start_triton(work, triton_dir)
                 else:
