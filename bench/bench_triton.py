@@ -329,6 +329,9 @@ class Measurement:
     p50_ms: float
     p99_ms: float
     errors: int
+    # CPU time the server (with its child processes) spent per answered request: unlike req/s it hardly moves when
+    # other work on the machine takes cores away, so it compares servers fairly on a loaded machine.
+    cpu_us_per_request: float = float("nan")
     note: str = ""
 
 
@@ -366,7 +369,8 @@ def run_wrk(
     socket_errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if socket_errors:
         errors += sum(int(n) for n in socket_errors.groups())
-    return rps, p50, p99, errors
+    requests = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return rps, p50, p99, errors, requests
 
 
 def run_h2load(
@@ -460,8 +464,9 @@ def print_table(report: Report) -> str:
         f"Each figure: the median of {report.settings['rounds']} interleaved rounds of {report.settings['duration_s']} s; "
         f"load generators pinned to CPU {report.settings['client_cpu']}; ONNX Runtime threads {report.settings['threads']}",
         "",
-        "| model | c | target | req/s | vs Triton same protocol | p50 ms | p99 ms | p99/p50 | errors |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | c | target | req/s | vs Triton same protocol | p50 ms | p99 ms | p99/p50 | server CPU µs/req "
+        "| Triton CPU/req ÷ ours | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(m.model, m.concurrency, m.target): m for m in report.measurements}
     for m in report.measurements:
@@ -470,7 +475,8 @@ def print_table(report: Report) -> str:
         lines.append(
             f"| {m.model} | {m.concurrency} | {m.target} | {m.rps:,.0f} | "
             f"{ratio(m.rps, anchor.rps if anchor else None)} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
-            f"{m.p99_ms / m.p50_ms if m.p50_ms else float('nan'):.1f} | {m.errors} |"
+            f"{m.p99_ms / m.p50_ms if m.p50_ms else float('nan'):.1f} | {m.cpu_us_per_request:,.0f} | "
+            f"{ratio(anchor.cpu_us_per_request, m.cpu_us_per_request) if anchor else '-'} | {m.errors} |"
         )
     for model, rates in report.in_process.items():
         best = max(rates, key=rates.__getitem__)
@@ -502,6 +508,7 @@ def median_of(runs: list[Measurement]) -> Measurement:
         statistics.median(r.p50_ms for r in runs),
         statistics.median(r.p99_ms for r in runs),
         sum(r.errors for r in runs),
+        statistics.median(r.cpu_us_per_request for r in runs),
         f"median of {len(runs)}" if len(runs) > 1 else "",
     )
 
@@ -592,7 +599,7 @@ def main() -> None:
                             rounds[target].append(m)
                             print(
                                 f"{model:>5} c={concurrency:<3} {target:<30} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} "
-                                f"ms  p99 {m.p99_ms:7.2f} ms  errors {m.errors}",
+                                f"ms  p99 {m.p99_ms:7.2f} ms  {m.cpu_us_per_request:6.0f} CPU us/req  errors {m.errors}",
                                 flush=True,
                             )
                     report.measurements.extend(median_of(runs) for runs in rounds.values())
@@ -608,23 +615,51 @@ def main() -> None:
     (args.output / "bench_triton.json").write_text(json.dumps(asdict(report), indent=1) + "\n")
 
 
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (Triton's Python backend stubs, ModelDock's worker processes)."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        for task in Path(f"/proc/{tree[index]}/task").glob("*"):
+            try:
+                tree += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+        index += 1
+    return tree
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process tree so far."""
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def measure(
     work: Path, servers: dict[str, Target], target: str, model: str, concurrency: int, seconds: float, cpu: str
 ) -> Measurement:
     server_name, protocol = split_target(target)
     server = servers[server_name]
+    counted = not server_name.startswith("floor-")
+    before = success_count(server.http_port, model) if counted else 0
+    cpu_before = cpu_seconds(server.process.pid)
     if protocol == "grpc":
-        before = success_count(server.http_port, model)
         rps, p50, p99, errors, done = run_h2load(work, server.grpc_port, model, concurrency, seconds, cpu)
-        confirmed = success_count(server.http_port, model) - before
-        # h2load counts HTTP/2 status only; the server's statistics say whether each call really succeeded.
-        if confirmed < done:
-            errors += done - confirmed
-        return Measurement(model, target, concurrency, rps, p50, p99, errors)
-    binary = protocol == "http-binary"
-    body, json_size = http_body(model, binary)
-    rps, p50, p99, errors = run_wrk(work, server.http_port, model, body, json_size, concurrency, seconds, cpu)
-    return Measurement(model, target, concurrency, rps, p50, p99, errors)
+    else:
+        body, json_size = http_body(model, protocol == "http-binary")
+        rps, p50, p99, errors, done = run_wrk(work, server.http_port, model, body, json_size, concurrency, seconds, cpu)
+    cpu_used = cpu_seconds(server.process.pid) - cpu_before
+    answered = success_count(server.http_port, model) - before if counted else done
+    # h2load counts HTTP/2 status only; the server's statistics say whether each gRPC call really succeeded.
+    if protocol == "grpc" and answered < done:
+        errors += done - answered
+    per_request = 1e6 * cpu_used / answered if answered else float("nan")
+    return Measurement(model, target, concurrency, rps, p50, p99, errors, per_request)
 
 
 def soak(work: Path, server: Target, model: str, seconds: float, cpu: str) -> list[tuple[float, float]]:
