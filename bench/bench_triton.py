@@ -396,7 +396,7 @@ def run_h2load(
 
 
 def success_count(port: int, model: str) -> int:
-    stats = httpx.get(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=10).json()["model_stats"][0]
+    stats = httpx.get(f"http://127.0.0.1:{port}/v2/models/{model}/stats", timeout=60).json()["model_stats"][0]
     return int(stats["inference_stats"]["success"]["count"])
 
 
