@@ -529,7 +529,7 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,mlp")
     parser.add_argument("--concurrency", default="1,8,64")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds measured per cell and round")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per cell; the median is reported")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds per cell; the median is reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime intra-op threads")
     parser.add_argument("--client-cpu", default=str((os.cpu_count() or 1) - 1), help="taskset CPU list for wrk/h2load")
     parser.add_argument(

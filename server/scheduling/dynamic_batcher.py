@@ -208,10 +208,13 @@ class DynamicBatcher(Scheduler):
             if deadline is not None:
                 wake = min(wake, deadline)
             self._arrived.clear()
+            # A timer that sets the event, rather than ``wait_for``'s task and TimeoutError on every batch; a
+            # spurious wake-up only makes this loop look again.
+            timer = asyncio.get_running_loop().call_later(max(0, wake - now) / 1e9, self._arrived.set)
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=max(0, wake - now) / 1e9)
-            except TimeoutError:
-                pass
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
 
     def _next_delivery(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None] | None]:
         """The (previous, own) delivery futures of a batch about to start; (None, None) without preserve_ordering.

@@ -479,7 +479,7 @@ async def test_arrivals_below_a_full_batch_do_not_wake_the_collector(tmp_path: P
     outputs = await asyncio.gather(*(result(p) for p in pending))
     assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(5)]
     assert executed_shapes(batcher) == [(5, 4)]
-    assert wakes == 1  # the first arrival, which starts the wait for the delay
+    assert wakes == 2  # the first arrival, which starts the wait, and the timer at the end of the delay
     # A full batch wakes it at once rather than after the delay.
     started = time.monotonic()
     full = [batcher.submit(request(i)) for i in range(8)]
