@@ -22,6 +22,7 @@ from server.errors import ConfigError, ModelDockError
 from server.extensions.log_settings import LOG_LEVELS
 from server.extensions.tracing import TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.frontends.http_listener import HttpServerKind
 from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
 from server.protocol.limits import RequestLimits
 from server.repository.validate import validate_repositories
@@ -119,6 +120,14 @@ def serve_command(
     log_format: Annotated[
         str, typer.Option("--log-format", help="default, ISO8601, or json (one object a line, with request ids).")
     ] = "default",
+    http_server: Annotated[
+        HttpServerKind,
+        typer.Option(
+            "--http-server",
+            envvar="MODELDOCK_HTTP_SERVER",
+            help="HTTP server running the front end: uvicorn (Python) or granian (Rust).",
+        ),
+    ] = HttpServerKind.UVICORN,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -157,6 +166,7 @@ def serve_command(
         raise typer.BadParameter(str(exc)) from None
     except ModelDockError as exc:
         raise typer.BadParameter(f"--trace-config: {exc.message}") from None
+    settings.http_server = http_server
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

@@ -526,6 +526,13 @@ class InstancePool:
     async def acquire(self) -> ModelInstance:
         return await self._idle.get()
 
+    def try_acquire(self) -> ModelInstance | None:
+        """An idle instance at once, or None: the common case needs no future and no task."""
+        try:
+            return self._idle.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+
     def release(self, instance: ModelInstance) -> None:
         self._idle.put_nowait(instance)
 
