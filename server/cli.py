@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -61,6 +63,14 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            help="On SIGTERM/SIGINT, seconds requests in flight get to finish before the server exits anyway.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -77,10 +87,13 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
-    if uvloop is not None:
-        uvloop.run(serve(settings))
-    else:
-        asyncio.run(serve(settings))
+    settings.shutdown_timeout_s = shutdown_timeout
+    status = uvloop.run(serve(settings)) if uvloop is not None else asyncio.run(serve(settings))
+    if status:
+        # A drain cut short may leave a batch running on an instance thread, which a normal exit would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _parse_shapes(values: list[str]) -> dict[str, list[int]]:

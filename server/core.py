@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from server import __version__
+from server.admission import Admission
 from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
 from server.extensions.log_settings import ServerLogging
 from server.extensions.metrics import ServerMetrics
@@ -56,13 +57,15 @@ class InferenceServer:
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False
+        # Closed when a shutdown begins: readiness turns false and new inferences are refused while old ones finish.
+        self.admission = Admission()
 
     # -- health -------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         """Ready once the start-up load is done. Broken models, and models loaded later by polling or the repository
         API, do not hold it back: a serving replica must not drop out of its load balancer because a new model
         appeared beside the ones it serves (each model's own readiness says whether that model can serve)."""
-        return self.live and self.started
+        return self.live and self.started and self.admission.open
 
     # -- logging ------------------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, Any]:
@@ -98,30 +101,32 @@ class InferenceServer:
     def model_ready(self, name: str, version: str = "") -> bool:
         if name not in self.models.records and self.models.repository.locate(name) is None:
             raise ModelNotFound(f"unknown model '{name}'")
-        return self.models.is_ready(name, version)
+        return self.admission.open and self.models.is_ready(name, version)
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
-        served = self.models.get(request.model_name, request.model_version)
-        try:
-            return await served.infer(request)
-        except VersionRetired:
-            # Not accepted by the replaced version, so running it on its replacement cannot run it twice.
-            return await self.models.get(request.model_name, request.model_version).infer(request)
+        with self.admission.admit():
+            served = self.models.get(request.model_name, request.model_version)
+            try:
+                return await served.infer(request)
+            except VersionRetired:
+                # Not accepted by the replaced version, so running it on its replacement cannot run it twice.
+                return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        stream = self.models.get(request.model_name, request.model_version).stream(request)
-        try:
+        with self.admission.admit():
+            stream = self.models.get(request.model_name, request.model_version).stream(request)
             try:
-                first = await anext(stream)
-            except VersionRetired:
-                stream = self.models.get(request.model_name, request.model_version).stream(request)
-                first = await anext(stream)
-        except StopAsyncIteration:
-            return
-        yield first
-        async for response in stream:
-            yield response
+                try:
+                    first = await anext(stream)
+                except VersionRetired:
+                    stream = self.models.get(request.model_name, request.model_version).stream(request)
+                    first = await anext(stream)
+            except StopAsyncIteration:
+                return
+            yield first
+            async for response in stream:
+                yield response
 
     # -- statistics ---------------------------------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

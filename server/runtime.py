@@ -19,8 +19,12 @@ from server.frontends.http_server import create_app
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
+from server.shutdown import HttpServer, ShutdownSignals, drain
 
 log = logging.getLogger(__name__)
+
+# When the drain was cut short, how long the models then get to unload before the process exits regardless.
+_UNLOAD_AFTER_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -37,6 +41,8 @@ class ServeSettings:
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
+    # On SIGTERM/SIGINT: how long requests in flight (executing or queued) get to finish before the server exits.
+    shutdown_timeout_s: float = 30.0
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -67,7 +73,9 @@ async def load_initial_models(manager: ModelManager, settings: ServeSettings) ->
             log.error("--load-model %s: %s", name, result)
 
 
-async def serve(settings: ServeSettings) -> None:
+async def serve(settings: ServeSettings) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status: 0, or 1 if the drain was cut short
+    (``--shutdown-timeout`` or a second signal) or a model would not unload."""
     server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
     server_logging.install()
     manager = ModelManager(ModelRepository(settings.model_repositories))
@@ -80,7 +88,7 @@ async def serve(settings: ServeSettings) -> None:
         except OSError as exc:
             message = f"cannot serve metrics on port {settings.metrics_port}: {exc} (--metrics-port 0 disables them)"
             raise SystemExit(message) from None
-    http = uvicorn.Server(
+    http = HttpServer(
         uvicorn.Config(
             app,
             host=settings.host,
@@ -93,6 +101,8 @@ async def serve(settings: ServeSettings) -> None:
             timeout_keep_alive=30,
         )
     )
+    signals = ShutdownSignals()
+    signals.install()
     # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
     grpc_server, settings.grpc_port = create_grpc_server(
         core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
@@ -100,7 +110,10 @@ async def serve(settings: ServeSettings) -> None:
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
-    try:
+    stop_requested = asyncio.create_task(signals.requested.wait())
+
+    async def start_up() -> None:
+        nonlocal watcher
         polling = settings.model_control_mode == ModelControlMode.POLL
         poll = RepositoryWatcher(manager, settings.repository_poll_secs) if polling else None
         if poll is not None:
@@ -110,15 +123,39 @@ async def serve(settings: ServeSettings) -> None:
         if poll is not None:
             watcher = asyncio.create_task(poll.run())
         print_banner(core, settings)
-        await http_task
+
+    drained = True
+    try:
+        # A signal during the start-up load stops it rather than waiting for every model to finish loading.
+        starting = asyncio.create_task(start_up())
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        if not starting.cancelled():
+            starting.result()
+            await asyncio.wait({http_task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task.done():
+            http_task.result()  # uvicorn stopped by itself: its error (a port in use) is the server's
     finally:
+        stop_requested.cancel()
+        drained = await drain(core, settings.shutdown_timeout_s, signals.forced)
         core.live = False
         if watcher is not None:
             watcher.cancel()
         http.should_exit = True
+        # Cut short, connections still waiting on a request are closed instead of waited for.
+        http.force_exit = not drained
         if not http_task.done():
-            await asyncio.wait_for(http_task, timeout=10)
-        # Let in-flight RPCs finish (streams included) before the models they use are unloaded.
-        await grpc_server.stop(grace=5)
+            await asyncio.wait({http_task}, timeout=10)
+        await grpc_server.stop(grace=5 if drained else 0)
         core.shared_memory.unregister_all()
-        await manager.close()
+        try:
+            # After a cut-short drain a batch may still be executing: unloading would wait for it, so it is bounded.
+            await asyncio.wait_for(manager.close(), None if drained else _UNLOAD_AFTER_TIMEOUT_S)
+        except TimeoutError:
+            log.error("models did not unload within %.0fs of the shutdown timeout", _UNLOAD_AFTER_TIMEOUT_S)
+            drained = False
+        signals.remove()
+    log.info("shutdown complete" if drained else "shutdown cut short")
+    return 0 if drained else 1
