@@ -63,6 +63,15 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Run model instances as actors on a Ray cluster: ADDRESS (host:port, 'auto', ray://...), or none "
+            "for Ray's own choice (RAY_ADDRESS, this machine's cluster, else a new local one). Needs modeldock[ray].",
+        ),
+    ] = None,
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -88,6 +97,10 @@ def serve_command(
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
     settings.shutdown_timeout_s = shutdown_timeout
+    if ray is not None and importlib.util.find_spec("ray") is None:
+        Console(stderr=True).print(escape('--ray needs Ray: pip install "modeldock[ray]"'))
+        raise typer.Exit(code=2)
+    settings.ray_address = ray
     status = uvloop.run(serve(settings)) if uvloop is not None else asyncio.run(serve(settings))
     if status:
         # A drain cut short may leave a batch running on an instance thread, which a normal exit would wait for.
@@ -192,5 +205,19 @@ def _main() -> None:
     """ModelDock: multi-backend model serving."""
 
 
+def _ray_address_optional(args: list[str]) -> list[str]:
+    """Typer options always take a value, so ``--ray`` followed by nothing or another option becomes ``--ray=``
+    (Ray's own choice of cluster), which lets ``serve --ray`` and ``serve --ray ADDRESS`` both work."""
+    return [
+        "--ray=" if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else arg
+        for i, arg in enumerate(args)
+    ]
+
+
+def main() -> None:
+    """The ``modeldock`` command."""
+    app(args=_ray_address_optional(sys.argv[1:]), prog_name="modeldock")
+
+
 if __name__ == "__main__":
-    app()
+    main()

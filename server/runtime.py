@@ -19,6 +19,7 @@ from server.frontends.http_server import create_app
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
+from server.scheduling.instances import place_instances_remotely
 from server.shutdown import HttpServer, ShutdownSignals, drain
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ class ServeSettings:
     load_models: list[str] = field(default_factory=list)
     # On SIGTERM/SIGINT: how long requests in flight (executing or queued) get to finish before the server exits.
     shutdown_timeout_s: float = 30.0
+    # ``--ray``: None keeps model instances in this process; "" lets Ray choose the cluster; else its address.
+    ray_address: str | None = None
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -78,6 +81,12 @@ async def serve(settings: ServeSettings) -> int:
     (``--shutdown-timeout`` or a second signal) or a model would not unload."""
     server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
     server_logging.install()
+    if settings.ray_address is not None:
+        # Before the front ends start and before the shutdown's signal handlers replace the SIGTERM handler
+        # ray.init installs; it blocks, but nothing is served yet.
+        from server.scheduling import ray_instances
+
+        place_instances_remotely(ray_instances.connect(settings.ray_address or None))
     manager = ModelManager(ModelRepository(settings.model_repositories))
     core = InferenceServer(manager, settings.model_control_mode, server_logging)
     watcher: asyncio.Task[None] | None = None
@@ -157,5 +166,8 @@ async def serve(settings: ServeSettings) -> int:
             log.error("models did not unload within %.0fs of the shutdown timeout", _UNLOAD_AFTER_TIMEOUT_S)
             drained = False
         signals.remove()
+        if settings.ray_address is not None:
+            place_instances_remotely(None)
+            ray_instances.disconnect()
     log.info("shutdown complete" if drained else "shutdown cut short")
     return 0 if drained else 1
