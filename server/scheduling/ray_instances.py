@@ -45,6 +45,8 @@ RAY_NUM_CPUS_PARAMETER = "ray_num_cpus"
 
 # Seconds an actor gets to build its backend when no load deadline applies (a replacement after a crash).
 _START_TIMEOUT_S = 300.0
+# Seconds an actor may take to start before the log says it is waiting for resources.
+_PLACEMENT_WARNING_S = 10.0
 # Seconds an actor gets to run ``unload`` before it is killed.
 _UNLOAD_TIMEOUT_S = 30.0
 
@@ -183,8 +185,21 @@ class RayModelInstance(ModelInstance):
         )
         actor = actor_class.remote(*self._args)
         where = f"{self._model_path}: instance {self.name} (Ray actor)"
+        started = actor.started.remote()
+        deadline = time.monotonic() + max(timeout_s, 0.0)
         try:
-            error, node_id, pid = ray.get(actor.started.remote(), timeout=max(timeout_s, 0.0))
+            ready, _ = ray.wait([started], timeout=min(_PLACEMENT_WARNING_S, max(timeout_s, 0.0)))
+            if not ready and time.monotonic() < deadline:
+                # Usually no node has the resources free: say so now rather than only at the load timeout, since
+                # an autoscaling cluster may yet add a node and the wait goes on.
+                log.warning(
+                    "instance %s: waiting for Ray to place an actor needing %g CPU(s) and %g GPU(s); available now: %s",
+                    self.name,
+                    self.placement.num_cpus,
+                    self.placement.num_gpus,
+                    {k: v for k, v in ray.available_resources().items() if k in ("CPU", "GPU")},
+                )
+            error, node_id, pid = ray.get(started, timeout=max(deadline - time.monotonic(), 0.0))
         except ray.exceptions.GetTimeoutError:
             ray.kill(actor)
             raise ModelLoadError(

@@ -72,7 +72,7 @@ def test_ray_cluster_in_a_loopback_only_namespace() -> None:
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     # Every test of the namespace's run passed: none was skipped there.
-    assert re.search(r"\b4 passed\b", output) and "skipped" not in output, output
+    assert re.search(r"\b5 passed\b", output) and "skipped" not in output, output
 
 
 # -- run inside the namespace -----------------------------------------------------------------------------------
@@ -116,6 +116,9 @@ def ray_server(
     local = sleepy_config(0, max_batch_size=0)
     local["parameters"]["ray"] = "false"
     write_model(repository, "local_doubler", local)
+    too_big = sleepy_config(0, max_batch_size=0)
+    too_big["parameters"].update(ray_num_cpus="64", load_timeout_secs="3")
+    write_model(repository, "too_big", too_big)
     write_model(
         repository,
         "gpu_scale",
@@ -211,3 +214,12 @@ async def test_gpu_instances_on_a_cluster_without_gpus_fail_the_load_with_the_re
     [row] = [r for r in index if r["name"] == "gpu_scale"]
     assert row["state"] == "UNAVAILABLE"
     assert "KIND_GPU requested but the Ray cluster has no GPU" in row["reason"]
+
+
+@inside_only
+async def test_an_actor_no_node_can_place_fails_the_load_at_its_timeout(ray_server: ServerProcess) -> None:
+    async with httpx.AsyncClient(base_url=ray_server.url, timeout=30) as client:
+        index = (await client.post("/v2/repository/index", json={})).json()
+    [row] = [r for r in index if r["name"] == "too_big"]
+    assert row["state"] == "UNAVAILABLE"
+    assert "not started within 3s; does the Ray cluster have 64 CPU(s) and 0 GPU(s) free for it?" in row["reason"]
