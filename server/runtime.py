@@ -86,7 +86,11 @@ async def serve(settings: ServeSettings) -> int:
         # ray.init installs; it blocks, but nothing is served yet.
         from server.scheduling import ray_instances
 
-        place_instances_remotely(ray_instances.connect(settings.ray_address or None))
+        try:
+            place_instances_remotely(ray_instances.connect(settings.ray_address or None))
+        except Exception as exc:  # unreachable, or refused: nothing to serve with, so a clear exit
+            where = settings.ray_address or "(Ray's default)"
+            raise SystemExit(f"--ray {where}: cannot join the Ray cluster: {type(exc).__name__}: {exc}") from None
     manager = ModelManager(ModelRepository(settings.model_repositories))
     core = InferenceServer(manager, settings.model_control_mode, server_logging)
     watcher: asyncio.Task[None] | None = None
@@ -133,7 +137,6 @@ async def serve(settings: ServeSettings) -> int:
             watcher = asyncio.create_task(poll.run())
         print_banner(core, settings)
 
-    drained = True
     try:
         # A signal during the start-up load stops it rather than waiting for every model to finish loading.
         starting = asyncio.create_task(start_up())

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from backends.onnxruntime import OnnxRuntimeBackend
 from server.cli import _ray_address_optional
 from server.config import ModelConfig
 from server.errors import ConfigError, ModelLoadError
+from tests.conftest import ROOT
 from tests.slow_backend import SleepBackend
 
 pytest.importorskip("ray", reason='needs Ray: pip install "modeldock[ray]"')
@@ -72,3 +77,14 @@ def test_models_go_to_the_cluster_unless_they_opt_out() -> None:
 )
 def test_ray_option_takes_an_optional_address(args: list[str], expected: list[str]) -> None:
     assert _ray_address_optional(args) == expected
+
+
+def test_serve_ray_without_ray_installed_says_how_to_install_it(tmp_path: Path) -> None:
+    # Hidden the way a missing package looks to importlib; the check comes before any model or port is touched.
+    script = (
+        "import sys; sys.modules['ray'] = None; sys.argv = ['modeldock', 'serve', '--ray', '--model-repository', "
+        f"{str(tmp_path)!r}]; from server.cli import main; main()"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert '--ray needs Ray: pip install "modeldock[ray]"' in completed.stdout + completed.stderr
