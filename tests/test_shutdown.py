@@ -128,6 +128,27 @@ async def test_shutdown_timeout_bounds_a_drain_that_takes_too_long(
     assert "shutdown cut short" in server.log()
 
 
+async def test_a_second_signal_cuts_the_drain_short(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server = start_server(sleepy_repository(tmp_path, 8000), "--shutdown-timeout", "60")
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        calls = [
+            asyncio.create_task(client.post("/v2/models/sleepy/infer", json=body(np.ones((1, 4), np.float32))))
+            for _ in range(2)
+        ]
+        await wait_for_pending(client, "sleepy", 1)  # one executing, one queued behind it
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert server.process.poll() is None, "the first signal alone must wait for the request"
+        server.process.send_signal(signal.SIGINT)
+        signalled = time.monotonic()
+        assert await wait_exit(server, 7) == 1
+        assert time.monotonic() - signalled < 7
+        for call in calls:
+            with pytest.raises(httpx.HTTPError):
+                (await call).raise_for_status()
+    assert "no longer waiting for requests in flight" in server.log()
+
+
 def test_shutdown_timeout_must_not_be_negative(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "server", "serve", "--model-repository", str(tmp_path), "--shutdown-timeout", "-1"],
