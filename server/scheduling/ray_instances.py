@@ -16,6 +16,7 @@ places wherever resources are free, and the next batch waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -207,6 +208,7 @@ class RayModelInstance(ModelInstance):
                 f"{self.placement.num_cpus:g} CPU(s) and {self.placement.num_gpus:g} GPU(s) free for it?"
             ) from None
         except ray.exceptions.RayError as exc:
+            ray.kill(actor)
             raise ModelLoadError(f"{where}: {type(exc).__name__}: {exc}") from None
         if error is not None:
             ray.kill(actor)
@@ -243,12 +245,19 @@ class RayModelInstance(ModelInstance):
             raise BackendError(
                 f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.1f}s"
             ) from None
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayActorError as exc:
             log.error("instance %s: its Ray actor died (%s); starting a replacement", self.name, type(exc).__name__)
+            # Killed for good even if only unreachable for a while, so it cannot come back beside its replacement.
+            with contextlib.suppress(ray.exceptions.RayError):
+                ray.kill(self._actor)
             self._actor = self.location = None
             self._executor.submit(self._replace)
             raise BackendError(
                 f"model '{self.config.name}': instance {self.name}: its Ray actor died; starting a replacement"
+            ) from None
+        except ray.exceptions.RayError as exc:  # the batch could not travel (object store full, object lost)
+            raise BackendError(
+                f"model '{self.config.name}': instance {self.name}: {type(exc).__name__}: {exc}"
             ) from None
         if status == "ok":
             return payload  # type: ignore[no-any-return]
