@@ -89,6 +89,12 @@ def node_ports() -> list[str]:
     return [f"{flag}={free_port()}" for flag in flags]
 
 
+def start_node(args: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(ray_command(*args), env=env, capture_output=True, text=True, timeout=180)
+    if result.returncode != 0:
+        pytest.fail(f"ray {' '.join(args[:2])} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A head node and a second node with 2 CPUs each, as two sets of processes on this machine."""
@@ -99,11 +105,8 @@ def ray_address() -> Iterator[str]:
     common = ["--node-ip-address", "127.0.0.1", "--object-store-memory", str(80 * 1024 * 1024), "--disable-usage-stats"]
     env = {**os.environ, **RAY_ENV}
     head = ["start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false"]
-    subprocess.run(
-        ray_command(*head, "--temp-dir", temp_dir, *common, *node_ports()), env=env, check=True, capture_output=True
-    )
-    worker = ["start", "--address", address, "--num-cpus", "2"]
-    subprocess.run(ray_command(*worker, *common, *node_ports()), env=env, check=True, capture_output=True)
+    start_node([*head, "--temp-dir", temp_dir, *common, *node_ports()], env)
+    start_node(["start", "--address", address, "--num-cpus", "2", *common, *node_ports()], env)
     yield address
     # Safe to stop everything Ray: as PID 1 of a fresh PID namespace, "everything" is this cluster only.
     subprocess.run(ray_command("stop", "--force"), env=env, capture_output=True)
