@@ -87,6 +87,10 @@ class InstanceActor:
             self.backend.unload()
 
 
+# Made remote once: each ``ray.remote`` call would export the class to the cluster again.
+_RemoteInstanceActor = ray.remote(InstanceActor)
+
+
 @dataclass(frozen=True, slots=True)
 class ActorPlacement:
     """One instance as Ray resources: Ray, not the server, picks the node and the GPU."""
@@ -177,7 +181,7 @@ class RayModelInstance(ModelInstance):
 
     def _start(self, timeout_s: float = _START_TIMEOUT_S) -> None:
         """Create the actor and wait until its backend is built; ``ModelLoadError`` if it is not."""
-        actor_class = ray.remote(InstanceActor).options(
+        actor_class = _RemoteInstanceActor.options(
             num_cpus=self.placement.num_cpus,
             num_gpus=self.placement.num_gpus,
             # Replacing a dead actor is this class's job, so a crash is seen (and only its batch fails) here.
