@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -128,6 +130,23 @@ def serve_command(
             help="HTTP server running the front end: uvicorn (Python) or granian (Rust).",
         ),
     ] = HttpServerKind.UVICORN,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Run model instances as actors on a Ray cluster: ADDRESS (host:port, 'auto', ray://...), or none "
+            "for Ray's own choice (RAY_ADDRESS, this machine's cluster, else a new local one). Needs modeldock[ray].",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            help="On SIGTERM/SIGINT, seconds requests in flight get to finish before the server exits anyway.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -167,10 +186,17 @@ def serve_command(
     except ModelDockError as exc:
         raise typer.BadParameter(f"--trace-config: {exc.message}") from None
     settings.http_server = http_server
-    if uvloop is not None:
-        uvloop.run(serve(settings))
-    else:
-        asyncio.run(serve(settings))
+    settings.shutdown_timeout_s = shutdown_timeout
+    if ray is not None and importlib.util.find_spec("ray") is None:
+        Console(stderr=True).print(escape('--ray needs Ray: pip install "modeldock[ray]"'))
+        raise typer.Exit(code=2)
+    settings.ray_address = ray
+    status = uvloop.run(serve(settings)) if uvloop is not None else asyncio.run(serve(settings))
+    if status:
+        # A drain cut short may leave a batch running on an instance thread, which a normal exit would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _parse_shapes(values: list[str]) -> dict[str, list[int]]:
@@ -269,5 +295,19 @@ def _main() -> None:
     """ModelDock: multi-backend model serving."""
 
 
+def _ray_address_optional(args: list[str]) -> list[str]:
+    """Typer options always take a value, so ``--ray`` followed by nothing or another option becomes ``--ray=``
+    (Ray's own choice of cluster), which lets ``serve --ray`` and ``serve --ray ADDRESS`` both work."""
+    return [
+        "--ray=" if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else arg
+        for i, arg in enumerate(args)
+    ]
+
+
+def main() -> None:
+    """The ``modeldock`` command."""
+    app(args=_ray_address_optional(sys.argv[1:]), prog_name="modeldock")
+
+
 if __name__ == "__main__":
-    app()
+    main()

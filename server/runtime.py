@@ -28,9 +28,14 @@ from server.protocol.limits import configure as configure_limits
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
+from server.scheduling.instances import place_instances_remotely
 from server.scheduling.response_cache import CacheSettings, ResponseCache
+from server.shutdown import ShutdownSignals, drain
 
 log = logging.getLogger(__name__)
+
+# When the drain was cut short, how long the models then get to unload before the process exits regardless.
+_UNLOAD_AFTER_TIMEOUT_S = 5.0
 
 
 @dataclass
@@ -60,6 +65,10 @@ class ServeSettings:
     trace_config: TraceConfig = field(default_factory=TraceConfig)
     log_format: str = "default"
     http_server: HttpServerKind = HttpServerKind.UVICORN
+    # On SIGTERM/SIGINT: how long requests in flight (executing or queued) get to finish before the server exits.
+    shutdown_timeout_s: float = 30.0
+    # ``--ray``: None keeps model instances in this process; "" lets Ray choose the cluster; else its address.
+    ray_address: str | None = None
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -110,7 +119,9 @@ def keep_gc_off_the_hot_path() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-async def serve(settings: ServeSettings) -> None:
+async def serve(settings: ServeSettings) -> int:
+    """Serve until SIGTERM or SIGINT, then shut down gracefully; the exit status: 0, or 1 if the drain was cut short
+    (``--shutdown-timeout`` or a second signal) or a model would not unload."""
     log_settings = LogSettings.for_level(settings.log_level).model_copy(update={"log_format": settings.log_format})
     server_logging = ServerLogging(log_settings)
     server_logging.install()
@@ -118,6 +129,16 @@ async def serve(settings: ServeSettings) -> None:
         tracing = RequestTracing(settings.trace_config)
     except ModelDockError as exc:
         raise SystemExit(exc.message) from None
+    if settings.ray_address is not None:
+        # Before the front ends start and before the shutdown's signal handlers replace the SIGTERM handler
+        # ray.init installs; it blocks, but nothing is served yet.
+        from server.scheduling import ray_instances
+
+        try:
+            place_instances_remotely(ray_instances.connect(settings.ray_address or None))
+        except Exception as exc:  # unreachable, or refused: nothing to serve with, so a clear exit
+            where = settings.ray_address or "(Ray's default)"
+            raise SystemExit(f"--ray {where}: cannot join the Ray cluster: {type(exc).__name__}: {exc}") from None
     cache = ResponseCache(settings.cache.size_bytes) if settings.cache is not None else None
     manager = ModelManager(ModelRepository(settings.model_repositories), cache)
     configure_limits(settings.limits)
@@ -134,6 +155,8 @@ async def serve(settings: ServeSettings) -> None:
             message = f"cannot serve metrics on port {settings.metrics_port}: {exc} (--metrics-port 0 disables them)"
             raise SystemExit(message) from None
     http = create_http_listener(settings.http_server, app, settings.host, settings.http_port, settings.log_level)
+    signals = ShutdownSignals()
+    signals.install()
     # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
     grpc_server, settings.grpc_port = create_grpc_server(
         core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes, settings.grpc_restrictions
@@ -141,7 +164,10 @@ async def serve(settings: ServeSettings) -> None:
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
     await grpc_server.start()
     http_task = asyncio.create_task(http.serve())
-    try:
+    stop_requested = asyncio.create_task(signals.requested.wait())
+
+    async def start_up() -> None:
+        nonlocal watcher
         polling = settings.model_control_mode == ModelControlMode.POLL
         poll = RepositoryWatcher(manager, settings.repository_poll_secs) if polling else None
         if poll is not None:
@@ -157,16 +183,41 @@ async def serve(settings: ServeSettings) -> None:
         else:
             print_banner(core, settings)
         keep_gc_off_the_hot_path()
-        await http_task
+
+    try:
+        # A signal during the start-up load stops it rather than waiting for every model to finish loading.
+        starting = asyncio.create_task(start_up())
+        await asyncio.wait({starting, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        if not starting.cancelled():
+            starting.result()
+            await asyncio.wait({http_task, stop_requested}, return_when=asyncio.FIRST_COMPLETED)
+        if http_task.done():
+            http_task.result()  # the HTTP server stopped by itself: its error (a port in use) is the server's
     finally:
+        stop_requested.cancel()
+        drained = await drain(core, settings.shutdown_timeout_s, signals.forced)
         core.live = False
         if watcher is not None:
             watcher.cancel()
-        http.stop()
+        # Cut short, connections still waiting on a request are closed instead of waited for.
+        http.stop(force=not drained)
         if not http_task.done():
-            await asyncio.wait_for(http_task, timeout=10)
-        # Let in-flight RPCs finish (streams included) before the models they use are unloaded.
-        await grpc_server.stop(grace=5)
+            await asyncio.wait({http_task}, timeout=10)
+        await grpc_server.stop(grace=5 if drained else 0)
         core.shared_memory.unregister_all()
-        await manager.close()
+        try:
+            # After a cut-short drain a batch may still be executing: unloading would wait for it, so it is bounded.
+            await asyncio.wait_for(manager.close(), None if drained else _UNLOAD_AFTER_TIMEOUT_S)
+        except TimeoutError:
+            log.error("models did not unload within %.0fs of the shutdown timeout", _UNLOAD_AFTER_TIMEOUT_S)
+            drained = False
         tracing.shutdown()
+        signals.remove()
+        if settings.ray_address is not None:
+            place_instances_remotely(None)
+            ray_instances.disconnect()
+    log.info("shutdown complete" if drained else "shutdown cut short")
+    return 0 if drained else 1

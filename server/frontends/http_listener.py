@@ -8,8 +8,8 @@ event loop only the ASGI calls, which leaves more of the loop's one core to infe
 
 from __future__ import annotations
 
-import asyncio
-import signal
+import contextlib
+from collections.abc import Iterator
 from enum import Enum
 from typing import Protocol
 
@@ -26,13 +26,22 @@ class HttpListener(Protocol):
     async def serve(self) -> None:
         """Listen and answer until ``stop`` is called (or the process is told to stop)."""
 
-    def stop(self) -> None:
-        """Stop accepting connections; ``serve`` returns once the open ones are done."""
+    def stop(self, force: bool = False) -> None:
+        """Stop accepting connections; ``serve`` returns once the open ones are done (at once when ``force``)."""
+
+
+class _UvicornWithoutSignals(uvicorn.Server):
+    """uvicorn, minus its own signal handling: it would stop listening at the first signal, before the drain that
+    the runtime runs on SIGTERM/SIGINT (``server.shutdown``)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 class UvicornListener:
     def __init__(self, app: ASGIApp, host: str, port: int, log_level: str) -> None:
-        self._server = uvicorn.Server(
+        self._server = _UvicornWithoutSignals(
             uvicorn.Config(
                 app,
                 host=host,
@@ -51,15 +60,14 @@ class UvicornListener:
     async def serve(self) -> None:
         await self._server.serve()
 
-    def stop(self) -> None:
+    def stop(self, force: bool = False) -> None:
         self._server.should_exit = True
+        self._server.force_exit = force
 
 
 class GranianListener:
-    """granian's embedded server: its Rust workers feed ASGI calls into this event loop.
-
-    uvicorn stops on SIGINT/SIGTERM by itself; the embedded granian does not, so the signals are wired here.
-    """
+    """granian's embedded server: its Rust workers feed ASGI calls into this event loop. Like uvicorn here, it
+    leaves SIGTERM/SIGINT to the runtime, which drains before stopping it."""
 
     def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         from granian.constants import Interfaces
@@ -76,16 +84,9 @@ class GranianListener:
         )
 
     async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        for number in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(number, self.stop)
-        try:
-            await self._server.serve()
-        finally:
-            for number in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(number)
+        await self._server.serve()
 
-    def stop(self) -> None:
+    def stop(self, force: bool = False) -> None:
         self._server.stop()
 
 
