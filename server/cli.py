@@ -20,6 +20,7 @@ except ImportError:
 from server.core import ModelControlMode
 from server.extensions.log_settings import LOG_LEVELS
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.frontends.openai.app import API_KEY_ENV
 from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
 
@@ -61,6 +62,15 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    openai_api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--openai-api-key",
+            envvar=API_KEY_ENV,
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on the OpenAI-compatible routes (/v1).",
+        ),
+    ] = None,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -77,6 +87,7 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
+    settings.openai_api_key = openai_api_key or None
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

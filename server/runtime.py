@@ -37,6 +37,8 @@ class ServeSettings:
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
+    # When set, every OpenAI-compatible route (/v1) wants ``Authorization: Bearer <key>``.
+    openai_api_key: str | None = None
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -54,6 +56,7 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
     console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
+    console.print(f"HTTP  OpenAI endpoint:    http://{settings.host}:{settings.http_port}/v1")
 
 
 async def load_initial_models(manager: ModelManager, settings: ServeSettings) -> None:
@@ -73,7 +76,7 @@ async def serve(settings: ServeSettings) -> None:
     manager = ModelManager(ModelRepository(settings.model_repositories))
     core = InferenceServer(manager, settings.model_control_mode, server_logging)
     watcher: asyncio.Task[None] | None = None
-    app = create_app(core)
+    app = create_app(core, settings.openai_api_key)
     if settings.metrics_port:
         try:
             core.metrics.serve(settings.host, settings.metrics_port)

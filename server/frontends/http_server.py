@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
+from server.frontends.openai.app import create_openai_app
 from server.protocol.http_codec import (
     HEADER_LENGTH,
     decode_index_request,
@@ -213,9 +214,10 @@ def _error_response(exc: ModelDockError) -> Response:
     return _error(exc.http_status, exc.message)
 
 
-def create_app(core: InferenceServer) -> HttpFrontEnd:
+def create_app(core: InferenceServer, openai_api_key: str | None = None) -> HttpFrontEnd:
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
+    app.mount("/v1", create_openai_app(core, openai_api_key))
 
     @app.exception_handler(ModelDockError)
     async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:
