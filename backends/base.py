@@ -14,10 +14,11 @@ import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -33,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     "pytorch": "backends.pytorch:PyTorchBackend",
     "python": "backends.python:PythonBackend",
     "tensorrt": "backends.tensorrt:TensorRTBackend",
+    "transformers": "backends.transformers:TransformersBackend",
 }
 
 
@@ -76,6 +78,61 @@ class Backend(ABC):
 
     def unload(self) -> None:  # noqa: B027 - optional hook: most backends free everything when collected
         """Release memory and device resources; the object is not used afterwards."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """One engine step: for each sequence, the tokens whose KV is not cached yet and where its KV lives.
+
+    ``read_slots[i]`` lists the cache slots of all of sequence ``i``'s tokens so far, these new ones last;
+    ``write_slots[i]`` the slots the new tokens' KV goes to; ``start[i]`` the position of its first new token.
+    """
+
+    token_ids: list[list[int]]
+    start: list[int]
+    write_slots: list[list[int]]
+    read_slots: list[list[int]]
+
+
+class GenerativeBackend(Backend):
+    """A causal language model, driven token by token by the generation engine instead of batch by batch.
+
+    The engine decides which sequences run in each step and which cache slots they own; the backend owns the
+    tensors (weights and the KV cache memory) and runs the model. ``execute`` is not used for generation.
+    """
+
+    #: The tokenizer (a ``transformers`` tokenizer: ``encode``, ``decode``, ``apply_chat_template``).
+    tokenizer: Any
+
+    @property
+    def generates(self) -> bool:
+        """Whether this instance serves generation; a backend that can also serve plain batches may say no."""
+        return True
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt plus output) the model can attend over."""
+
+    @property
+    @abstractmethod
+    def eos_token_ids(self) -> list[int]:
+        """Tokens that end a sequence unless a request says to ignore them."""
+
+    @abstractmethod
+    def kv_bytes_per_token(self) -> int:
+        """Cache memory one token takes across all layers, for sizing the cache from a memory budget."""
+
+    @abstractmethod
+    def allocate_kv_cache(self, num_slots: int) -> None:
+        """Reserve cache memory for ``num_slots`` tokens; called once before the first step."""
+
+    @abstractmethod
+    def forward(self, batch: StepBatch) -> Any:
+        """Run one step and return float32 logits of each sequence's last new token, shape [sequences, vocab]."""
+
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")
 
 
 def backend_class(name: str) -> type[Backend]:

@@ -235,6 +235,12 @@ class ModelWarmup(_Strict):
     count: int = Field(default=1, ge=1)
 
 
+class ModelTransactionPolicy(_Strict):
+    """Triton's ``model_transaction_policy``: a decoupled model may send any number of responses per request."""
+
+    decoupled: bool = False
+
+
 class ModelConfig(_Strict):
     """A model's ``config.yaml``; the folder name is the model name unless ``name`` says otherwise."""
 
@@ -251,6 +257,7 @@ class ModelConfig(_Strict):
     default_model_filename: str = ""
     model_warmup: list[ModelWarmup] = Field(default_factory=list)
     batch_input: list[BatchInput] = Field(default_factory=list)
+    model_transaction_policy: ModelTransactionPolicy = Field(default_factory=ModelTransactionPolicy)
 
     @field_validator("parameters", mode="before")
     @classmethod

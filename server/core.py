@@ -23,6 +23,7 @@ from server.scheduling.validation import expected_shape
 SERVER_NAME = "modeldock"
 EXTENSIONS = [
     "classification",
+    "generate",
     "binary_tensor_data",
     "logging",
     "model_configuration",

@@ -18,6 +18,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.extensions.generation_metrics import generation_families
 from server.extensions.statistics import FailureReason, ModelStats, StatisticsRegistry
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -109,6 +110,9 @@ class _StatisticsCollector(Collector):
             total_rows = float(sum(size * c for size, c in counts.items()))
             histogram.add_metric([stats.name, stats.version], buckets, total_rows)
         yield histogram
+        generating = [(s.name, s.version, s.generation) for s in all_stats if s.generation is not None]
+        if generating:
+            yield from generation_families(generating)
 
 
 def _labels(stats: ModelStats) -> dict[str, str]:

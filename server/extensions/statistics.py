@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from server.extensions.generation_metrics import GenerationStats
+
 
 class FailureReason(str, Enum):
     """Why a request failed: the ``reason`` label of Triton's ``nv_inference_request_failure``."""
@@ -71,6 +73,8 @@ class ModelStats:
         self.compute_output = Duration()
         self.batches: dict[int, BatchStats] = {}
         self.pending = 0
+        # Set for a version served by the generation engine: its token-level figures, for the metrics.
+        self.generation: GenerationStats | None = None
 
     # -- recording ----------------------------------------------------------------------------------------
     def queued(self, count: int = 1) -> None:

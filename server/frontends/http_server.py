@@ -7,12 +7,13 @@ import gzip
 import logging
 import re
 import zlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
 from server.frontends.openai.app import create_openai_app
+from server.protocol.generate_codec import decode_generate_request, encode_generate_response
 from server.protocol.http_codec import (
     HEADER_LENGTH,
     decode_index_request,
@@ -28,6 +30,7 @@ from server.protocol.http_codec import (
     encode_response,
     parse_header_length,
 )
+from server.protocol.types import InferRequest
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,15 @@ class _DisconnectWatch:
         self._timer.cancel()
         if self._watcher is not None:
             self._watcher.cancel()
+
+
+async def _generate_request(
+    core: InferenceServer, request: Request, model: str, version: str, stream: bool
+) -> InferRequest:
+    body = await _json_body(request)
+    metadata = core.model_metadata(model, version)
+    inputs = {tensor["name"]: tensor["datatype"] for tensor in metadata["inputs"]}
+    return decode_generate_request(body, model, version, inputs, stream)
 
 
 async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response | None:
@@ -294,6 +306,36 @@ def create_app(core: InferenceServer, openai_api_key: str | None = None) -> Http
         await _json_body(request)
         await core.unload_model(model)
         return Response(status_code=200)
+
+    @app.post("/v2/models/{model}/generate")
+    @app.post("/v2/models/{model}/versions/{version}/generate")
+    async def generate(model: str, request: Request, version: str = "") -> Response:
+        infer_request = await _generate_request(core, request, model, version, stream=False)
+        return _json(encode_generate_response(await core.infer(infer_request)))
+
+    @app.post("/v2/models/{model}/generate_stream")
+    @app.post("/v2/models/{model}/versions/{version}/generate_stream")
+    async def generate_stream(model: str, request: Request, version: str = "") -> Response:
+        infer_request = await _generate_request(core, request, model, version, stream=True)
+        responses = core.stream_infer(infer_request)
+        try:
+            first = await anext(responses)
+        except StopAsyncIteration:
+            first = None
+
+        async def events() -> AsyncIterator[bytes]:
+            # Errors before the first event are HTTP errors; after it, the stream can only carry them as an event.
+            try:
+                if first is not None:
+                    yield b"data: " + orjson.dumps(encode_generate_response(first)) + b"\n\n"
+                async for response in responses:
+                    yield b"data: " + orjson.dumps(encode_generate_response(response)) + b"\n\n"
+            except ModelDockError as exc:
+                yield b"data: " + orjson.dumps({"error": exc.message}) + b"\n\n"
+            finally:
+                await responses.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.get("/v2/systemsharedmemory/status")
     @app.get("/v2/systemsharedmemory/region/{name}/status")

@@ -17,7 +17,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, backend_class
+from backends.base import Backend, GenerativeBackend, backend_class
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.errors import (
     ConfigError,
@@ -123,7 +123,15 @@ class ServedVersion:
 
 
 def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> Scheduler:
-    """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run."""
+    """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run.
+
+    A generating language model gets the generation engine instead, which batches at every token step.
+    """
+    backend = getattr(pool.instances[0], "backend", None)
+    if isinstance(backend, GenerativeBackend) and backend.generates:
+        from server.scheduling.generation.scheduler import GenerationScheduler  # needs torch: only when used
+
+        return GenerationScheduler(config, version, pool, stats)
     if config.batching and config.dynamic_batching is not None:
         return DynamicBatcher(config, version, pool, stats)
     return DirectScheduler(config, version, pool, stats)
@@ -232,7 +240,11 @@ class ModelManager:
                 continue
             stats = self.statistics.for_version(name, str(version))
             pool = InstancePool(instances)
-            new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels)
+            try:
+                new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels)
+            except ModelDockError as exc:  # the scheduler refused the config (e.g. engine limits)
+                failures[version] = exc.message
+                await asyncio.to_thread(pool.unload)
 
         if not new:
             reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"

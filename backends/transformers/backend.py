@@ -1,0 +1,237 @@
+"""Hugging Face ``transformers`` models: causal language models for generation, encoders for embeddings.
+
+A version folder holds what ``save_pretrained`` writes (``config.json``, weights, tokenizer files), or
+``parameters.model_path`` names such a folder. Nothing is ever downloaded: every load is local-files-only.
+The task comes from the architecture in ``config.json`` (a ``...ForCausalLM``/``...LMHeadModel`` generates,
+anything else embeds) unless ``parameters.task`` says ``generate`` or ``embed``.
+
+Generation runs through the engine in ``server.scheduling.generation``: this backend owns the weights and the KV
+cache memory and runs one step at a time. Embeddings are ordinary batches: mean-pooled, L2-normalised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+
+from backends.base import GenerativeBackend, StepBatch
+from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
+from server.devices import Device
+from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
+
+# No network: a model folder must hold everything.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+TASKS = ("generate", "embed")
+DTYPES = ("float32", "float16", "bfloat16")
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+DEFAULT_EMBED_BATCH = 32
+# ``from_pretrained`` builds models on the meta device through process-wide state, so two loads at once (the
+# server loads models concurrently) can see each other's half-built modules; one at a time is safe.
+_LOAD_LOCK = threading.Lock()
+
+
+def model_folder(config: ModelConfig, version_dir: Path) -> Path:
+    """The folder with ``config.json``: ``parameters.model_path`` (relative to the model folder) or the version."""
+    named = config.parameters.get("model_path")
+    if not named:
+        return version_dir
+    path = Path(named)
+    return path if path.is_absolute() else (version_dir.parent / path)
+
+
+def detect_task(config: ModelConfig, folder: Path) -> str:
+    task = config.parameters.get("task", "")
+    if task:
+        if task not in TASKS:
+            raise ConfigError(f"field 'parameters.task': expected one of {list(TASKS)}, got '{task}'")
+        return task
+    config_file = folder / "config.json"
+    try:
+        hf_config = json.loads(config_file.read_text())
+    except FileNotFoundError:
+        raise ModelLoadError(
+            f"{config_file}: not found; a transformers model folder holds what save_pretrained writes"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"{config_file}: cannot be read: {exc}") from None
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise ConfigError(
+            f"{config_file}: no 'architectures' to tell the task from; set parameters.task to generate or embed"
+        )
+    return "generate" if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures) else "embed"
+
+
+def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
+    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
+
+
+class TransformersBackend(GenerativeBackend):
+    default_model_filename: ClassVar[str] = "config.json"
+    supports_gpu: ClassVar[bool] = True
+
+    @classmethod
+    def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
+        return model_folder(config, version_dir) / "config.json"
+
+    @classmethod
+    def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
+        """Triton's LLM convention for generation, ``text_input`` → ``embedding`` for embeddings."""
+        task = detect_task(config, model_folder(config, version_dir))
+        dtype = config.parameters.get("dtype", "")
+        if dtype and dtype not in DTYPES:
+            raise ConfigError(f"field 'parameters.dtype': expected one of {list(DTYPES)}, got '{dtype}'")
+        config = config.model_copy(deep=True)
+        config.parameters["task"] = task
+        if task == "generate":
+            if config.max_batch_size:
+                raise ConfigError(
+                    "field 'max_batch_size': a generating model batches in its engine (parameters.max_num_seqs); "
+                    "leave max_batch_size at 0"
+                )
+            config.model_transaction_policy = ModelTransactionPolicy(decoupled=True)
+            if not config.input:
+                config.input = [
+                    _tensor("text_input", "TYPE_STRING", [1]),
+                    _tensor("stream", "TYPE_BOOL", [1], optional=True),
+                    _tensor("sampling_parameters", "TYPE_STRING", [1], optional=True),
+                    _tensor("exclude_input_in_output", "TYPE_BOOL", [1], optional=True),
+                ]
+            if not config.output:
+                config.output = [_tensor("text_output", "TYPE_STRING", [-1])]
+        else:
+            if not config.max_batch_size:
+                config.max_batch_size = DEFAULT_EMBED_BATCH
+            if not config.input:
+                config.input = [_tensor("text_input", "TYPE_STRING", [1])]
+            if not config.output:
+                config.output = [_tensor("embedding", "TYPE_FP32", [-1]), _tensor("token_count", "TYPE_INT32", [1])]
+        return config
+
+    @classmethod
+    def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
+        from transformers import AutoConfig
+
+        folder = model_folder(config, version_dir)
+        try:
+            AutoConfig.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(f"{folder / 'config.json'}: transformers cannot read it: {exc}") from None
+
+    def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
+        super().__init__(config, version_dir, device)
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+        from backends.transformers import paged_attention
+
+        self._torch = torch
+        self.task = config.parameters.get("task") or detect_task(config, model_folder(config, version_dir))
+        folder = model_folder(config, version_dir)
+        self.torch_device = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
+        default_dtype = "bfloat16" if self.torch_device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, config.parameters.get("dtype") or default_dtype)
+        with _LOAD_LOCK:
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+                if self.task == "generate":
+                    self.model = AutoModelForCausalLM.from_pretrained(
+                        folder,
+                        local_files_only=True,
+                        dtype=self.dtype,
+                        attn_implementation=paged_attention.ATTENTION_NAME,
+                    )
+                else:
+                    self.model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=self.dtype)
+            except Exception as exc:
+                raise ModelLoadError(
+                    f"{folder}: transformers cannot load the model: {type(exc).__name__}: {exc}"
+                ) from None
+            self.model.to(self.torch_device).eval()
+        self._paged = paged_attention
+        self._cache: Any = None
+        text_config = self.model.config.get_text_config()
+        self._layers = int(text_config.num_hidden_layers)
+        heads = int(text_config.num_attention_heads)
+        self._kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+        self._head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+        self._max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
+        vocab = len(self.tokenizer)
+        self._pad_id = 0 if self.tokenizer.pad_token_id != 0 else min(1, vocab - 1)
+
+    # -- generation ----------------------------------------------------------------------------------------------
+    @property
+    def generates(self) -> bool:
+        return self.task == "generate"
+
+    @property
+    def max_model_len(self) -> int:
+        return self._max_positions
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
+
+    def kv_bytes_per_token(self) -> int:
+        element = self._torch.tensor([], dtype=self.dtype).element_size()
+        return 2 * self._layers * self._kv_heads * self._head_dim * element
+
+    def allocate_kv_cache(self, num_slots: int) -> None:
+        self._cache = self._paged.PagedKVCache(
+            self._layers, num_slots, self._kv_heads, self._head_dim, self.dtype, self.torch_device
+        )
+
+    def forward(self, batch: StepBatch) -> Any:
+        if self._cache is None:
+            raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
+        step = self._paged.StepTensors.build(batch, self._cache, self._pad_id, self.torch_device)
+        with self._torch.inference_mode():
+            output = self.model(
+                input_ids=step.input_ids,
+                position_ids=step.position_ids,
+                use_cache=False,
+                logits_to_keep=1,
+                **{self._paged.STEP_ARGUMENT: step},
+            )
+        return output.logits[:, -1, :].float().cpu()
+
+    # -- embeddings ----------------------------------------------------------------------------------------------
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        if self.task == "generate":
+            return super().execute(inputs, output_names)
+        texts = []
+        for item in inputs["text_input"].reshape(-1):
+            try:
+                texts.append(item.decode() if isinstance(item, bytes) else str(item))
+            except UnicodeDecodeError:
+                raise InvalidInput("input 'text_input' is not valid UTF-8") from None
+        torch = self._torch
+        limit = min(self._max_positions, getattr(self.tokenizer, "model_max_length", self._max_positions))
+        encoded = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        encoded = {k: v.to(self.torch_device) for k, v in encoded.items()}
+        with torch.inference_mode():
+            hidden = self.model(**encoded).last_hidden_state.float()
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+        pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        counts = encoded["attention_mask"].sum(dim=1, keepdim=True).to(torch.int32)
+        return {"embedding": pooled.cpu().numpy(), "token_count": counts.cpu().numpy()}
+
+    def unload(self) -> None:
+        self._cache = None
+        self.model = None
+        if self.torch_device.type == "cuda":
+            self._torch.cuda.empty_cache()

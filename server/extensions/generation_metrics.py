@@ -1,0 +1,126 @@
+"""What the generation engine records for Prometheus: latency to the first token and between tokens, token
+counts, and how full the engine is.
+
+The engine thread records and scrapes read, so every update and read takes the lock. The metric names follow
+vLLM's (under ``modeldock_llm_``), so dashboards built for vLLM need only the prefix changed.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
+TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+
+
+@dataclass
+class _Histogram:
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.total += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative, out = 0, []
+        for bound, count in zip((*map(str, self.bounds), "+Inf"), self.counts, strict=True):
+            cumulative += count
+            out.append((bound, float(cumulative)))
+        return out
+
+
+class GenerationStats:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.time_to_first_token = _Histogram(TTFT_BUCKETS)
+        self.time_per_output_token = _Histogram(TPOT_BUCKETS)
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.finished = 0
+        self.aborted = 0
+        self.preempted = 0
+        self.running = 0
+        self.waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def record_first_token(self, seconds: float, prompt_tokens: int) -> None:
+        with self._lock:
+            self.time_to_first_token.observe(seconds)
+            self.prompt_tokens += prompt_tokens
+            self.generation_tokens += 1
+
+    def record_output_token(self, seconds: float) -> None:
+        with self._lock:
+            self.time_per_output_token.observe(seconds)
+            self.generation_tokens += 1
+
+    def record_finished(self, output_tokens: int) -> None:
+        with self._lock:
+            self.finished += 1
+
+    def record_aborted(self, count: int) -> None:
+        with self._lock:
+            self.aborted += count
+
+    def record_preempted(self) -> None:
+        with self._lock:
+            self.preempted += 1
+
+    def update_queue(self, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
+        with self._lock:
+            self.running, self.waiting = running, waiting
+            if kv_cache_usage is not None:
+                self.kv_cache_usage = kv_cache_usage
+
+
+def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Iterator[Metric]:
+    """The engine metric families for every generating model version, as ``(name, version, stats)``."""
+    labels = ["model", "version"]
+    ttft = HistogramMetricFamily(
+        "modeldock_llm_time_to_first_token_seconds", "Time from arrival to the first output token", labels=labels
+    )
+    tpot = HistogramMetricFamily(
+        "modeldock_llm_time_per_output_token_seconds", "Time between consecutive output tokens", labels=labels
+    )
+    counters = {
+        "prompt_tokens": CounterMetricFamily("modeldock_llm_prompt_tokens", "Prompt tokens prefilled", labels=labels),
+        "generation_tokens": CounterMetricFamily(
+            "modeldock_llm_generation_tokens", "Output tokens generated", labels=labels
+        ),
+        "finished": CounterMetricFamily("modeldock_llm_requests_finished", "Sequences that finished", labels=labels),
+        "aborted": CounterMetricFamily(
+            "modeldock_llm_requests_aborted", "Sequences aborted because their client left", labels=labels
+        ),
+        "preempted": CounterMetricFamily(
+            "modeldock_llm_preemptions", "Sequences preempted for lack of KV cache blocks", labels=labels
+        ),
+    }
+    gauges = {
+        "running": GaugeMetricFamily("modeldock_llm_requests_running", "Sequences in the running batch", labels=labels),
+        "waiting": GaugeMetricFamily(
+            "modeldock_llm_requests_waiting", "Sequences waiting to be admitted", labels=labels
+        ),
+        "kv_cache_usage": GaugeMetricFamily(
+            "modeldock_llm_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1)", labels=labels
+        ),
+    }
+    for name, version, stats in models:
+        with stats._lock:
+            ttft.add_metric([name, version], stats.time_to_first_token.buckets(), stats.time_to_first_token.total)
+            tpot.add_metric([name, version], stats.time_per_output_token.buckets(), stats.time_per_output_token.total)
+            for attribute, family in {**counters, **gauges}.items():
+                family.add_metric([name, version], float(getattr(stats, attribute)))
+    yield ttft
+    yield tpot
+    yield from counters.values()
+    yield from gauges.values()

@@ -1,0 +1,369 @@
+"""The generation engine: continuous (iteration-level) batching over a paged KV cache.
+
+Each step either prefills newly admitted sequences or decodes one token for every running sequence, so a new
+request joins at the next step instead of waiting for a batch to finish, and a finished one leaves at once. A
+sequence is admitted only when the cache has blocks for its tokens; when a running sequence needs a block and none
+is free, the most recently admitted one is preempted (its blocks freed, its tokens recomputed when it is admitted
+again), so the oldest requests always make progress. A client that leaves aborts its sequence before the next step.
+
+The model runs on one thread per engine; the event loop only hands requests in and takes chunks out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from backends.base import GenerativeBackend, StepBatch
+from server.config import ModelConfig
+from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady
+from server.extensions.generation_metrics import GenerationStats
+from server.scheduling.generation.detokenizer import IncrementalDetokenizer
+from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
+from server.scheduling.generation.requests import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
+from server.scheduling.generation.sampling import SequenceSampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NUM_SEQS = 64
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_KV_CACHE_MB = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    """The engine's limits, from the model config's ``parameters``."""
+
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int
+    # Padded prompt tokens one prefill step may run (at least one sequence always runs).
+    max_num_batched_tokens: int
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, backend: GenerativeBackend) -> EngineLimits:
+        max_model_len = config.int_parameter("max_model_len", minimum=2) or backend.max_model_len
+        if max_model_len > backend.max_model_len:
+            raise ConfigError(
+                f"model '{config.name}': parameters.max_model_len {max_model_len} exceeds the model's "
+                f"{backend.max_model_len} positions"
+            )
+        block_size = config.int_parameter("kv_block_size", minimum=1) or DEFAULT_BLOCK_SIZE
+        max_num_seqs = config.int_parameter("max_num_seqs", minimum=1) or DEFAULT_MAX_NUM_SEQS
+        blocks_per_seq = -(-max_model_len // block_size)
+        num_blocks = config.int_parameter("kv_cache_blocks", minimum=1)
+        if num_blocks is None:
+            budget = (config.int_parameter("kv_cache_memory_mb", minimum=1) or DEFAULT_KV_CACHE_MB) << 20
+            affordable = budget // max(1, backend.kv_bytes_per_token() * block_size)
+            num_blocks = max(blocks_per_seq, min(affordable, blocks_per_seq * max_num_seqs))
+        if num_blocks < blocks_per_seq:
+            raise ConfigError(
+                f"model '{config.name}': parameters.kv_cache_blocks {num_blocks} cannot hold one sequence of "
+                f"max_model_len {max_model_len} ({blocks_per_seq} blocks of {block_size} tokens)"
+            )
+        batched = config.int_parameter("max_num_batched_tokens", minimum=1) or max(2048, max_model_len)
+        return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched)
+
+
+_Delivery = Callable[[GenerationOutput | BaseException], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    max_tokens: int
+    deliver: _Delivery
+    sampler: SequenceSampler
+    detokenizer: IncrementalDetokenizer
+    arrival: float
+    output_ids: list[int] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    # Tokens whose KV is in the cache; a preempted sequence drops back to 0 and is prefilled again.
+    computed: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+class GenerationEngine:
+    def __init__(self, name: str, backend: GenerativeBackend, limits: EngineLimits, stats: GenerationStats) -> None:
+        self.name = name
+        self.backend = backend
+        self.limits = limits
+        self.stats = stats
+        self.tokenizer = backend.tokenizer
+        self.blocks = BlockAllocator(limits.num_blocks, limits.block_size)
+        backend.allocate_kv_cache(limits.num_blocks * limits.block_size)
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._incoming: list[Sequence] = []
+        self._aborted: set[int] = set()
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"generate-{name}", daemon=True)
+        self._thread.start()
+
+    # -- the event loop's side ---------------------------------------------------------------------------------
+    @property
+    def load(self) -> int:
+        """Sequences this engine holds, for choosing the least busy engine of a model."""
+        return len(self._running) + len(self._waiting) + len(self._incoming)
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        """Tokenize a request's prompt (blocking: call it off the event loop)."""
+        if request.prompt_token_ids is not None:
+            vocab = len(self.tokenizer)
+            bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
+            if bad:
+                raise InvalidInput(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
+            return list(request.prompt_token_ids)
+        if request.messages is not None:
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidInput(f"model '{self.name}' has no chat template; use a completion prompt instead")
+            try:
+                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+            except Exception as exc:  # a template error is the messages' fault (roles, content shapes)
+                raise InvalidInput(f"messages cannot be rendered with the chat template: {exc}") from None
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return list(self.tokenizer.encode(request.prompt or ""))
+
+    def check_lengths(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
+        """The number of tokens the request may generate; refuses prompts that leave no room."""
+        limit = self.limits.max_model_len
+        if not prompt_ids:
+            raise InvalidInput("the prompt is empty")
+        room = limit - len(prompt_ids)
+        if room < 1:
+            raise InvalidInput(
+                f"the prompt has {len(prompt_ids)} tokens; model '{self.name}' takes at most {limit} tokens in all "
+                "(prompt and output)"
+            )
+        if sampling.max_tokens is None:
+            return room
+        if sampling.max_tokens > room:
+            raise InvalidInput(
+                f"max_tokens {sampling.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
+                f"max_model_len {limit} of model '{self.name}'"
+            )
+        return sampling.max_tokens
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
+        """Chunks of the completion as they are produced; closing the iterator aborts the sequence."""
+        if self._stopping:
+            raise ModelNotReady(f"model '{self.name}' is unloading")
+        prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
+        max_tokens = self.check_lengths(prompt_ids, request.sampling)
+        loop = asyncio.get_running_loop()
+        outbox: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+
+        def deliver(item: GenerationOutput | BaseException) -> None:
+            try:
+                loop.call_soon_threadsafe(outbox.put_nowait, item)
+            except RuntimeError:  # the event loop closed while the request ran
+                pass
+
+        sequence = Sequence(
+            id=next(self._ids),
+            prompt_ids=prompt_ids,
+            sampling=request.sampling,
+            max_tokens=max_tokens,
+            deliver=deliver,
+            sampler=SequenceSampler(request.sampling, prompt_ids),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
+            arrival=time.monotonic(),
+        )
+        with self._wake:
+            self._incoming.append(sequence)
+            self._wake.notify()
+        self.stats.update_queue(len(self._running), len(self._waiting) + len(self._incoming))
+        finished = False
+        try:
+            while True:
+                item = await outbox.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.abort(sequence.id)
+
+    def abort(self, sequence_id: int) -> None:
+        with self._wake:
+            self._aborted.add(sequence_id)
+            self._wake.notify()
+
+    def stop(self) -> None:
+        """End the step loop; sequences still held are failed. Callers drain first (the scheduler does)."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join()
+
+    # -- the engine thread ----------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not (self._stopping or self._incoming or self._aborted or self._waiting or self._running):
+                    self._wake.wait()
+                if self._stopping:
+                    break
+                self._waiting.extend(self._incoming)
+                self._incoming.clear()
+                aborted, self._aborted = self._aborted, set()
+            if aborted:
+                self._drop(aborted)
+            try:
+                self._step()
+            except Exception as exc:  # a model failure fails the sequences of this step, not the engine
+                log.exception("model '%s': generation step failed", self.name)
+                error = exc if isinstance(exc, ModelDockError) else BackendError(f"{type(exc).__name__}: {exc}")
+                for sequence in list(self._running):
+                    self._retire(sequence, error=error)
+            self.stats.update_queue(len(self._running), len(self._waiting), self.blocks.usage)
+        error = ModelNotReady(f"model '{self.name}' was unloaded")
+        for sequence in [*self._running, *self._waiting, *self._incoming]:
+            self.blocks.release(sequence.block_table)
+            sequence.deliver(error)
+
+    def _drop(self, ids: set[int]) -> None:
+        for sequence in [s for s in self._running if s.id in ids]:
+            self._retire(sequence, reason="abort", notify=False)
+        self._waiting = deque(s for s in self._waiting if s.id not in ids)
+        self.stats.record_aborted(len(ids))
+
+    def _step(self) -> None:
+        admitted = self._admit()
+        if admitted:
+            self._run(admitted)
+        elif self._running:
+            self._reserve_decode_blocks()
+            self._run(self._running)
+
+    def _admit(self) -> list[Sequence]:
+        """Move waiting sequences into the running set while seats, blocks and the prefill budget allow."""
+        admitted: list[Sequence] = []
+        longest = 0
+        while self._waiting and len(self._running) < self.limits.max_num_seqs:
+            sequence = self._waiting[0]
+            tokens = len(sequence.token_ids)
+            padded = (len(admitted) + 1) * max(longest, tokens)
+            if admitted and padded > self.limits.max_num_batched_tokens:
+                break
+            # Room for the prompt and the first generated token, so a new sequence is not preempted at once.
+            if not self.blocks.can_allocate(self.blocks.blocks_for(tokens + 1)):
+                break
+            self.blocks.grow(sequence.block_table, tokens)
+            self._waiting.popleft()
+            self._running.append(sequence)
+            admitted.append(sequence)
+            longest = max(longest, tokens)
+        return admitted
+
+    def _reserve_decode_blocks(self) -> None:
+        """Give every running sequence room for its next token, preempting the newest ones if the cache is full."""
+        index = 0
+        while index < len(self._running):
+            sequence = self._running[index]
+            try:
+                self.blocks.grow(sequence.block_table, len(sequence.token_ids))
+            except OutOfBlocks:
+                victim = self._running.pop()
+                self.blocks.release(victim.block_table)
+                victim.computed = 0
+                self._waiting.appendleft(victim)
+                self.stats.record_preempted()
+                continue  # retry the same sequence (unless it was the victim) with the freed blocks
+            index += 1
+
+    def _run(self, sequences: list[Sequence]) -> None:
+        batch = StepBatch(
+            token_ids=[s.token_ids[s.computed :] for s in sequences],
+            start=[s.computed for s in sequences],
+            write_slots=[self.blocks.slots(s.block_table, s.computed, len(s.token_ids)) for s in sequences],
+            read_slots=[self.blocks.slots(s.block_table, 0, len(s.token_ids)) for s in sequences],
+        )
+        logits = self.backend.forward(batch)
+        now = time.monotonic()
+        # A copy: retiring a sequence removes it from the running list, which may be the list being stepped.
+        for row, sequence in enumerate(list(sequences)):
+            sequence.computed = len(sequence.token_ids)
+            self._advance(sequence, logits[row], now)
+
+    def _advance(self, sequence: Sequence, logits: object, now: float) -> None:
+        params = sequence.sampling
+        stops = set(params.stop_token_ids)
+        eos = [] if params.ignore_eos else self.backend.eos_token_ids
+        banned = [*eos, *stops] if len(sequence.output_ids) < params.min_tokens else []
+        token = sequence.sampler.choose(logits, banned)  # type: ignore[arg-type]
+        sequence.output_ids.append(token)
+        sequence.sampler.record(token)
+        if sequence.first_token_at is None:
+            sequence.first_token_at = now
+            self.stats.record_first_token(now - sequence.arrival, len(sequence.prompt_ids))
+        else:
+            self.stats.record_output_token(now - (sequence.last_token_at or now))
+        sequence.last_token_at = now
+        reason: FinishReason | None = None
+        text = ""
+        if token in stops or token in eos:
+            reason = "stop"
+        else:
+            text, stopped = sequence.detokenizer.add(token)
+            if stopped:
+                reason = "stop"
+        if reason is None and (
+            len(sequence.output_ids) >= sequence.max_tokens or len(sequence.token_ids) >= self.limits.max_model_len
+        ):
+            reason = "length"
+        if reason is None:
+            sequence.deliver(self._output(sequence, text, [token]))
+            return
+        text += sequence.detokenizer.flush()
+        self._retire(sequence, reason=reason, last=(text, [token]))
+
+    def _output(
+        self, sequence: Sequence, text: str, tokens: list[int], reason: FinishReason | None = None
+    ) -> GenerationOutput:
+        return GenerationOutput(
+            text=text,
+            token_ids=tokens,
+            finished=reason is not None,
+            finish_reason=reason,
+            prompt_tokens=len(sequence.prompt_ids),
+            completion_tokens=len(sequence.output_ids),
+        )
+
+    def _retire(
+        self,
+        sequence: Sequence,
+        reason: FinishReason = "abort",
+        last: tuple[str, list[int]] = ("", []),
+        error: BaseException | None = None,
+        notify: bool = True,
+    ) -> None:
+        self._running.remove(sequence)
+        self.blocks.release(sequence.block_table)
+        if error is not None:
+            sequence.deliver(error)
+        elif notify:
+            sequence.deliver(self._output(sequence, *last, reason=reason))
+        if error is None and reason != "abort":
+            self.stats.record_finished(len(sequence.output_ids))
