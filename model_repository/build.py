@@ -148,7 +148,9 @@ def build_language_models(out: Path) -> list[Path]:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("note: transformers is not installed; tiny_gpt and tiny_embedder not rebuilt (pip install 'modeldock[llm]')")
+        print(
+            "note: transformers is not installed; tiny_gpt and tiny_embedder not rebuilt (pip install 'modeldock[llm]')"
+        )
         return []
     from model_repository.language_models import build_causal_lm, build_encoder
 

@@ -120,11 +120,10 @@ class EventStreamResponse(Response):
 
     def __init__(self, events: AsyncIterator[bytes], source: AsyncIterator[object]) -> None:
         """``source`` is what ``events`` reads from; it is closed too, even when ``events`` never started."""
-        super().__init__(
-            status_code=200,
-            media_type=self.media_type,
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        # No ``body``, so no Content-Length: the length of a stream is not known up front.
+        self.status_code = 200
+        self.background = None
+        self.init_headers({"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.events = events
         self.source = source
 
