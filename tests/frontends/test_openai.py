@@ -26,8 +26,9 @@ from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 GPT = "tiny_gpt"
 EMBEDDER = "tiny_embedder"
 EMBED_MAX_BATCH = 4
-# Long enough that a sequence streamed to a client that leaves is still far from done when it leaves.
 MAX_MODEL_LEN = 1024
+# Far more tokens than a client that leaves after a few chunks has seen.
+LONG_ANSWER = MAX_MODEL_LEN - 64
 
 
 @pytest.fixture(scope="module")
@@ -379,9 +380,10 @@ def wait_for_gauge(server: ServerProcess, name: str, value: float, timeout: floa
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
 def test_client_leaving_mid_stream_frees_its_sequence(llm_server: ServerProcess, path: str) -> None:
     assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0) == 0
+    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total")
+    generated = llm_gauge(llm_server, "modeldock_llm_generation_tokens_total")
     prompt: dict[str, Any] = {"messages": MESSAGES} if "chat" in path else {"prompt": PROMPT}
-    max_tokens = MAX_MODEL_LEN - 64
-    body = {"model": GPT, **prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+    body = {"model": GPT, **prompt, "max_tokens": LONG_ANSWER, "stream": True, "ignore_eos": True}
     chunks = 0
     with httpx.stream("POST", f"{llm_server.url}{path}", json=body, timeout=60) as response:
         assert response.status_code == 200
@@ -391,24 +393,38 @@ def test_client_leaving_mid_stream_frees_its_sequence(llm_server: ServerProcess,
             if chunks == 3:
                 assert llm_gauge(llm_server, "modeldock_llm_requests_running") == 1
                 break
-    # The connection is closed: the sequence is aborted long before its max_tokens would be generated.
-    started = time.monotonic()
+    # The connection is closed: the engine aborts the sequence instead of generating its LONG_ANSWER tokens.
     assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, timeout=5) == 0
-    assert time.monotonic() - started < 5
+    assert wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1) == aborted + 1
+    assert llm_gauge(llm_server, "modeldock_llm_generation_tokens_total") - generated < LONG_ANSWER / 2
 
 
 async def test_async_client_closing_a_stream_frees_its_sequence(
     async_client: openai.AsyncOpenAI, llm_server: ServerProcess
 ) -> None:
+    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total")
     stream = await async_client.completions.create(
-        model=GPT, prompt=PROMPT, max_tokens=MAX_MODEL_LEN - 64, stream=True, extra_body={"ignore_eos": True}
+        model=GPT, prompt=PROMPT, max_tokens=LONG_ANSWER, stream=True, extra_body={"ignore_eos": True}
     )
     async for _ in stream:
         break
     await stream.close()
     gauge = await asyncio.to_thread(wait_for_gauge, llm_server, "modeldock_llm_requests_running", 0, 5)
     assert gauge == 0
+    aborted_now = await asyncio.to_thread(
+        wait_for_gauge, llm_server, "modeldock_llm_requests_aborted_total", aborted + 1
+    )
+    assert aborted_now == aborted + 1
     await async_client.close()
+
+
+def test_client_leaving_before_a_whole_answer_frees_its_sequence(llm_server: ServerProcess) -> None:
+    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total")
+    body = {"model": GPT, "prompt": PROMPT, "max_tokens": LONG_ANSWER, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{llm_server.url}/v1/completions", json=body, timeout=0.3)
+    assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, timeout=5) == 0
+    assert wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1) == aborted + 1
 
 
 # -- API key -------------------------------------------------------------------------------------------------------
