@@ -12,10 +12,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server.core import InferenceServer
-from server.errors import ModelDockError
+from server.errors import ModelDockError, Unauthorized
 from server.frontends.openai.errors import (
     OpenAIRequestError,
-    Unauthorized,
     error_response,
     field_error,
     plain_error_response,

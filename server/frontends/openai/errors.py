@@ -10,7 +10,7 @@ import orjson
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.errors import InvalidInput, ModelDockError, ModelNotFound
+from server.errors import InvalidInput, ModelDockError, ModelNotFound, Unauthorized
 from server.frontends.openai.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -22,12 +22,6 @@ class OpenAIRequestError(InvalidInput):
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
-
-
-class Unauthorized(ModelDockError):
-    """The API key is missing or wrong."""
-
-    http_status = 401
 
 
 def field_error(exc: ValidationError, rename: dict[str, str] | None = None) -> OpenAIRequestError:

@@ -57,6 +57,8 @@ class OpenAIServingChat(ServingEngine):
         self.check_model(request.model)
         if request.tools:
             raise OpenAIRequestError("'tools' are not supported by this server", "tools")
+        if request.logprobs or request.top_logprobs:
+            raise OpenAIRequestError("'logprobs' is not supported by this server", "logprobs")
         max_tokens, max_field = request.max_completion_tokens, "max_completion_tokens"
         if max_tokens is None:
             max_tokens, max_field = request.max_tokens, "max_tokens"

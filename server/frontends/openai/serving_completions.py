@@ -47,6 +47,8 @@ class OpenAIServingCompletion(ServingEngine):
 
     async def create(self, request: CompletionRequest, receive: Receive) -> Response:
         self.check_model(request.model)
+        if request.logprobs is not None:
+            raise OpenAIRequestError("'logprobs' is not supported by this server", "logprobs")
         if request.suffix is not None:
             raise OpenAIRequestError("'suffix' is not supported by this server", "suffix")
         if request.best_of is not None and request.best_of != request.n:

@@ -79,8 +79,6 @@ class ServingEngine:
 
     @staticmethod
     def sampling(request: SamplingFields, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
-        if request.logprobs:  # type: ignore[attr-defined]
-            raise OpenAIRequestError("'logprobs' is not supported by this server", "logprobs")
         values: dict[str, Any] = {
             name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None
         }
