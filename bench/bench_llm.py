@@ -87,7 +87,8 @@ class LevelResult:
     clients: int
     wall: float
     timings: list[RequestTiming] = field(default_factory=list)
-    note: str = ""
+    # Requests that got no answer (an error status, or a stream without text); left out of every number.
+    failed: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -160,10 +161,13 @@ async def stream_one(
     sent = time.perf_counter()
     first = last = None
     tokens = chunks = 0
+    seen: list[str] = []
     async with client.stream("POST", url, json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"{url}: {response.status_code} {(await response.aread())[:300]!r}")
         async for line in response.aiter_lines():
+            if line:
+                seen = [*seen[-3:], line]
             if not line.startswith("data: {"):
                 continue
             event = json.loads(line[6:])
@@ -174,27 +178,36 @@ async def stream_one(
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
     if first is None or last is None:
-        raise RuntimeError(f"{url}: no text streamed")
+        raise RuntimeError(f"{url}: no text streamed; the stream ended with {seen}")
     return RequestTiming(first - sent, tokens or chunks, last - first)
 
 
 async def closed_loop(
     url: str, model: str, requests: list[BenchRequest], clients: int, extra: dict[str, Any]
-) -> tuple[float, list[Any]]:
+) -> tuple[float, list[RequestTiming], list[str]]:
     queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
     for request in requests:
         queue.put_nowait(request)
     timings: list[RequestTiming] = []
+    failures: list[str] = []
     limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
     async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
 
         async def worker() -> None:
             while not queue.empty():
-                timings.append(await stream_one(client, url, model, queue.get_nowait(), extra))
+                try:
+                    timings.append(await stream_one(client, url, model, queue.get_nowait(), extra))
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-    return time.perf_counter() - start, timings
+    return time.perf_counter() - start, timings, failures
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """torch's intra-op threads for a server process, as ``torch.set_num_threads`` sets them in this one."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
@@ -223,6 +236,7 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 
 def run_http_system(
     system: str,
+    threads: int,
     command: list[str],
     ready_url: str,
     completions_url: str,
@@ -233,7 +247,8 @@ def run_http_system(
 ) -> list[LevelResult]:
     log = workdir / f"{system}.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **OFFLINE_ENV})
+        env = {**os.environ, **OFFLINE_ENV, **thread_env(threads)}
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     results = []
     try:
         wait_http(ready_url, process, 300, log)
@@ -241,8 +256,10 @@ def run_http_system(
         asyncio.run(closed_loop(completions_url, model, [BenchRequest("Hello there", 4)] * 2, 2, extra))
         for clients, requests in workloads.items():
             console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
-            wall, timings = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
-            results.append(LevelResult(system, clients, wall, timings))
+            wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
+            for failure in failures[:3]:
+                console.print(f"[red]  {system}: request failed: {failure}[/red]")
+            results.append(LevelResult(system, clients, wall, timings, failed=len(failures)))
     except Exception as exc:  # one system failing must not lose the others' numbers
         console.print(f"[red]{system} failed: {type(exc).__name__}: {exc}[/red]\n{log.read_text()[-2000:]}")
     finally:
@@ -265,6 +282,7 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
     base = f"http://127.0.0.1:{port}"
     return run_http_system(
         "modeldock",
+        args.threads,
         command,
         f"{base}/v2/models/{MODEL}/ready",
         f"{base}/v1/completions",
@@ -275,7 +293,9 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
     )
 
 
-def run_transformers_serve(folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path) -> list[Any]:
+def run_transformers_serve(
+    folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, threads: int
+) -> list[Any]:
     executable = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if executable is None:
         console.print("[yellow]transformers CLI not found; skipping transformers serve[/yellow]")
@@ -285,7 +305,7 @@ def run_transformers_serve(folder: Path, workloads: dict[int, list[BenchRequest]
     command += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
     base = f"http://127.0.0.1:{port}"
     return run_http_system(
-        "hf_serve_cb", command, f"{base}/health", f"{base}/v1/completions", str(folder), workloads, workdir, {}
+        "hf_serve_cb", threads, command, f"{base}/health", f"{base}/v1/completions", str(folder), workloads, workdir, {}
     )
 
 
@@ -355,13 +375,14 @@ def run_in_process(
 # -- report ---------------------------------------------------------------------------------------------------------
 def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> None:
     table = Table(title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}")
-    for column in ("system", "clients", "requests", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms"):
+    for column in ("system", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms"):
         table.add_column(column, justify="right" if column != "system" else "left")
     for r in sorted(results, key=lambda r: (r.clients, r.system)):
         table.add_row(
             r.system,
             str(r.clients),
             str(len(r.timings)),
+            str(r.failed),
             f"{r.tokens_per_s:.1f}",
             f"{r.ttft(0.5):.2f}",
             f"{r.ttft(0.99):.2f}",
@@ -391,6 +412,7 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> 
                 "system": r.system,
                 "clients": r.clients,
                 "requests": len(r.timings),
+                "failed": r.failed,
                 "output_tokens_per_s": r.tokens_per_s,
                 "ttft_p50_s": r.ttft(0.5),
                 "ttft_p99_s": r.ttft(0.99),
@@ -418,6 +440,13 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=50257, help="upper bound; the small corpus yields fewer")
     parser.add_argument("--max-model-len", type=int, default=1024)
     parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every system (1 suits a small or shared machine: spinning threads on busy cores "
+        "slow torch down many times over)",
+    )
     parser.add_argument("--target-clients", type=int, default=16, help="the level the targets are checked at")
     parser.add_argument("--skip", default="", help="comma-separated systems to leave out")
     parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
@@ -431,7 +460,10 @@ def main() -> None:
     levels = [int(v) for v in args.levels.split(",")]
     baseline_levels = [int(v) for v in args.baseline_levels.split(",")]
 
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_llm_"))
     try:
@@ -448,9 +480,10 @@ def main() -> None:
         if "modeldock" not in skip:
             results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
         if "hf_serve_cb" not in skip:
-            results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir)
+            results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir, args.threads)
         if not {"hf_sequential", "hf_static"} <= skip:
             model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            timed_generate(model, tokenizer, [BenchRequest("Hello there", 4)])  # warm-up, as for the servers
             for clients in baseline_levels:
                 if "hf_sequential" not in skip:
                     results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))
