@@ -50,6 +50,42 @@ def build_simple() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
 
 
+def build_accumulator(reset_on_start: bool = True) -> onnx.ModelProto:
+    """A running sum kept as implicit state: OUTPUT = INPUT + INPUT_STATE, and OUTPUT_STATE (the new state) = OUTPUT.
+
+    With ``reset_on_start`` the graph also takes the START control input ([batch, 1], 0 or 1) and drops the carried
+    state when it is 1, so a sequence's first request sums from zero whatever its state input holds.
+    """
+    shape = ["batch", 1]
+    inputs = [
+        helper.make_tensor_value_info("INPUT", TensorProto.FLOAT, shape),
+        helper.make_tensor_value_info("INPUT_STATE", TensorProto.FLOAT, shape),
+    ]
+    if reset_on_start:
+        inputs.append(helper.make_tensor_value_info("START", TensorProto.FLOAT, shape))
+        nodes = [
+            helper.make_node("Sub", ["ONE", "START"], ["KEEP"]),
+            helper.make_node("Mul", ["INPUT_STATE", "KEEP"], ["CARRIED"]),
+            helper.make_node("Add", ["INPUT", "CARRIED"], ["OUTPUT"]),
+        ]
+        initializers = [numpy_helper.from_array(np.ones((1, 1), dtype=np.float32), "ONE")]
+    else:
+        nodes = [helper.make_node("Add", ["INPUT", "INPUT_STATE"], ["OUTPUT"])]
+        initializers = []
+    nodes.append(helper.make_node("Identity", ["OUTPUT"], ["OUTPUT_STATE"]))
+    graph = helper.make_graph(
+        nodes,
+        "accumulator",
+        inputs,
+        [
+            helper.make_tensor_value_info("OUTPUT", TensorProto.FLOAT, shape),
+            helper.make_tensor_value_info("OUTPUT_STATE", TensorProto.FLOAT, shape),
+        ],
+        initializer=initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
+
+
 MLP_FEATURES = 256
 MLP_HIDDEN = 1024
 MLP_CLASSES = 10
@@ -127,7 +163,8 @@ def build_torch_mlp(path: Path, seed: int = 0) -> bool:
 
 def build(out: Path = HERE) -> list[Path]:
     written = []
-    for name, model in (("simple", build_simple()), ("mlp_classifier", build_mlp())):
+    models = (("simple", build_simple()), ("mlp_classifier", build_mlp()), ("accumulator", build_accumulator()))
+    for name, model in models:
         path = out / name / "1" / "model.onnx"
         _save(model, path)
         written.append(path)

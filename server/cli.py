@@ -18,11 +18,16 @@ except ImportError:
     uvloop = None  # type: ignore[assignment]
 
 from server.core import ModelControlMode
+from server.errors import ConfigError, ModelDockError
 from server.extensions.log_settings import LOG_LEVELS
+from server.extensions.tracing import TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.frontends.openai.app import API_KEY_ENV
+from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
+from server.protocol.limits import RequestLimits
 from server.repository.validate import validate_repositories
 from server.runtime import ServeSettings, serve
+from server.scheduling.response_cache import parse_cache_config
 
 app = typer.Typer(
     name="modeldock",
@@ -71,10 +76,67 @@ def serve_command(
             help="Require 'Authorization: Bearer KEY' on the OpenAI-compatible routes (/v1).",
         ),
     ] = None,
+    cache_config: Annotated[
+        list[str],
+        typer.Option(
+            "--cache-config",
+            help="Response cache, as Triton: local,size=<bytes> (models opt in with response_cache: {enable: true}).",
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    http_restricted_api: Annotated[
+        list[str],
+        typer.Option(
+            "--http-restricted-api",
+            help="GROUP[,GROUP...]:HEADER=VALUE: these API groups need the header (repeatable). Groups: "
+            + ", ".join(g.value for g in ApiGroup),
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    grpc_restricted_protocol: Annotated[
+        list[str],
+        typer.Option("--grpc-restricted-protocol", help="GROUP[,GROUP...]:HEADER=VALUE, as --http-restricted-api."),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    http_max_body_bytes: Annotated[
+        int, typer.Option("--http-max-body-bytes", min=1, help="Largest HTTP request body, in bytes (413 beyond).")
+    ] = RequestLimits.http_max_body_bytes,
+    max_header_bytes: Annotated[
+        int, typer.Option("--max-header-bytes", min=1024, help="Largest HTTP headers / gRPC metadata, in bytes.")
+    ] = RequestLimits.max_header_bytes,
+    max_inputs: Annotated[
+        int, typer.Option("--max-inputs", min=1, help="Most input tensors in one inference request.")
+    ] = RequestLimits.max_inputs,
+    max_tensor_elements: Annotated[
+        int, typer.Option("--max-tensor-elements", min=1, help="Most elements in one input tensor.")
+    ] = RequestLimits.max_tensor_elements,
+    request_timeout_secs: Annotated[
+        float,
+        typer.Option(
+            "--request-timeout-secs",
+            min=0,
+            help="Longest an inference request may take end to end (0: unbounded). A hung instance is replaced.",
+        ),
+    ] = 0.0,
+    http_cors_origin: Annotated[
+        list[str],
+        typer.Option("--http-cors-origin", help="Origin allowed to call the HTTP API from a browser (repeatable)."),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    trace_config: Annotated[
+        list[str],
+        typer.Option(
+            "--trace-config",
+            help="Triton's trace settings: level=TIMESTAMPS, rate=N, count=N, opentelemetry,url=URL (repeatable).",
+        ),
+    ] = [],  # noqa: B006 - typer needs a literal default
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="default, ISO8601, or json (one object a line, with request ids).")
+    ] = "default",
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
         raise typer.BadParameter(f"--log-level {log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+    try:
+        cache = parse_cache_config(cache_config)
+    except ConfigError as exc:
+        raise typer.BadParameter(exc.message) from None
     settings = ServeSettings(
         model_repositories=model_repository,
         host=host,
@@ -88,6 +150,24 @@ def serve_command(
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
     settings.openai_api_key = openai_api_key or None
+    settings.cache = cache
+    try:
+        settings.http_restrictions = Restrictions.parse(http_restricted_api, "--http-restricted-api")
+        settings.grpc_restrictions = Restrictions.parse(grpc_restricted_protocol, "--grpc-restricted-protocol")
+    except RestrictionSpecError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    settings.limits = RequestLimits(http_max_body_bytes, max_header_bytes, max_inputs, max_tensor_elements)
+    settings.request_timeout_s = request_timeout_secs
+    settings.cors_origins = http_cors_origin
+    if log_format not in ("default", "ISO8601", "json"):
+        raise typer.BadParameter(f"--log-format {log_format!r}: expected default, ISO8601 or json")
+    settings.log_format = log_format
+    try:
+        settings.trace_config = TraceConfig.parse(trace_config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ModelDockError as exc:
+        raise typer.BadParameter(f"--trace-config: {exc.message}") from None
     if uvloop is not None:
         uvloop.run(serve(settings))
     else:

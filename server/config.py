@@ -144,6 +144,226 @@ class DynamicBatching(_Strict):
         return self
 
 
+class ControlKind(str, Enum):
+    CONTROL_SEQUENCE_START = "CONTROL_SEQUENCE_START"
+    CONTROL_SEQUENCE_READY = "CONTROL_SEQUENCE_READY"
+    CONTROL_SEQUENCE_END = "CONTROL_SEQUENCE_END"
+    CONTROL_SEQUENCE_CORRID = "CONTROL_SEQUENCE_CORRID"
+
+
+# The types Triton accepts for the correlation-id control tensor.
+CORRID_DATATYPES = ("TYPE_UINT64", "TYPE_INT64", "TYPE_UINT32", "TYPE_INT32", "TYPE_STRING")
+# Triton's default for ``max_sequence_idle_microseconds: 0``.
+DEFAULT_SEQUENCE_IDLE_MICROSECONDS = 1_000_000
+
+
+class SequenceControl(_Strict):
+    """One signal the sequence batcher writes into a control input: a false/true pair, or the correlation id."""
+
+    kind: ControlKind
+    int32_false_true: list[int] = Field(default_factory=list)
+    fp32_false_true: list[float] = Field(default_factory=list)
+    bool_false_true: list[bool] = Field(default_factory=list)
+    data_type: str | None = None
+
+    @model_validator(mode="after")
+    def _values_fit_kind(self) -> SequenceControl:
+        lists = [k for k in ("int32_false_true", "fp32_false_true", "bool_false_true") if getattr(self, k)]
+        if self.kind == ControlKind.CONTROL_SEQUENCE_CORRID:
+            if lists:
+                raise FieldProblem(lists[0], "CONTROL_SEQUENCE_CORRID takes data_type, not false/true values")
+            if self.data_type not in CORRID_DATATYPES:
+                raise FieldProblem("data_type", f"CONTROL_SEQUENCE_CORRID needs data_type one of {CORRID_DATATYPES}")
+            return self
+        if self.data_type is not None:
+            raise FieldProblem("data_type", f"only CONTROL_SEQUENCE_CORRID takes a data_type, not {self.kind.value}")
+        if len(lists) != 1:
+            raise ValueError(
+                f"{self.kind.value} needs exactly one of int32_false_true, fp32_false_true, bool_false_true"
+            )
+        if len(getattr(self, lists[0])) != 2:
+            raise FieldProblem(lists[0], "expected two values: [false, true]")
+        return self
+
+    @property
+    def wire_datatype(self) -> str:
+        """The datatype of the tensor this control fills in."""
+        if self.data_type is not None:
+            return CONFIG_TO_WIRE[self.data_type]
+        if self.int32_false_true:
+            return "INT32"
+        return "FP32" if self.fp32_false_true else "BOOL"
+
+    def value(self, flag: bool) -> int | float | bool:
+        """The value written for a false or true signal (START, END, READY)."""
+        pair: list[Any] = self.int32_false_true or self.fp32_false_true or self.bool_false_true
+        return pair[1] if flag else pair[0]
+
+
+class ControlInput(_Strict):
+    name: str = Field(min_length=1)
+    control: list[SequenceControl] = Field(min_length=1)
+
+
+class InitialState(_Strict):
+    """The value of a state on a sequence's first request: zeros, or row-major data from a file in the model
+    folder's ``initial_state/`` directory (as in Triton)."""
+
+    data_type: str
+    dims: list[int]
+    zero_data: bool | None = None
+    data_file: str | None = None
+    name: str = ""
+
+    @field_validator("data_type")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in CONFIG_DATATYPES:
+            raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _fixed_dims(cls, value: list[int]) -> list[int]:
+        if any(d < 1 for d in value):
+            raise ValueError(f"dims {value}: an initial state needs a fixed shape (each dim >= 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> InitialState:
+        if bool(self.zero_data) == bool(self.data_file):
+            raise ValueError("set exactly one of zero_data: true or data_file")
+        return self
+
+
+class SequenceState(_Strict):
+    """Triton's implicit state: the server feeds ``output_name`` of one request back as ``input_name`` of the
+    sequence's next request, so neither is a client-visible tensor."""
+
+    input_name: str = Field(min_length=1)
+    output_name: str = Field(min_length=1)
+    data_type: str
+    dims: list[int]
+    initial_state: list[InitialState] = Field(default_factory=list, max_length=1)
+    use_same_buffer_for_input_output: bool = False
+    use_growable_memory: bool = False
+
+    @field_validator("initial_state", mode="before")
+    @classmethod
+    def _one_or_list(cls, value: Any) -> Any:
+        """A pbtxt ``initial_state: { ... }`` reads as one mapping; Triton's field is a list of them."""
+        return [value] if isinstance(value, dict) else value
+
+    @field_validator("data_type")
+    @classmethod
+    def _known_datatype(cls, value: str) -> str:
+        if value not in CONFIG_DATATYPES:
+            raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
+        return value
+
+    @field_validator("dims")
+    @classmethod
+    def _valid_dims(cls, value: list[int]) -> list[int]:
+        if any(d == 0 or d < -1 for d in value):
+            raise ValueError(f"dims {value}: each must be >= 1, or -1 for a variable size")
+        return value
+
+    @model_validator(mode="after")
+    def _initial_state_fits(self) -> SequenceState:
+        for initial in self.initial_state:
+            if initial.data_type != self.data_type:
+                raise FieldProblem(
+                    "initial_state[0].data_type", f"{initial.data_type} differs from the state's {self.data_type}"
+                )
+            fits = len(initial.dims) == len(self.dims) and all(
+                d in (-1, i) for d, i in zip(self.dims, initial.dims, strict=True)
+            )
+            if not fits:
+                raise FieldProblem("initial_state[0].dims", f"{initial.dims} does not fit the state's dims {self.dims}")
+        return self
+
+    @property
+    def wire_datatype(self) -> str:
+        return CONFIG_TO_WIRE[self.data_type]
+
+
+class SequenceStrategyDirect(_Strict):
+    max_queue_delay_microseconds: int = Field(default=0, ge=0)
+    minimum_slot_utilization: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class SequenceStrategyOldest(_Strict):
+    max_candidate_sequences: int = Field(default=0, ge=0)
+    preferred_batch_size: list[int] = Field(default_factory=list)
+    max_queue_delay_microseconds: int = Field(default=0, ge=0)
+    preserve_ordering: bool = False
+
+    @field_validator("preferred_batch_size")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(size < 1 for size in value):
+            raise ValueError("entries must be >= 1")
+        return value
+
+
+class SequenceBatching(_Strict):
+    """Triton's ``sequence_batching``: every request of one sequence (correlation id) reaches the same batch slot
+    in order, with control inputs and implicit state filled in by the server."""
+
+    max_sequence_idle_microseconds: int = Field(default=0, ge=0)
+    direct: SequenceStrategyDirect | None = None
+    oldest: SequenceStrategyOldest | None = None
+    control_input: list[ControlInput] = Field(default_factory=list)
+    state: list[SequenceState] = Field(default_factory=list)
+    iterative_sequence: bool = False
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SequenceBatching:
+        if self.direct is not None and self.oldest is not None:
+            raise FieldProblem("oldest", "choose one strategy: direct or oldest")
+        if self.iterative_sequence:
+            raise FieldProblem("iterative_sequence", "iterative sequences are not supported")
+        seen_kinds: set[ControlKind] = set()
+        seen_names: set[str] = set()
+        for position, item in enumerate(self.control_input):
+            if item.name in seen_names:
+                raise FieldProblem(f"control_input[{position}].name", f"'{item.name}' is named twice")
+            seen_names.add(item.name)
+            for index, control in enumerate(item.control):
+                if control.kind in seen_kinds:
+                    raise FieldProblem(
+                        f"control_input[{position}].control[{index}].kind", f"{control.kind.value} is given twice"
+                    )
+                seen_kinds.add(control.kind)
+            if len(item.control) > 1:
+                raise FieldProblem(f"control_input[{position}].control", "one control per control input")
+        outputs: set[str] = set()
+        for position, state in enumerate(self.state):
+            if state.input_name in seen_names:
+                raise FieldProblem(
+                    f"state[{position}].input_name", f"'{state.input_name}' is already a control or state input"
+                )
+            seen_names.add(state.input_name)
+            if state.output_name in outputs:
+                raise FieldProblem(f"state[{position}].output_name", f"'{state.output_name}' is named twice")
+            outputs.add(state.output_name)
+        return self
+
+    @property
+    def idle_microseconds(self) -> int:
+        return self.max_sequence_idle_microseconds or DEFAULT_SEQUENCE_IDLE_MICROSECONDS
+
+    @property
+    def server_inputs(self) -> list[str]:
+        """Model inputs the server fills in (controls, then states): never sent by clients nor shown to them."""
+        return [c.name for c in self.control_input] + [s.input_name for s in self.state]
+
+    @property
+    def server_outputs(self) -> list[str]:
+        """Model outputs the server keeps (new states): never sent to clients."""
+        return [s.output_name for s in self.state]
+
+
 class BatchInputKind(str, Enum):
     BATCH_ELEMENT_COUNT = "BATCH_ELEMENT_COUNT"
     BATCH_ACCUMULATED_ELEMENT_COUNT = "BATCH_ACCUMULATED_ELEMENT_COUNT"
@@ -241,6 +461,27 @@ class ModelTransactionPolicy(_Strict):
     decoupled: bool = False
 
 
+class EnsembleStep(_Strict):
+    """One model call of an ensemble, and how its tensors connect to the ensemble's tensors."""
+
+    model_name: str = Field(min_length=1)
+    model_version: int = Field(default=-1, ge=-1)
+    # The step model's input name -> the ensemble tensor that feeds it.
+    input_map: dict[str, str] = Field(default_factory=dict)
+    # The step model's output name -> the ensemble tensor it produces.
+    output_map: dict[str, str] = Field(default_factory=dict)
+
+
+class EnsembleScheduling(_Strict):
+    step: list[EnsembleStep] = Field(min_length=1)
+
+
+class ResponseCacheSettings(_Strict):
+    """Triton's ``response_cache``: whether this model's responses may be answered from the server's cache."""
+
+    enable: bool = False
+
+
 class ModelConfig(_Strict):
     """A model's ``config.yaml``; the folder name is the model name unless ``name`` says otherwise."""
 
@@ -252,12 +493,15 @@ class ModelConfig(_Strict):
     output: list[TensorConfig] = Field(default_factory=list)
     instance_group: list[InstanceGroup] = Field(default_factory=list)
     dynamic_batching: DynamicBatching | None = None
+    sequence_batching: SequenceBatching | None = None
     version_policy: VersionPolicy = Field(default_factory=VersionPolicy)
     parameters: dict[str, str] = Field(default_factory=dict)
     default_model_filename: str = ""
     model_warmup: list[ModelWarmup] = Field(default_factory=list)
     batch_input: list[BatchInput] = Field(default_factory=list)
     model_transaction_policy: ModelTransactionPolicy = Field(default_factory=ModelTransactionPolicy)
+    ensemble_scheduling: EnsembleScheduling | None = None
+    response_cache: ResponseCacheSettings | None = None
 
     @field_validator("parameters", mode="before")
     @classmethod
@@ -303,6 +547,37 @@ class ModelConfig(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _sequence_batching_fits(self) -> ModelConfig:
+        sequence = self.sequence_batching
+        if sequence is None:
+            return self
+        if self.dynamic_batching is not None:
+            raise FieldProblem("sequence_batching", "a model takes dynamic_batching or sequence_batching, not both")
+        clients = {t.name for t in self.input} | {t.name for t in self.output}
+        for position, item in enumerate(sequence.control_input):
+            if item.name in clients:
+                raise FieldProblem(
+                    f"sequence_batching.control_input[{position}].name",
+                    f"'{item.name}' is also a client input or output; the server fills in control inputs",
+                )
+        for position, state in enumerate(sequence.state):
+            for field_name in ("input_name", "output_name"):
+                name = getattr(state, field_name)
+                if name in clients:
+                    raise FieldProblem(
+                        f"sequence_batching.state[{position}].{field_name}",
+                        f"'{name}' is also a client input or output; the server keeps implicit state",
+                    )
+        if sequence.oldest is not None:
+            too_big = [s for s in sequence.oldest.preferred_batch_size if s > max(1, self.max_batch_size)]
+            if too_big:
+                raise FieldProblem(
+                    "sequence_batching.oldest.preferred_batch_size",
+                    f"{too_big} larger than max_batch_size ({self.max_batch_size})",
+                )
+        return self
+
+    @model_validator(mode="after")
     def _load_timeout_valid(self) -> ModelConfig:
         value = self.parameters.get(LOAD_TIMEOUT_PARAMETER)
         if value is not None and not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):
@@ -320,6 +595,16 @@ class ModelConfig(_Strict):
                     "dynamic_batching.preferred_batch_size",
                     f"{too_big} larger than max_batch_size ({self.max_batch_size})",
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _ensemble_fields_agree(self) -> ModelConfig:
+        if self.is_ensemble and self.ensemble_scheduling is None:
+            raise FieldProblem("ensemble_scheduling", "platform 'ensemble' needs ensemble_scheduling with its steps")
+        if not self.is_ensemble and self.ensemble_scheduling is not None:
+            raise FieldProblem("ensemble_scheduling", f"needs platform: {ENSEMBLE_PLATFORM}")
+        if self.is_ensemble and self.backend:
+            raise FieldProblem("backend", "an ensemble runs other models and has no backend of its own")
         return self
 
     @model_validator(mode="before")
@@ -367,12 +652,32 @@ class ModelConfig(_Strict):
     def batching(self) -> bool:
         return self.max_batch_size > 0
 
+    @property
+    def is_ensemble(self) -> bool:
+        return self.platform == ENSEMBLE_PLATFORM
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether responses may come from the response cache: asked for with ``response_cache.enable``.
+
+        A model whose answer depends on more than the request (sequence batching with its per-sequence state,
+        decoupled models that stream several responses) must never be cached; this is the one place that says
+        so, and any such field added to the schema must be checked here.
+        """
+        if self.response_cache is None or not self.response_cache.enable:
+            return False
+        if getattr(self, "sequence_batching", None) is not None:
+            return False
+        return not getattr(getattr(self, "model_transaction_policy", None), "decoupled", False)
+
     def to_json(self) -> dict[str, Any]:
         """The config as Triton's JSON model-config shape (what ``/v2/models/{m}/config`` returns)."""
         data = self.model_dump(mode="json", exclude_none=True)
         data["parameters"] = {k: {"string_value": v} for k, v in self.parameters.items()}
         return data
 
+
+ENSEMBLE_PLATFORM = "ensemble"
 
 PLATFORM_TO_BACKEND: dict[str, str] = {
     "onnxruntime_onnx": "onnxruntime",

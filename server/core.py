@@ -6,17 +6,21 @@ metadata, inference and repository control behave identically on both.
 
 from __future__ import annotations
 
+import asyncio
+import uuid
 from collections.abc import AsyncIterator, Mapping
 from enum import Enum
 from typing import Any
 
 from server import __version__
-from server.errors import InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
-from server.extensions.log_settings import ServerLogging
+from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
+from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.metrics import ServerMetrics
+from server.extensions.tracing import RequestTracing
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager
+from server.scheduling.deadlines import request_deadline, timed_out_message
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.validation import expected_shape
 
@@ -31,6 +35,7 @@ EXTENSIONS = [
     "model_repository(unload_dependents)",
     "statistics",
     "system_shared_memory",
+    "trace",
 ]
 
 
@@ -48,16 +53,20 @@ class InferenceServer:
         models: ModelManager,
         control_mode: ModelControlMode = ModelControlMode.EXPLICIT,
         server_logging: ServerLogging | None = None,
+        tracing: RequestTracing | None = None,
     ) -> None:
         self.models = models
         self.control_mode = control_mode
         self.logging = server_logging or ServerLogging()
+        self.tracing = tracing or RequestTracing()
         self.metrics = ServerMetrics(models.statistics)
         # Regions clients registered; the codecs resolve tensors' shared memory parameters against it.
         self.shared_memory = SharedMemoryRegistry()
         self.live = True
         # Set once the start-up load of the repository has finished.
         self.started = False
+        # ``--request-timeout-secs``: the longest any inference request may take (0: no server-wide bound).
+        self.request_timeout_s = 0.0
 
     # -- health -------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
@@ -72,6 +81,17 @@ class InferenceServer:
 
     def update_log_settings(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         return self.logging.update(changes)
+
+    # -- tracing ------------------------------------------------------------------------------------------
+    def trace_settings(self, model: str = "") -> dict[str, Any]:
+        if model:
+            self.model_ready(model)  # an unknown model is refused by name
+        return self.tracing.settings(model)
+
+    def update_trace_settings(self, changes: Mapping[str, Any], model: str = "") -> dict[str, Any]:
+        if model:
+            self.model_ready(model)
+        return self.tracing.update(changes, model)
 
     # -- metadata -----------------------------------------------------------------------------------------
     def server_metadata(self) -> dict[str, Any]:
@@ -104,6 +124,31 @@ class InferenceServer:
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
+        if self.logging.json:
+            REQUEST_ID.set(request.id or uuid.uuid4().hex)
+        span = self.tracing.start(request) if self.tracing.active else None
+        if span is None:
+            return await self._bounded_infer(request)
+        try:
+            response = await self._bounded_infer(request)
+        except BaseException as exc:
+            self.tracing.finish(request, span, exc)
+            raise
+        self.tracing.finish(request, span)
+        return response
+
+    async def _bounded_infer(self, request: InferRequest) -> InferResponse:
+        config = self.models.get(request.model_name, request.model_version).config
+        timeout_s = request_deadline(request, self.request_timeout_s, config)
+        if timeout_s is None:
+            return await self._infer(request)
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._infer(request)
+        except TimeoutError:
+            raise DeadlineExceeded(timed_out_message(request, timeout_s)) from None
+
+    async def _infer(self, request: InferRequest) -> InferResponse:
         served = self.models.get(request.model_name, request.model_version)
         try:
             return await served.infer(request)
@@ -112,6 +157,40 @@ class InferenceServer:
             return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        if self.logging.json:
+            REQUEST_ID.set(request.id or uuid.uuid4().hex)
+        span = self.tracing.start(request) if self.tracing.active else None
+        if span is None:
+            async for response in self._bounded_stream(request):
+                yield response
+            return
+        error: BaseException | None = None
+        try:
+            async for response in self._bounded_stream(request):
+                yield response
+        except GeneratorExit:  # the caller stopped reading: not a failure of the request
+            raise
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            self.tracing.finish(request, span, error)
+
+    async def _bounded_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        config = self.models.get(request.model_name, request.model_version).config
+        timeout_s = request_deadline(request, self.request_timeout_s, config)
+        if timeout_s is None:
+            async for response in self._stream_infer(request):
+                yield response
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for response in self._stream_infer(request):
+                    yield response
+        except TimeoutError:
+            raise DeadlineExceeded(timed_out_message(request, timeout_s)) from None
+
+    async def _stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         stream = self.models.get(request.model_name, request.model_version).stream(request)
         try:
             try:

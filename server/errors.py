@@ -111,3 +111,32 @@ class NotAllowed(ModelDockError):
 
 class VersionRetired(ModelNotReady):
     """A reload replaced the version a request was about to use; the request was not accepted and may be retried."""
+
+
+class PayloadTooLarge(ModelDockError):
+    """The request body or message is larger than the server accepts (``--http-max-body-bytes``)."""
+
+    http_status = 413
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class HeadersTooLarge(ModelDockError):
+    """The request's headers (gRPC: metadata) are larger than the server accepts (``--max-header-bytes``)."""
+
+    http_status = 431
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class ApiRestricted(ModelDockError):
+    """The API group is restricted (``--http-restricted-api`` / ``--grpc-restricted-protocol``) and the request
+    lacks the header it needs; Triton answers 403 over HTTP and UNAVAILABLE over gRPC."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(ModelDockError):
+    """The request did not finish within its timeout (the ``timeout`` parameter or ``--request-timeout-secs``)."""
+
+    http_status = 504
+    grpc_code = grpc.StatusCode.DEADLINE_EXCEEDED

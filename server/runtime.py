@@ -11,14 +11,23 @@ import uvicorn
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp
 
 from server.core import InferenceServer, ModelControlMode
+from server.errors import ModelDockError
 from server.extensions.log_settings import LogSettings, ServerLogging
+from server.extensions.tracing import RequestTracing, TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES, create_grpc_server
+from server.frontends.http_guard import HttpGuard
 from server.frontends.http_server import create_app
+from server.frontends.restrictions import Restrictions
+from server.protocol.limits import RequestLimits
+from server.protocol.limits import configure as configure_limits
 from server.repository.discovery import ModelRepository
 from server.repository.model_manager import ModelManager
 from server.repository.watcher import RepositoryWatcher
+from server.scheduling.response_cache import CacheSettings, ResponseCache
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,18 @@ class ServeSettings:
     load_models: list[str] = field(default_factory=list)
     # When set, every OpenAI-compatible route (/v1) wants ``Authorization: Bearer <key>``.
     openai_api_key: str | None = None
+    # The server-wide response cache (``--cache-config local,size=N``); None: no model's responses are cached.
+    cache: CacheSettings | None = None
+    # Triton's --http-restricted-api / --grpc-restricted-protocol, already parsed.
+    http_restrictions: Restrictions = field(default_factory=Restrictions)
+    grpc_restrictions: Restrictions = field(default_factory=Restrictions)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # The longest an inference request may take end to end, in seconds (0: no server-wide bound).
+    request_timeout_s: float = 0.0
+    # Origins allowed to call the HTTP API from a browser; CORS stays off while this is empty.
+    cors_origins: list[str] = field(default_factory=list)
+    trace_config: TraceConfig = field(default_factory=TraceConfig)
+    log_format: str = "default"
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -71,12 +92,22 @@ async def load_initial_models(manager: ModelManager, settings: ServeSettings) ->
 
 
 async def serve(settings: ServeSettings) -> None:
-    server_logging = ServerLogging(LogSettings.for_level(settings.log_level))
+    log_settings = LogSettings.for_level(settings.log_level).model_copy(update={"log_format": settings.log_format})
+    server_logging = ServerLogging(log_settings)
     server_logging.install()
-    manager = ModelManager(ModelRepository(settings.model_repositories))
-    core = InferenceServer(manager, settings.model_control_mode, server_logging)
+    try:
+        tracing = RequestTracing(settings.trace_config)
+    except ModelDockError as exc:
+        raise SystemExit(exc.message) from None
+    cache = ResponseCache(settings.cache.size_bytes) if settings.cache is not None else None
+    manager = ModelManager(ModelRepository(settings.model_repositories), cache)
+    configure_limits(settings.limits)
+    core = InferenceServer(manager, settings.model_control_mode, server_logging, tracing)
+    core.request_timeout_s = settings.request_timeout_s
     watcher: asyncio.Task[None] | None = None
-    app = create_app(core, settings.openai_api_key)
+    app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits), settings.openai_api_key)
+    if settings.cors_origins:
+        app = CORSMiddleware(app, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if settings.metrics_port:
         try:
             core.metrics.serve(settings.host, settings.metrics_port)
@@ -98,7 +129,7 @@ async def serve(settings: ServeSettings) -> None:
     )
     # Keep the port actually bound, so the banner is right when port 0 asked for any free one.
     grpc_server, settings.grpc_port = create_grpc_server(
-        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes
+        core, settings.host, settings.grpc_port, settings.grpc_max_message_bytes, settings.grpc_restrictions
     )
     # Listen first so liveness answers while models load; readiness waits for the load to finish.
     await grpc_server.start()
@@ -112,7 +143,12 @@ async def serve(settings: ServeSettings) -> None:
         core.started = True
         if poll is not None:
             watcher = asyncio.create_task(poll.run())
-        print_banner(core, settings)
+        if settings.log_format == "json":  # the table is for people; log collectors get a record
+            log.info(
+                "serving %s", ", ".join(f"{r['name']}:{r['version']}:{r['state']}" for r in core.repository_index())
+            )
+        else:
+            print_banner(core, settings)
         await http_task
     finally:
         core.live = False
@@ -125,3 +161,4 @@ async def serve(settings: ServeSettings) -> None:
         await grpc_server.stop(grace=5)
         core.shared_memory.unregister_all()
         await manager.close()
+        tracing.shutdown()

@@ -1,4 +1,5 @@
-"""What a worker process and the server share: errors sent over the pipe, and how a stuck worker is stopped.
+"""What a worker process and the server share: errors sent over the pipe, how a stuck worker is stopped, and
+the worker's end of the pipe through which its model calls other served models.
 
 Both the instances that run a backend in a worker process and the Python backend's own worker use these, so an
 error raised in a child reaches the client exactly as it would from a thread.
@@ -6,6 +7,11 @@ error raised in a child reaches the client exactly as it would from a thread.
 
 from __future__ import annotations
 
+import itertools
+import queue
+import threading
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
 from typing import Any
 
 from server import errors
@@ -35,3 +41,80 @@ def stop_process(process: Any) -> None:
     if process.is_alive():
         process.kill()
         process.join()
+
+
+class WorkerChannel:
+    """A worker process's end of its pipe to the server, shared by the worker's loop and its model's calls.
+
+    The worker's loop receives batches to run; while one runs, the model may call other served models (Triton's
+    BLS): a ``call`` message goes to the server, which runs it through the called model's own scheduler and
+    answers with a ``call_result``. A reader thread takes every message off the pipe, so answers to calls reach
+    the (possibly several, concurrent) callers while the loop itself is busy inside ``execute``.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._conn = conn
+        self._send_lock = threading.Lock()
+        self._calls_lock = threading.Lock()
+        self._call_ids = itertools.count(1)
+        self._calls: dict[int, Future[tuple[str, Any]]] = {}
+        self._inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        threading.Thread(target=self._read, name="worker-channel", daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):  # the server is gone
+                break
+            if message[0] == "call_result":
+                _, call_id, status, payload = message
+                with self._calls_lock:
+                    future = self._calls.pop(call_id, None)
+                if future is not None:
+                    future.set_result((status, payload))
+            else:
+                self._inbox.put(message)
+        self._inbox.put(None)
+        with self._calls_lock:
+            calls, self._calls = self._calls, {}
+        for future in calls.values():
+            future.set_result(("error", ("ModelNotReady", "the server closed the worker's connection")))
+
+    def receive(self) -> Any:
+        """The next message for the worker's loop; None once the server is gone."""
+        return self._inbox.get()
+
+    def send(self, message: Any) -> None:
+        with self._send_lock:
+            self._conn.send(message)
+
+    def call(
+        self,
+        model_name: str,
+        model_version: str,
+        inputs: dict[str, Any],
+        output_names: list[str],
+        parameters: dict[str, Any],
+    ) -> Future[tuple[str, Any]]:
+        """Send a request to a served model; the future gives ("ok", outputs) or ("error", ``error_payload``)."""
+        future: Future[tuple[str, Any]] = Future()
+        call_id = next(self._call_ids)
+        with self._calls_lock:
+            self._calls[call_id] = future
+        self.send(("call", call_id, model_name, model_version, inputs, output_names, parameters))
+        return future
+
+
+_channel: WorkerChannel | None = None
+
+
+def install_channel(channel: WorkerChannel) -> None:
+    """Make ``channel`` the one this worker process's model code calls other models through."""
+    global _channel
+    _channel = channel
+
+
+def current_channel() -> WorkerChannel | None:
+    """This worker process's channel to the server; None outside a worker process (no model calls there)."""
+    return _channel

@@ -18,6 +18,7 @@ from backends.base import Backend
 from server.config import ModelConfig, TensorConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
+from server.protocol.datatypes import WIRE_TO_CONFIG
 
 # ONNX tensor element type names (as ORT reports them) -> config data types.
 _ORT_TO_CONFIG: dict[str, str] = {
@@ -128,9 +129,40 @@ def check_config_matches(config: ModelConfig, session: ort.InferenceSession, pat
                     f"for '{tensor.name}'"
                 )
     known = {t.name for t in config.input} | {item.target_name[0] for item in config.batch_input}
+    if config.sequence_batching is not None:
+        known |= set(config.sequence_batching.server_inputs)
+        _check_sequence_tensors(config, session, path)
     missing = [arg.name for arg in session.get_inputs() if arg.name not in known]
     if missing:
         raise ConfigError(f"{source}: field 'input': {path.name} needs inputs {missing} that the config leaves out")
+
+
+def _check_sequence_tensors(config: ModelConfig, session: ort.InferenceSession, path: Path) -> None:
+    """The control and state tensors the sequence batcher fills in must be in the graph with the configured type."""
+    assert config.sequence_batching is not None
+    source = path.parent.parent / "config.yaml"
+    graph = {
+        "input": {arg.name: arg for arg in session.get_inputs()},
+        "output": {arg.name: arg for arg in session.get_outputs()},
+    }
+    expected: list[tuple[str, str, str, str]] = []
+    for position, item in enumerate(config.sequence_batching.control_input):
+        for control in item.control:
+            data_type = WIRE_TO_CONFIG[control.wire_datatype]
+            expected.append((f"sequence_batching.control_input[{position}].name", item.name, "input", data_type))
+    for position, state in enumerate(config.sequence_batching.state):
+        field = f"sequence_batching.state[{position}]"
+        expected.append((f"{field}.input_name", state.input_name, "input", state.data_type))
+        expected.append((f"{field}.output_name", state.output_name, "output", state.data_type))
+    for field, name, kind, data_type in expected:
+        arg = graph[kind].get(name)
+        if arg is None:
+            raise ConfigError(
+                f"{source}: field '{field}': '{name}' is not an {kind} of {path.name} (its {kind}s: {sorted(graph[kind])})"
+            )
+        graph_type = _ORT_TO_CONFIG.get(arg.type, arg.type)
+        if graph_type != data_type:
+            raise ConfigError(f"{source}: field '{field}': {path.name} has {graph_type} for '{name}', not {data_type}")
 
 
 class OnnxRuntimeBackend(Backend):
@@ -206,10 +238,14 @@ class OnnxRuntimeBackend(Backend):
                 tensors.append(TensorConfig(name=arg.name, data_type=data_type, dims=dims))
             return tensors
 
+        # Sequence control and state tensors are the server's, not the client's.
+        sequence = config.sequence_batching
+        server_inputs = set(sequence.server_inputs) if sequence is not None else set()
+        server_outputs = set(sequence.server_outputs) if sequence is not None else set()
         if not config.input:
-            config.input = describe(session.get_inputs())
+            config.input = describe([a for a in session.get_inputs() if a.name not in server_inputs])
         if not config.output:
-            config.output = describe(session.get_outputs())
+            config.output = describe([a for a in session.get_outputs() if a.name not in server_outputs])
         return config
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

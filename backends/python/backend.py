@@ -17,6 +17,10 @@ with ``max_batch_size > 0``) so each client gets its own rows back. BYTES tensor
 ``model_name``, ``model_version``, ``model_repository`` (the model's folder), ``model_instance_kind``
 (``CPU``/``GPU``) and ``model_instance_device_id``.
 
+As in Triton, ``execute`` may also return ``pb_utils.InferenceResponse`` objects, be an ``async def``, and call
+other served models (Triton's BLS) with ``pb_utils.InferenceRequest(...).exec()`` or ``await ...async_exec()``;
+``import triton_python_backend_utils as pb_utils`` works unchanged (see ``backends/python/pb_utils.py``).
+
 Instances of this backend run in worker processes (``releases_gil = False``), so user code may hold the GIL,
 import anything, or crash: a crash fails the batch in flight and the worker is restarted. Inputs and outputs
 must be given in ``config.yaml`` unless the class has a static ``auto_complete_config(config: dict) -> dict``
@@ -25,8 +29,11 @@ which receives the config as Triton JSON and returns it completed.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import multiprocessing
+import sys
 from collections.abc import Callable, Mapping
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -36,12 +43,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend, import_user_module
+from backends.python import pb_utils
 from server.config import ModelConfig, parse_model_config
 from server.devices import Device
 from server.errors import BackendError, ConfigError, ModelLoadError
 from server.worker_processes import error_payload, rebuilt_error, stop_process
 
 DEFAULT_CLASS_NAMES = ("TritonPythonModel", "Model")
+TRITON_UTILS_MODULE = "triton_python_backend_utils"
 
 
 class InferenceRequest:
@@ -59,6 +68,8 @@ class InferenceRequest:
 
 
 def _load_module(path: Path, model_name: str) -> ModuleType:
+    # Models written for Triton import its helper module by this name; here it is ``pb_utils``.
+    sys.modules.setdefault(TRITON_UTILS_MODULE, pb_utils)
     return import_user_module(path, f"modeldock_python_model_{model_name}_{path.parent.name}")
 
 
@@ -152,6 +163,8 @@ class PythonBackend(Backend):
             self.model = cls()
         except Exception as exc:
             raise ModelLoadError(f"{path}: {cls.__name__}() failed: {type(exc).__name__}: {exc}") from None
+        # Runs ``async def execute`` (models awaiting several calls to other models at once).
+        self._loop: asyncio.AbstractEventLoop | None = None
         if not callable(getattr(self.model, "execute", None)):
             raise ModelLoadError(f"{path}: class {cls.__name__} has no execute(requests) method")
         args = {
@@ -192,6 +205,10 @@ class PythonBackend(Backend):
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         result = self.model.execute([InferenceRequest(dict(inputs), list(output_names))])
+        if inspect.isawaitable(result):
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+            result = self._loop.run_until_complete(result)
         if isinstance(result, (list, tuple)):
             if len(result) != 1:
                 raise BackendError(
@@ -199,6 +216,11 @@ class PythonBackend(Backend):
                     f"dict, got {len(result)} items"
                 )
             result = result[0]
+        if isinstance(result, pb_utils.InferenceResponse):
+            error = result.error()
+            if error is not None:
+                raise BackendError(f"model '{self.config.name}': {error.message()}")
+            result = {tensor.name(): tensor.as_numpy() for tensor in result.output_tensors()}
         if not isinstance(result, Mapping):
             raise BackendError(
                 f"model '{self.config.name}': execute() must return a list with one dict of output arrays, "
@@ -210,3 +232,5 @@ class PythonBackend(Backend):
         finalize = getattr(self.model, "finalize", None)
         if finalize is not None:
             finalize()
+        if self._loop is not None:
+            self._loop.close()

@@ -208,6 +208,8 @@ class PyTorchBackend(Backend):
     def _order_inputs(self, arg_names: list[str]) -> list[str | None]:
         """Config input names in the order ``forward`` takes them; ``None`` marks an argument left to default."""
         names = [t.name for t in self.config.input]
+        if self.config.sequence_batching is not None:
+            names += self.config.sequence_batching.server_inputs
         indices = positional_indices(names)
         if indices is not None:
             if sorted(indices) != list(range(len(names))):
@@ -286,6 +288,8 @@ class PyTorchBackend(Backend):
 
     def _outputs(self, result: Any) -> dict[str, np.ndarray]:
         names = [t.name for t in self.config.output]
+        if self.config.sequence_batching is not None:
+            names += self.config.sequence_batching.server_outputs
         if isinstance(result, torch.Tensor):
             if len(names) != 1:
                 raise BackendError(f"model '{self.config.name}': forward returned one tensor for outputs {names}")

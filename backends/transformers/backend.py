@@ -206,7 +206,8 @@ class TransformersBackend(GenerativeBackend):
                 logits_to_keep=1,
                 **{self._paged.STEP_ARGUMENT: step},
             )
-        return output.logits[:, -1, :].float().cpu()
+        # A clone outside inference mode: the sampler edits rows in place.
+        return output.logits[:, -1, :].float().cpu().clone()
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

@@ -7,10 +7,12 @@ changing a setting swaps that handler's filter and format, never the loggers the
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,7 +35,8 @@ class LogSettings(BaseModel):
     log_error: bool = True
     # Above 0, debug records are written too.
     log_verbose_level: int = Field(default=0, ge=0, le=2**32 - 1)
-    log_format: Literal["default", "ISO8601"] = "default"
+    # "json": one JSON object per line, with the id of the inference request being served where there is one.
+    log_format: Literal["default", "ISO8601", "json"] = "default"
 
     @classmethod
     def for_level(cls, level: str) -> LogSettings:
@@ -48,7 +51,31 @@ class LogSettings(BaseModel):
         )
 
 
+# The id of the inference request the current task serves (its "id", else one made up), for JSON log lines.
+REQUEST_ID: ContextVar[str] = ContextVar("request_id", default="")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, for log collectors that parse fields rather than lines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = REQUEST_ID.get()
+        if request_id:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
 def _formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
     if log_format == "ISO8601":
         formatter = logging.Formatter(_FORMAT, datefmt="%Y-%m-%dT%H:%M:%SZ")
         formatter.converter = time.gmtime
@@ -72,6 +99,10 @@ class ServerLogging:
             root.removeHandler(handler)
         root.addHandler(self.handler)
         self._apply()
+
+    @property
+    def json(self) -> bool:
+        return self.settings.log_format == "json"
 
     def current(self) -> dict[str, Any]:
         return self.settings.model_dump()

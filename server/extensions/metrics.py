@@ -73,6 +73,25 @@ _FAMILIES: list[tuple[str, str, str, object]] = [
         "counter",
         lambda s: s.compute_output.ns // 1000,
     ),
+    ("nv_cache_num_hits_per_model", "Number of response cache hits per model", "counter", lambda s: s.cache_hit.count),
+    (
+        "nv_cache_num_misses_per_model",
+        "Number of response cache misses per model",
+        "counter",
+        lambda s: s.cache_miss.count,
+    ),
+    (
+        "nv_cache_hit_duration_per_model",
+        "Cumulative time looking up and copying out response cache hits, in microseconds",
+        "counter",
+        lambda s: s.cache_hit.ns // 1000,
+    ),
+    (
+        "nv_cache_miss_duration_per_model",
+        "Cumulative time looking up and inserting response cache misses, in microseconds",
+        "counter",
+        lambda s: s.cache_miss.ns // 1000,
+    ),
     (
         "nv_inference_pending_request_count",
         "Number of requests accepted and waiting for execution",

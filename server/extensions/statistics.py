@@ -75,6 +75,8 @@ class ModelStats:
         self.pending = 0
         # Set for a version served by the generation engine: its token-level figures, for the metrics.
         self.generation: GenerationStats | None = None
+        self.cache_hit = Duration()
+        self.cache_miss = Duration()
 
     # -- recording ----------------------------------------------------------------------------------------
     def queued(self, count: int = 1) -> None:
@@ -107,6 +109,17 @@ class ModelStats:
         batch.compute_infer.add(infer_ns)
         batch.compute_output.add(output_ns)
 
+    def record_cache_hit(self, ns: int) -> None:
+        """A request answered from the response cache: a success that ran nothing, so no inference or execution
+        is counted (as in Triton)."""
+        self.last_inference_ms = time.time_ns() // 1_000_000
+        self.cache_hit.add(ns)
+        self.success.add(ns)
+
+    def record_cache_miss(self, ns: int) -> None:
+        """A cacheable request that ran; ``ns`` is the time spent looking it up and storing its response."""
+        self.cache_miss.add(ns)
+
     def record_failure(self, arrivals_ns: Sequence[int], reason: FailureReason, end_ns: int | None = None) -> None:
         """Requests that failed, each with the time from its arrival to its failure."""
         end_ns = time.monotonic_ns() if end_ns is None else end_ns
@@ -130,8 +143,8 @@ class ModelStats:
                 "compute_input": self.compute_input.to_json(),
                 "compute_infer": self.compute_infer.to_json(),
                 "compute_output": self.compute_output.to_json(),
-                "cache_hit": Duration().to_json(),
-                "cache_miss": Duration().to_json(),
+                "cache_hit": self.cache_hit.to_json(),
+                "cache_miss": self.cache_miss.to_json(),
             },
             "batch_stats": [
                 {

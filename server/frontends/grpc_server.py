@@ -17,9 +17,11 @@ from google.protobuf.message import DecodeError
 
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError
+from server.frontends.restrictions import Restrictions, grpc_group, grpc_refusal
 from server.protocol import grpc_codec
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+from server.protocol.limits import LIMITS
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,39 @@ class UnparsableAsInvalid(grpc.aio.ServerInterceptor):
             handler = handler._replace(request_deserializer=_tolerant(handler.request_deserializer))
             self._handlers[method] = handler
         return handler
+
+
+class RestrictedProtocols(grpc.aio.ServerInterceptor):
+    """``--grpc-restricted-protocol``: a call to a restricted group without its header is answered UNAVAILABLE
+    with Triton's message before its request is read; the handler never runs."""
+
+    def __init__(self, restrictions: Restrictions) -> None:
+        self.restrictions = restrictions
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        metadata = handler_call_details.invocation_metadata or ()
+
+        def lookup(name: str) -> str | bytes | None:
+            return next((value for key, value in metadata if key == name), None)
+
+        missing = self.restrictions.missing_header(grpc_group(handler_call_details.method), lookup)
+        handler = await continuation(handler_call_details)
+        if missing is None or handler is None:
+            return handler
+        refusal = grpc_refusal(missing)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(refusal.grpc_code, refusal.message)
+
+        if handler.request_streaming or handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(
+                refuse, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.unary_unary_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
 
 
 def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -140,6 +175,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_reports_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         infer_request = grpc_codec.decode_request(request, self.core.shared_memory)
+        if self.core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
+            infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
         response = await self.core.infer(infer_request)
         return grpc_codec.encode_response(response, infer_request)
 
@@ -162,6 +199,8 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 return
             try:
                 infer_request = grpc_codec.decode_request(message, self.core.shared_memory)
+                if self.core.tracing.active:
+                    infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
                 async for response in self.core.stream_infer(infer_request):
                     outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
             except ModelDockError as exc:
@@ -247,8 +286,13 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def CudaSharedMemoryUnregister(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         return await _unimplemented("CUDA shared memory", context)
 
-    async def TraceSetting(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return await _unimplemented("tracing", context)
+    @_reports_errors
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: grpc.aio.ServicerContext) -> Any:
+        # An empty request changes nothing and answers the settings, as a read does.
+        changes = grpc_codec.decode_trace_settings(request)
+        if changes:
+            return grpc_codec.encode_trace_settings(self.core.update_trace_settings(changes, request.model_name))
+        return grpc_codec.encode_trace_settings(self.core.trace_settings(request.model_name))
 
     @_reports_errors
     async def LogSettings(self, request: pb.LogSettingsRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -258,14 +302,28 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
 
 def create_grpc_server(
-    core: InferenceServer, host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    core: InferenceServer,
+    host: str,
+    port: int,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    restrictions: Restrictions | None = None,
 ) -> tuple[grpc.aio.Server, int]:
-    """A ``grpc.aio`` server, bound but not yet started, and the port it bound (useful when ``port`` is 0)."""
+    """A ``grpc.aio`` server, bound but not yet started, and the port it bound (useful when ``port`` is 0).
+
+    gRPC itself answers RESOURCE_EXHAUSTED to a message over ``max_message_bytes`` and to metadata over
+    ``--max-header-bytes``, before any handler runs.
+    """
+    interceptors: list[grpc.aio.ServerInterceptor] = [UnparsableAsInvalid()]
+    if restrictions:
+        interceptors.insert(0, RestrictedProtocols(restrictions))
     server = grpc.aio.server(
-        interceptors=[UnparsableAsInvalid()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
+            # Both the soft limit (beyond it gRPC refuses some calls at random) and the hard one.
+            ("grpc.max_metadata_size", LIMITS.max_header_bytes),
+            ("grpc.absolute_max_metadata_size", LIMITS.max_header_bytes),
         ],
     )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(GrpcInferenceService(core), server)

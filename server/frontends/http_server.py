@@ -20,6 +20,7 @@ from starlette.types import Receive, Scope, Send
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
+from server.frontends.http_guard import HttpGuard
 from server.frontends.openai.app import create_openai_app
 from server.protocol.generate_codec import decode_generate_request, encode_generate_response
 from server.protocol.http_codec import (
@@ -163,6 +164,8 @@ async def _infer(core: InferenceServer, request: Request, model: str, version: s
     body = _decompressed(await request.body(), request.headers.get("content-encoding"))
     length = parse_header_length(request.headers.get(HEADER_LENGTH))
     infer_request = decode_request(body, length, model, version, core.shared_memory)
+    if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
+        infer_request.trace_parent = request.headers.get("traceparent")
     watch = _DisconnectWatch(request.receive)
     try:
         response = await core.infer(infer_request)
@@ -193,11 +196,18 @@ class HttpFrontEnd:
     the error mapping is the same as FastAPI's handlers below.
     """
 
-    def __init__(self, core: InferenceServer, api: FastAPI) -> None:
+    def __init__(self, core: InferenceServer, api: FastAPI, guard: HttpGuard | None = None) -> None:
         self.core = core
         self.api = api
+        self.guard = guard or HttpGuard()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            try:
+                receive = self.guard.admit(scope, receive)
+            except ModelDockError as exc:
+                await _error_response(exc)(scope, receive, send)
+                return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
@@ -226,7 +236,9 @@ def _error_response(exc: ModelDockError) -> Response:
     return _error(exc.http_status, exc.message)
 
 
-def create_app(core: InferenceServer, openai_api_key: str | None = None) -> HttpFrontEnd:
+def create_app(
+    core: InferenceServer, guard: HttpGuard | None = None, openai_api_key: str | None = None
+) -> HttpFrontEnd:
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
     app.mount("/v1", create_openai_app(core, openai_api_key))
@@ -362,6 +374,16 @@ def create_app(core: InferenceServer, openai_api_key: str | None = None) -> Http
     async def update_log_settings(request: Request) -> Response:
         return _json(core.update_log_settings(await _json_body(request)))
 
+    @app.get("/v2/trace/setting")
+    @app.get("/v2/models/{model}/trace/setting")
+    async def trace_settings(model: str = "") -> Response:
+        return _json(core.trace_settings(model))
+
+    @app.post("/v2/trace/setting")
+    @app.post("/v2/models/{model}/trace/setting")
+    async def update_trace_settings(request: Request, model: str = "") -> Response:
+        return _json(core.update_trace_settings(await _json_body(request), model))
+
     @app.get("/v2/cudasharedmemory/status")
     @app.get("/v2/cudasharedmemory/region/{name}/status")
     @app.post("/v2/cudasharedmemory/region/{name}/register")
@@ -370,4 +392,4 @@ def create_app(core: InferenceServer, openai_api_key: str | None = None) -> Http
     async def cuda_shared_memory(name: str = "") -> Response:
         raise Unsupported("CUDA shared memory is not supported by this server; use system shared memory")
 
-    return HttpFrontEnd(core, app)
+    return HttpFrontEnd(core, app, guard)

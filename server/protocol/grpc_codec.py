@@ -21,6 +21,7 @@ from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
 from server.protocol.generated import _pool
 from server.protocol.generated import grpc_service_pb2 as pb
 from server.protocol.generated import model_config_pb2 as config_pb
+from server.protocol.limits import LIMITS
 from server.protocol.load_parameters import FILE_PREFIX, parse_config_override
 from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.shared_memory import REGION, SharedMemoryRegistry
@@ -121,6 +122,7 @@ def _check_raw_entries(message: pb.ModelInferRequest) -> None:
 def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry) -> InferRequest:
     if not message.inputs:
         raise InvalidInput("request must have at least one input")
+    LIMITS.check_input_count(len(message.inputs))
     _check_raw_entries(message)
     raw = message.raw_input_contents
     raw_entries = iter(raw)
@@ -314,4 +316,20 @@ def encode_log_settings(settings: Mapping[str, Any]) -> pb.LogSettingsResponse:
             target.uint32_param = value
         else:
             target.string_param = str(value)
+    return response
+
+
+def decode_trace_settings(request: pb.TraceSettingRequest) -> dict[str, Any]:
+    """Triton's gRPC trace settings: a value list per setting; an empty list clears the setting."""
+    changes: dict[str, Any] = {}
+    for name, setting in request.settings.items():
+        values = list(setting.value)
+        changes[name] = None if not values else values if name == "trace_level" else values[0]
+    return changes
+
+
+def encode_trace_settings(settings: Mapping[str, Any]) -> pb.TraceSettingResponse:
+    response = pb.TraceSettingResponse()
+    for name, value in settings.items():
+        response.settings[name].value.extend(value if isinstance(value, list) else [str(value)])
     return response

@@ -16,6 +16,7 @@ import orjson
 
 from server.errors import InvalidInput
 from server.protocol.datatypes import WIRE_DATATYPES, wire_datatype
+from server.protocol.limits import LIMITS
 from server.protocol.load_parameters import FILE_PREFIX, parse_config_override
 from server.protocol.parameters import check_output_parameters, check_request_parameters
 from server.protocol.shared_memory import SharedMemoryRegistry
@@ -75,6 +76,7 @@ def decode_request(
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("request must have a non-empty 'inputs' list")
+    LIMITS.check_input_count(len(inputs))
 
     request = InferRequest(model_name=model_name, model_version=model_version)
     request_id = header.get("id", "")

@@ -14,8 +14,9 @@ from server.errors import InvalidInput
 
 # Triton's names: queue priority level and queue timeout in microseconds, both unsigned.
 _NON_NEGATIVE_INTEGERS = ("priority", "timeout")
-# The HTTP binary tensor extension: all outputs binary, or one output binary.
-_REQUEST_FLAGS = ("binary_data_output",)
+# The HTTP binary tensor extension (all outputs binary), and Triton's sequence flags.
+_REQUEST_FLAGS = ("binary_data_output", "sequence_start", "sequence_end")
+# The HTTP binary tensor extension: one output binary.
 _OUTPUT_FLAGS = ("binary_data",)
 
 
@@ -26,6 +27,18 @@ def check_request_parameters(parameters: Mapping[str, Any]) -> None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise InvalidInput(f"request parameter '{key}' must be a non-negative integer, got {value!r}")
     _check_flags(parameters, _REQUEST_FLAGS, "request parameter")
+    if "sequence_id" in parameters:
+        check_sequence_id(parameters["sequence_id"])
+
+
+def check_sequence_id(value: Any) -> None:
+    """Triton's correlation id: an unsigned 64-bit integer or a string (0 and "" mean "no sequence")."""
+    if isinstance(value, str):
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise InvalidInput(
+            f"request parameter 'sequence_id' must be an unsigned 64-bit integer or a string, got {value!r}"
+        )
 
 
 def check_output_parameters(parameters: Mapping[str, Any], name: str) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from server.errors import InvalidInput
 from server.protocol.datatypes import element_size, numpy_dtype
+from server.protocol.limits import LIMITS
 from server.protocol.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
 
 _LENGTH = struct.Struct("<I")
@@ -39,7 +40,9 @@ def check_shape(shape: Any, name: str) -> list[int]:
         raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions; at most {_MAX_DIMS} are supported")
     if math.prod(d for d in shape if d) * _LARGEST_ELEMENT > _MAX_BYTES:
         raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
-    return [int(d) for d in shape]
+    checked = [int(d) for d in shape]
+    LIMITS.check_elements(name, checked, element_count(checked))
+    return checked
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:

@@ -35,6 +35,14 @@ class InferRequest:
     # Empty means "all outputs".
     outputs: list[RequestedOutput] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    # ``time.monotonic_ns()`` by which the request must be answered (its timeout), or None for no bound.
+    deadline_ns: int | None = None
+    # The request's OpenTelemetry span when it is traced; the scheduler then records ``marks_ns`` for it:
+    # (arrival, batch start, inputs merged, executed, outputs split, batch size).
+    trace: Any = None
+    # The caller's W3C ``traceparent`` header, read by the front ends only while tracing is on.
+    trace_parent: str | None = None
+    marks_ns: tuple[int, int, int, int, int, int] | None = None
 
     @property
     def priority(self) -> int:

@@ -8,6 +8,7 @@ request and a failed load leaves what was serving in place.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -32,12 +33,16 @@ from server.extensions import classification
 from server.extensions.statistics import FailureReason, ModelStats, StatisticsRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.discovery import ModelRepository, guess_backend, no_versions_reason, version_dirs
+from server.repository.ensembles import check_steps_ready, gather_ensembles_last, prepare_ensemble
 from server.repository.uploads import discard_staged, stage_model_files
 from server.repository.warmup import create_warm_instances
 from server.scheduling.dynamic_batcher import DynamicBatcher
+from server.scheduling.ensemble_scheduler import EnsembleScheduler
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.instances import InstancePool, ModelInstance
+from server.scheduling.response_cache import ResponseCache, VersionCache
 from server.scheduling.scheduler import DirectScheduler, Scheduler
+from server.scheduling.sequence_batcher import SequenceBatcher
 from server.scheduling.validation import validate_request
 
 log = logging.getLogger(__name__)
@@ -51,17 +56,20 @@ class ModelState(str, Enum):
 
 
 class ServedVersion:
-    """One loaded version: its instances and the scheduler in front of them."""
+    """One loaded version: its instances and the scheduler in front of them (an ensemble has no instances: its
+    scheduler runs other models), with the response cache in front of that when the model enables it."""
 
     def __init__(
         self,
         config: ModelConfig,
         version: int,
-        backend_cls: type[Backend],
-        pool: InstancePool,
+        backend_cls: type[Backend] | None,
+        pool: InstancePool | None,
         model_dir: Path,
         stats: ModelStats | None = None,
         labels: dict[str, list[str]] | None = None,
+        scheduler: Scheduler | EnsembleScheduler | None = None,
+        cache: VersionCache | None = None,
     ) -> None:
         self.config = config
         self.version = version
@@ -70,7 +78,11 @@ class ServedVersion:
         # The folder it was loaded from: a folder staged from uploaded files is kept while a version uses it.
         self.model_dir = model_dir
         self.labels = labels or {}
-        self.scheduler: Scheduler = make_scheduler(config, str(version), pool, stats)
+        if scheduler is None:
+            assert pool is not None
+            scheduler = make_scheduler(config, str(version), pool, stats, model_dir)
+        self.scheduler = scheduler
+        self.cache = cache
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
@@ -84,10 +96,18 @@ class ServedVersion:
             raise
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
-        pending = self.scheduler.submit(request)
         classifies = any(classification.PARAMETER in o.parameters for o in request.outputs)
+        lookup = self.cache.lookup(request) if self.cache is not None else None
+        if lookup is not None and lookup.response is not None:
+            if classifies:
+                classification.classify_response(self.config, request, lookup.response, self.labels)
+            yield lookup.response
+            return
+        pending = self.scheduler.submit(request)
         try:
             async for response in pending.responses():
+                if lookup is not None and self.cache is not None and response.final:
+                    self.cache.store(lookup, response)
                 if classifies:
                     classification.classify_response(self.config, request, response, self.labels)
                 yield response
@@ -118,12 +138,22 @@ class ServedVersion:
         return last
 
     async def close(self) -> None:
+        if self.cache is not None:
+            self.cache.drop()
         await self.scheduler.close()
-        await asyncio.to_thread(self.pool.unload)
+        if self.pool is not None:
+            await asyncio.to_thread(self.pool.unload)
 
 
-def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> Scheduler:
-    """Triton's choice: the dynamic batcher when the model batches and asks for it, else one request per run.
+def make_scheduler(
+    config: ModelConfig,
+    version: str,
+    pool: InstancePool,
+    stats: ModelStats | None = None,
+    model_dir: Path | None = None,
+) -> Scheduler:
+    """Triton's choice: the sequence batcher for stateful models, the dynamic batcher when the model batches and
+    asks for it, else one request per run. ``model_dir`` is where a sequence model's initial state files live.
 
     A generating language model gets the generation engine instead, which batches at every token step.
     """
@@ -132,6 +162,8 @@ def make_scheduler(config: ModelConfig, version: str, pool: InstancePool, stats:
         from server.scheduling.generation.scheduler import GenerationScheduler  # needs torch: only when used
 
         return GenerationScheduler(config, version, pool, stats)
+    if config.sequence_batching is not None:
+        return SequenceBatcher(config, version, pool, stats, model_dir)
     if config.batching and config.dynamic_batching is not None:
         return DynamicBatcher(config, version, pool, stats)
     return DirectScheduler(config, version, pool, stats)
@@ -157,15 +189,18 @@ class ModelRecord:
 
 
 class ModelManager:
-    def __init__(self, repository: ModelRepository) -> None:
+    def __init__(self, repository: ModelRepository, response_cache: ResponseCache | None = None) -> None:
         self.repository = repository
+        # The server-wide response cache (``--cache-config``); models use it only when their config enables it.
+        self.response_cache = response_cache
         self.records: dict[str, ModelRecord] = {}
         self.statistics = StatisticsRegistry()
         self._locks: dict[str, asyncio.Lock] = {}
         # Folders staged from files sent with load requests, per model, kept while a loaded version uses them.
         self._uploads: dict[str, list[Path]] = {}
 
-    def _lock(self, name: str) -> asyncio.Lock:
+    def model_lock(self, name: str) -> asyncio.Lock:
+        """Held while the model loads or unloads."""
         return self._locks.setdefault(name, asyncio.Lock())
 
     async def load_all(self) -> None:
@@ -174,7 +209,8 @@ class ModelManager:
             log.error("repository: %s", reason)
             if name in found or "/" not in name:
                 self.records[name] = ModelRecord(name, None, reason=reason)
-        await asyncio.gather(*(self.load(name) for name in found if name not in problems), return_exceptions=True)
+        names = [name for name in found if name not in problems]
+        await gather_ensembles_last(self, names, {name: found[name].path for name in names})
 
     async def load(
         self, name: str, config_override: dict[str, Any] | None = None, files: Mapping[str, bytes] | None = None
@@ -183,7 +219,7 @@ class ModelManager:
 
         Raises ``ModelLoadError`` if nothing new could be served; what was serving then keeps serving.
         """
-        async with self._lock(name):
+        async with self.model_lock(name):
             if files:
                 if config_override is None:
                     raise InvalidInput(f"model '{name}': files sent with a load request need a 'config' parameter")
@@ -218,6 +254,8 @@ class ModelManager:
         try:
             config, backend_cls, selected = await asyncio.to_thread(prepare_model, model_dir, config_override)
             labels = await asyncio.to_thread(classification.load_labels, config, model_dir)
+            if config.is_ensemble:
+                await prepare_ensemble(self, config, model_dir)
         except ModelDockError as exc:
             self._fail(record, str(exc))
             raise
@@ -229,6 +267,12 @@ class ModelManager:
         new: dict[int, ServedVersion] = {}
         failures: dict[int, str] = {}
         for version, version_dir in selected.items():
+            stats = self.statistics.for_version(name, str(version))
+            cache = self._version_cache(config, version, stats)
+            if backend_cls is None:
+                scheduler = EnsembleScheduler(config, str(version), self.call_model, stats)
+                new[version] = ServedVersion(config, version, None, None, model_dir, stats, labels, scheduler, cache)
+                continue
             try:
                 instances = await _load_version(config, version_dir, backend_cls)
             except ModelDockError as exc:
@@ -238,13 +282,14 @@ class ModelManager:
                 log.exception("model '%s' version %d failed to load", name, version)
                 failures[version] = f"{type(exc).__name__}: {exc}"
                 continue
-            stats = self.statistics.for_version(name, str(version))
+            for instance in instances:
+                instance.model_caller = functools.partial(self.call_model, caller=instance)
             pool = InstancePool(instances)
             try:
-                new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels)
-            except ModelDockError as exc:  # the scheduler refused the config (e.g. engine limits)
-                failures[version] = exc.message
+                new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels, cache=cache)
+            except ModelDockError as exc:  # the scheduler refused the config (engine limits, initial state files)
                 await asyncio.to_thread(pool.unload)
+                failures[version] = exc.message
 
         if not new:
             reason = "; ".join(f"version {v}: {r}" for v, r in failures.items()) or "no version loaded"
@@ -275,6 +320,47 @@ class ModelManager:
             if kept is None or kept.served is None:
                 self.statistics.discard(name, str(version))
 
+    def _version_cache(self, config: ModelConfig, version: int, stats: ModelStats) -> VersionCache | None:
+        if not config.cacheable:
+            return None
+        if self.response_cache is None:
+            log.info(
+                "model '%s' enables response_cache but the server has no cache (start it with --cache-config "
+                "local,size=<bytes>); its responses are not cached",
+                config.name,
+            )
+            return None
+        return self.response_cache.for_version(config.name, str(version), stats)
+
+    async def call_model(self, request: InferRequest, caller: ModelInstance | None = None) -> InferResponse:
+        """Run a request from inside the server (an ensemble step, a Python model's call) as a client's would run.
+
+        ``caller`` is the instance whose model made the call. A model may call itself, but every instance of it
+        that waits on such a call holds an instance the call needs: once all of them wait, none ever will be
+        free, so the call that would complete that circle fails at once instead of waiting forever.
+        """
+        served = self.get(request.model_name, request.model_version)
+        calls_itself = caller is not None and served.pool is not None and caller in served.pool.instances
+        if calls_itself:
+            assert caller is not None and served.pool is not None
+            if all(instance.self_calls for instance in served.pool.instances if instance is not caller):
+                raise ModelNotReady(
+                    f"model '{served.config.name}' version {served.version} calls itself while each of its "
+                    f"{len(served.pool.instances)} instance(s) is busy waiting on such a call, so the call could "
+                    "never run; give the model more instances (instance_group count) than the depth of its calls "
+                    "to itself"
+                )
+            caller.self_calls += 1
+        try:
+            try:
+                return await served.infer(request)
+            except VersionRetired:
+                return await self.get(request.model_name, request.model_version).infer(request)
+        finally:
+            if calls_itself:
+                assert caller is not None
+                caller.self_calls -= 1
+
     def _fail(self, record: ModelRecord, reason: str) -> None:
         """Record a failed load; versions already serving keep serving."""
         log.error("model '%s' failed to load: %s", record.name, reason)
@@ -288,7 +374,7 @@ class ModelManager:
             record.versions = {}
 
     async def unload(self, name: str) -> None:
-        async with self._lock(name):
+        async with self.model_lock(name):
             record = self.records.get(name)
             if record is None:
                 if self.repository.locate(name) is not None:
@@ -326,12 +412,17 @@ class ModelManager:
                 raise ModelNotFound(f"unknown version {version} of model '{name}'")
             if entry.state != ModelState.READY or entry.served is None:
                 raise ModelNotReady(f"version {version} of model '{name}' is {entry.state.value}: {entry.reason}")
-            return entry.served
-        ready = [v for v in record.versions.values() if v.state == ModelState.READY and v.served is not None]
-        if not ready:
-            detail = f": {record.reason}" if record.reason else ""
-            raise ModelNotReady(f"model '{name}' is not ready{detail}")
-        return max(ready, key=lambda v: v.version).served  # type: ignore[return-value]
+            served = entry.served
+        else:
+            ready = [v for v in record.versions.values() if v.state == ModelState.READY and v.served is not None]
+            if not ready:
+                detail = f": {record.reason}" if record.reason else ""
+                raise ModelNotReady(f"model '{name}' is not ready{detail}")
+            served = max(ready, key=lambda v: v.version).served  # type: ignore[assignment]
+        assert served is not None
+        if served.config.is_ensemble:
+            check_steps_ready(self, served.config)
+        return served
 
     def is_ready(self, name: str, version: str = "") -> bool:
         try:
@@ -355,8 +446,14 @@ class ModelManager:
                 rows.append({"name": name, "version": "", "state": record.state.value, "reason": record.reason})
             for version in sorted(record.versions):
                 entry = record.versions[version]
+                state = entry.state
                 reason = entry.reason or (record.reason if entry.state == ModelState.READY else "")
-                rows.append({"name": name, "version": str(version), "state": entry.state.value, "reason": reason})
+                if state == ModelState.READY and record.config is not None and record.config.is_ensemble:
+                    try:
+                        self.get(name, str(version))
+                    except ModelDockError as exc:
+                        state, reason = ModelState.UNAVAILABLE, exc.message
+                rows.append({"name": name, "version": str(version), "state": state.value, "reason": reason})
         if ready_only:
             rows = [r for r in rows if r["state"] == ModelState.READY.value]
         return rows
@@ -419,7 +516,7 @@ def _release_late(name: str, instances: list[ModelInstance]) -> None:
 
 def prepare_model(
     model_dir: Path, config_override: dict[str, Any] | None = None
-) -> tuple[ModelConfig, type[Backend], dict[int, Path]]:
+) -> tuple[ModelConfig, type[Backend] | None, dict[int, Path]]:
     """Read and complete a model's config and choose its versions; blocking, so run in a thread."""
     if config_override is not None:
         config = parse_model_config(config_override, f"config override for model '{model_dir.name}'", model_dir.name)
@@ -434,6 +531,8 @@ def prepare_model(
             f"{model_dir}: field 'version_policy': selects none of the versions present {sorted(available)}"
         )
     selected = {v: available[v] for v in selected_numbers}
+    if config.is_ensemble:  # no backend: its graph is checked against the step models once they are loaded
+        return config, None, selected
     newest = selected[max(selected)]
     if not config.backend:
         config.backend = guess_backend(newest)

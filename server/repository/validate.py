@@ -3,8 +3,8 @@
 Every check a load makes before creating instances runs here (config schema, backend, version folders, version
 policy, model files, auto-complete, warm-up samples), and each backend checks its model files against the config
 (``Backend.check_model``: the runtime opens the file on the CPU; Python code is imported in a throw-away process
-but its model is not created), so a repository can be checked in CI or before a copy into
-a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
+but its model is not created), and an ensemble's graph is checked against its step models' completed configs,
+so a repository can be checked in CI or before a copy into a watched folder. Checks keep going after a problem where they can, to report several problems in one run.
 """
 
 from __future__ import annotations
@@ -23,7 +23,10 @@ from server.repository.discovery import (
     no_versions_reason,
     version_dirs,
 )
+from server.repository.model_manager import prepare_model
 from server.repository.warmup import warmup_request
+from server.scheduling.ensemble_scheduler import check_ensemble
+from server.scheduling.sequence_batcher import initial_states
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +81,8 @@ def _validate_model(model_dir: Path) -> list[Problem]:
             _problem(name, config_path, f"field 'version_policy': selects none of the versions {sorted(available)}")
         ]
     newest = available[max(selected)]
+    if config.is_ensemble:  # no model files; its graph is checked against its step models separately
+        return []
 
     if not config.backend:
         config.backend = guess_backend(newest)
@@ -118,6 +123,11 @@ def _validate_model(model_dir: Path) -> list[Problem]:
         load_labels(config, model_dir)
     except ModelDockError as exc:
         problems.append(_problem(name, config_path, exc.message))
+    if config.sequence_batching is not None:
+        try:
+            initial_states(config, model_dir)
+        except ModelDockError as exc:
+            problems.append(_problem(name, config_path, exc.message))
     for position, sample in enumerate(config.model_warmup):
         try:
             warmup_request(config, sample, model_dir)
@@ -141,4 +151,35 @@ def validate_repositories(roots: list[Path]) -> tuple[list[str], list[Problem]]:
         problems.append(Problem("", ", ".join(str(r) for r in repository.roots), "no models found"))
     for _, location in sorted(found.items()):
         problems += validate_model(location.path)
+    checked = {p.model for p in problems}
+    for name, location in sorted(found.items()):
+        if name not in checked:
+            problems += _validate_ensemble(location.path, {n: loc.path for n, loc in found.items()})
     return sorted(found), problems
+
+
+def _validate_ensemble(model_dir: Path, models: dict[str, Path]) -> list[Problem]:
+    """An ensemble's graph, checked as a load checks it: against its step models' completed configs."""
+    config_path = model_dir / CONFIG_FILENAME
+    config = load_model_config(model_dir)
+    if config.ensemble_scheduling is None:
+        return []
+    step_configs: dict[int, ModelConfig] = {}
+    for position, step in enumerate(config.ensemble_scheduling.step):
+        where = f"field 'ensemble_scheduling.step[{position}]': step {position} (model '{step.model_name}')"
+        step_dir = models.get(step.model_name)
+        if step_dir is None:
+            return [Problem(model_dir.name, str(config_path), f"{where}: no such model in the model repository")]
+        try:
+            step_config, _, selected = prepare_model(step_dir)
+        except ModelDockError as exc:
+            return [Problem(model_dir.name, str(config_path), f"{where}: the model cannot load: {exc.message}")]
+        if step.model_version != -1 and step.model_version not in selected:
+            message = f"{where}: version {step.model_version} is not among the versions served {sorted(selected)}"
+            return [Problem(model_dir.name, str(config_path), message)]
+        step_configs[position] = step_config
+    try:
+        check_ensemble(config, step_configs, str(config_path))
+    except ModelDockError as exc:
+        return [_problem(model_dir.name, config_path, exc.message)]
+    return []

@@ -12,13 +12,16 @@ then restarted. That class attribute is the one rule: it is a property of the ba
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 import multiprocessing
+import queue
 import signal
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -29,8 +32,11 @@ import numpy as np
 from backends.base import Backend
 from server.config import InstanceGroup, InstanceKind, ModelConfig
 from server.devices import CPU, Device, gpu_count
-from server.errors import BackendError, ModelDockError, ModelLoadError
-from server.worker_processes import error_payload, rebuilt_error, stop_process
+from server.errors import BackendError, InvalidInput, ModelDockError, ModelLoadError, Unsupported
+from server.protocol.datatypes import wire_datatype
+from server.protocol.types import InferRequest, RequestedOutput
+from server.scheduling.model_calls import ModelCaller
+from server.worker_processes import WorkerChannel, error_payload, install_channel, rebuilt_error, stop_process
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +84,106 @@ def plan_instances(config: ModelConfig, backend_cls: type[Backend]) -> list[Inst
     return placements
 
 
-class ModelInstance:
-    """One backend object with its own worker thread."""
+class InstanceThread(Executor):
+    """A single daemon worker thread as an ``Executor``.
 
-    def __init__(self, placement: InstancePlacement, backend: Backend) -> None:
+    A daemon, unlike ``ThreadPoolExecutor``'s threads, which the interpreter joins at exit: a thread abandoned in
+    a hung backend call must not keep the server from shutting down.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
+        if self._closed:
+            raise RuntimeError("cannot run work on an instance thread that was shut down")
+        future: Future[Any] = Future()
+        self._jobs.put((future, functools.partial(fn, **kwargs) if kwargs else fn, args))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            future, fn, args = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        self._jobs.put(None)
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join()
+
+
+class ModelInstance:
+    """One backend object with its own worker thread.
+
+    A thread cannot be stopped, so a batch that outlives its timeout is abandoned instead: the thread is left to
+    finish (or hang) on its own, and the instance carries on with a fresh thread and, when ``rebuild`` is given, a
+    fresh backend object, so the requests after it do not queue behind the hung call.
+    """
+
+    # How the instance's model calls other served models; set by the model manager once the version is loaded
+    # (so warm-up runs without it). Only worker-process instances (the Python backend) use it.
+    model_caller: ModelCaller | None = None
+    # Calls this instance's model has in flight to its own version (see ``ModelManager.call_model``).
+    self_calls: int = 0
+
+    def __init__(
+        self, placement: InstancePlacement, backend: Backend, rebuild: Callable[[], Backend] | None = None
+    ) -> None:
         self.name = placement.name
         self.device = placement.device
         self.backend = backend
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
+        self._rebuild = rebuild
+        self._executor = self._new_executor()
+
+    def _new_executor(self) -> InstanceThread:
+        return InstanceThread(f"instance-{self.name}")
 
     async def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
-        """Run one batch. ``timeout_s`` bounds worker-process instances only: a thread cannot be stopped, so a
-        hung in-process backend is left to the model manager's own load deadline."""
+        """Run one batch; past ``timeout_s`` it fails with ``BackendError`` and the instance is replaced."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
+        running = loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
+        if timeout_s is None:
+            return await running
+        done, _ = await asyncio.wait({running}, timeout=max(timeout_s, 0.0))
+        if not done:
+            self._abandon(running)
+            raise BackendError(
+                f"instance {self.name} did not finish the batch within {timeout_s:.3g}s; the batch is abandoned "
+                "and the instance restarted"
+            )
+        return running.result()
+
+    def _abandon(self, running: asyncio.Future[dict[str, np.ndarray]]) -> None:
+        log.error("instance %s did not answer in time; replacing its thread and backend", self.name)
+        # Whatever the abandoned call returns or raises later is nobody's answer.
+        running.add_done_callback(lambda future: future.cancelled() or future.exception())
+        hung = self._executor
+        self._executor = self._new_executor()
+        hung.shutdown(wait=False)
+        if self._rebuild is not None:
+            self._executor.submit(self._replace_backend)
+
+    def _replace_backend(self) -> None:
+        assert self._rebuild is not None
+        try:
+            self.backend = self._rebuild()
+        except Exception:  # keep serving with the old object rather than with none
+            log.exception("instance %s could not rebuild its backend; keeping the old one", self.name)
+        else:
+            log.info("instance %s restarted", self.name)
 
     def unload(self) -> None:
         self._executor.shutdown(wait=True)
@@ -113,33 +203,34 @@ def _worker_main(
     """Body of a worker process: build the backend, then run batches until told to unload or the parent goes."""
     # Ctrl-C reaches the whole process group; the parent decides when workers stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    channel = WorkerChannel(conn)
+    install_channel(channel)
     try:
         module_name, _, attr = backend_path.partition(":")
         backend_cls = getattr(importlib.import_module(module_name), attr)
         config = ModelConfig.model_validate_json(config_json)
         backend = backend_cls(config, Path(version_dir), Device(device_kind, device_index))
     except BaseException as exc:
-        conn.send(("error", error_payload(exc)))
+        channel.send(("error", error_payload(exc)))
         return
-    conn.send(("ready", None))
+    channel.send(("ready", None))
     while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):  # the server is gone
+        message = channel.receive()
+        if message is None:  # the server is gone
             break
         if message[0] == "unload":
             try:
                 backend.unload()
             finally:
-                conn.send(("ok", None))
+                channel.send(("ok", None))
             break
         _, inputs, output_names = message
         try:
             outputs = backend.execute(inputs, output_names)
         except Exception as exc:
-            conn.send(("error", error_payload(exc)))
+            channel.send(("error", error_payload(exc)))
         else:
-            conn.send(("ok", outputs))
+            channel.send(("ok", outputs))
 
 
 def _exit_description(exitcode: int | None) -> str:
@@ -192,6 +283,8 @@ class ProcessModelInstance(ModelInstance):
         )
         self._process: Any = None
         self._conn: Connection | None = None
+        # Answers to the model's calls are sent from other threads than the one sending batches.
+        self._send_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"instance-{placement.name}")
         try:
             self._start(config.load_timeout_s if load_timeout_s is None else load_timeout_s)
@@ -214,7 +307,12 @@ class ProcessModelInstance(ModelInstance):
         process.start()
         child_conn.close()
         try:
-            status, payload = self._receive(parent_conn, process, max(timeout_s, 0.0))
+            deadline = time.monotonic() + max(timeout_s, 0.0)
+            message = self._receive(parent_conn, process, max(timeout_s, 0.0))
+            while message[0] == "call":  # from initialize(): other models are not served to it yet
+                self._answer_call(parent_conn, message, None)
+                message = self._receive(parent_conn, process, max(deadline - time.monotonic(), 0.0))
+            status, payload = message
         except WorkerCrashed as exc:
             parent_conn.close()
             raise ModelLoadError(
@@ -240,7 +338,7 @@ class ProcessModelInstance(ModelInstance):
         self._process, self._conn = process, parent_conn
 
     @staticmethod
-    def _receive(conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[str, Any]:
+    def _receive(conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[Any, ...]:
         """The worker's next message; ``WorkerCrashed`` if it exits first, ``WorkerTimedOut`` after ``timeout_s``."""
         if not wait([conn, process.sentinel], timeout_s):
             raise WorkerTimedOut
@@ -266,7 +364,11 @@ class ProcessModelInstance(ModelInstance):
         self._process = self._conn = None
 
     def _execute_blocking(
-        self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
+        self,
+        inputs: Mapping[str, np.ndarray],
+        output_names: list[str],
+        timeout_s: float | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> dict[str, np.ndarray]:
         if self._process is None:
             # The last restart failed; try again rather than stay broken forever.
@@ -274,17 +376,25 @@ class ProcessModelInstance(ModelInstance):
                 self._start()
             except ModelDockError as exc:
                 raise BackendError(f"instance {self.name} is not running and cannot restart: {exc.message}") from None
-        assert self._conn is not None
+        conn = self._conn
+        assert conn is not None
         try:
-            self._conn.send(("execute", dict(inputs), output_names))
-            status, payload = self._receive(self._conn, self._process, timeout_s)
+            self._send(conn, ("execute", dict(inputs), output_names))
+            while True:
+                message = self._receive(conn, self._process, timeout_s)
+                if message[0] != "call":
+                    break
+                self._answer_call(conn, message, loop)
+            status, payload = message
         except WorkerTimedOut:
-            # Stopped rather than restarted at once: the next batch starts a fresh worker if one is needed.
-            log.error("instance %s did not answer within %.1fs; stopping it", self.name, timeout_s)
+            # Stopped rather than restarted at once: the next batch starts a fresh worker (a failed warm-up, which
+            # also gets here, unloads the instance next and needs none).
+            log.error("instance %s did not answer within %.3gs; stopping it", self.name, timeout_s)
             stop_process(self._process)
             self._discard_worker()
             raise BackendError(
-                f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.1f}s"
+                f"model '{self.config.name}': instance {self.name} did not answer within {timeout_s:.3g}s; "
+                "it is restarted for the next batch"
             ) from None
         except (WorkerCrashed, BrokenPipeError, OSError) as exc:
             self._process.join()
@@ -307,14 +417,59 @@ class ProcessModelInstance(ModelInstance):
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._execute_blocking, inputs, output_names, timeout_s)
+        return await loop.run_in_executor(self._executor, self._execute_blocking, inputs, output_names, timeout_s, loop)
+
+    def _send(self, conn: Connection, message: Any) -> None:
+        with self._send_lock:
+            conn.send(message)
+
+    def _answer_call(self, conn: Connection, message: tuple[Any, ...], loop: asyncio.AbstractEventLoop | None) -> None:
+        """Start a call the model made to another served model; its answer goes back to the worker when done.
+
+        The call runs on the event loop like any client request, while this thread goes back to listening to
+        the worker, which may make further calls before the first is answered.
+        """
+        _, call_id, model_name, model_version, inputs, output_names, parameters = message
+        if loop is None or self.model_caller is None:
+            error = Unsupported(
+                f"model '{self.config.name}' cannot call other models while it loads (initialize, warm-up)"
+            )
+            self._send_quietly(conn, ("call_result", call_id, "error", error_payload(error)))
+            return
+        request = InferRequest(
+            model_name=str(model_name),
+            model_version=str(model_version),
+            inputs=dict(inputs),
+            outputs=[RequestedOutput(str(name)) for name in output_names],
+            parameters=dict(parameters),
+        )
+        asyncio.run_coroutine_threadsafe(self._run_call(conn, call_id, request, self.model_caller), loop)
+
+    async def _run_call(self, conn: Connection, call_id: int, request: InferRequest, caller: ModelCaller) -> None:
+        try:
+            try:
+                request.input_datatypes = {name: wire_datatype(a) for name, a in request.inputs.items()}
+            except TypeError as exc:
+                raise InvalidInput(f"call to model '{request.model_name}': {exc}") from None
+            response = await caller(request)
+            result: tuple[Any, ...] = ("call_result", call_id, "ok", dict(response.outputs))
+        except Exception as exc:  # the called model's error, whatever it is, belongs to the caller
+            result = ("call_result", call_id, "error", error_payload(exc))
+        await asyncio.to_thread(self._send_quietly, conn, result)
+
+    def _send_quietly(self, conn: Connection, message: Any) -> None:
+        """Send unless the worker is gone (crashed or stopped while the call ran): then nobody waits for it."""
+        try:
+            self._send(conn, message)
+        except (OSError, ValueError):
+            pass
 
     def _stop_worker(self) -> None:
         process, conn = self._process, self._conn
         if process is None or conn is None:
             return
         try:
-            conn.send(("unload",))
+            self._send(conn, ("unload",))
             if conn.poll(_WORKER_STOP_TIMEOUT):
                 conn.recv()
         except (EOFError, OSError):
@@ -344,7 +499,8 @@ def create_instances(
                 timeout_s = None if deadline is None else deadline - time.monotonic()
                 instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls, timeout_s))
                 continue
-            instances.append(ModelInstance(placement, backend_cls(config, version_dir, placement.device)))
+            rebuild = functools.partial(backend_cls, config, version_dir, placement.device)
+            instances.append(ModelInstance(placement, rebuild(), rebuild))
     except BaseException:
         for instance in instances:
             instance.unload()

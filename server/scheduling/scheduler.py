@@ -19,6 +19,7 @@ from server.errors import BackendError, ModelDockError, ModelNotReady
 from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
 from server.protocol.datatypes import CONFIG_TO_WIRE, numpy_dtype
 from server.protocol.types import InferRequest, InferResponse
+from server.scheduling.deadlines import execute_timeout_s
 from server.scheduling.instances import InstancePool, ModelInstance
 
 _END = object()
@@ -142,7 +143,7 @@ class Scheduler(ABC):
             inputs = merge_inputs(self.config, [p.request for p in batch])
             output_names = requested_output_names(self.config, [p.request for p in batch])
             merged = time.monotonic_ns()
-            outputs = await instance.execute(inputs, output_names)
+            outputs = await instance.execute(inputs, output_names, execute_timeout_s(batch))
             executed = time.monotonic_ns()
             responses = split_outputs(self.config, self.version, batch, outputs)
             return BatchOutcome(responses, None, (start, merged, executed, time.monotonic_ns()))
@@ -156,6 +157,8 @@ class Scheduler(ABC):
             self._fail_batch(batch, outcome.error)
             return
         for pending, response in zip(batch, outcome.responses, strict=True):
+            if pending.request.trace is not None:
+                pending.request.marks_ns = (pending.arrival_ns, *outcome.marks_ns, len(batch))
             pending.send(response)
         timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
         self.stats.record_batch(timings, *outcome.marks_ns)

@@ -28,6 +28,13 @@ def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
 def validate_request(config: ModelConfig, request: InferRequest) -> None:
     known = {t.name for t in config.input}
     unexpected = sorted(set(request.inputs) - known)
+    sequence = config.sequence_batching
+    server_filled = sorted(set(unexpected) & set(sequence.server_inputs)) if sequence is not None else []
+    if server_filled:
+        raise InvalidInput(
+            f"input '{server_filled[0]}' of model '{config.name}' is a sequence control or state input that the "
+            "server fills in; clients do not send it"
+        )
     if unexpected:
         raise InvalidInput(f"unexpected input '{unexpected[0]}' for model '{config.name}'; it expects {sorted(known)}")
     batch_size: int | None = None

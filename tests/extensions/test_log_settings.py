@@ -70,7 +70,7 @@ def test_settings_decide_which_records_are_written(captured: tuple[ServerLogging
     [
         ({"log_info": "false"}, InvalidInput, "'log_info'"),
         ({"log_verbose_level": -1}, InvalidInput, "'log_verbose_level'"),
-        ({"log_format": "json"}, InvalidInput, "'log_format'"),
+        ({"log_format": "xml"}, InvalidInput, "'log_format'"),
         ({"log_colour": True}, InvalidInput, "'log_colour'"),
         ({"log_file": "/tmp/server.log"}, NotAllowed, "'log_file'"),
     ],
@@ -117,7 +117,7 @@ def test_log_settings_over_http_and_grpc_govern_the_server_log(start_server, tmp
     wait_for(lambda: "model 'other' ready" in server.log(), what="the INFO line of the load")
 
     with pytest.raises(InferenceServerException) as refused:
-        rpc.update_log_settings({"log_format": "json"})
+        rpc.update_log_settings({"log_format": "xml"})
     assert refused.value.status() == str(grpc.StatusCode.INVALID_ARGUMENT) and "log_format" in refused.value.message()
     with pytest.raises(InferenceServerException) as refused:
         rpc.update_log_settings({"log_file": "/tmp/elsewhere.log"})

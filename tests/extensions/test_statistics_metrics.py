@@ -18,8 +18,10 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2_grpc
 
-from tests.conftest import ServerProcess
+from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 from tests.scheduling.test_batching_e2e import body, grpc_request, sleepy_config, wait_for_pending, write_model
+
+BUNDLED_MODELS = {path.parent.name for path in BUNDLED_REPOSITORY.glob("*/config.yaml")}
 
 SENT = 5
 # Requests the server turns away with 400 (a wrong shape): Triton counts them as failed inferences.
@@ -88,7 +90,7 @@ def test_http_statistics(counted_server: ServerProcess) -> None:
         check_simple_stats(stats)
     everything = httpx.get(counted_server.url + "/v2/models/stats").json()["model_stats"]
     by_name = {s["name"]: s for s in everything}
-    assert set(by_name) == {"simple", "mlp_classifier", "torch_mlp", "text_preprocessor"}
+    assert set(by_name) == BUNDLED_MODELS
     assert by_name["mlp_classifier"]["inference_count"] == 0
     assert by_name["mlp_classifier"]["inference_stats"]["fail"]["count"] == REJECTED
     assert by_name["mlp_classifier"]["inference_stats"]["success"]["count"] == 0
@@ -105,7 +107,7 @@ def test_tritonclient_reads_statistics(counted_server: ServerProcess) -> None:
     try:
         [stats] = client.get_inference_statistics("simple")["model_stats"]
         check_simple_stats(stats)
-        assert len(client.get_inference_statistics()["model_stats"]) == 4
+        assert len(client.get_inference_statistics()["model_stats"]) == len(BUNDLED_MODELS)
     finally:
         client.close()
 

@@ -512,7 +512,7 @@ def test_model_not_ready_is_unavailable(client: triton_grpc.InferenceServerClien
 
 
 def test_extensions_not_offered_are_unimplemented(client: triton_grpc.InferenceServerClient) -> None:
-    for call in (client.get_cuda_shared_memory_status, client.get_trace_settings):
+    for call in (client.get_cuda_shared_memory_status,):
         code, message = status_of(call)
         assert code == grpc.StatusCode.UNIMPLEMENTED and "not supported" in message
 

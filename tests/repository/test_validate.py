@@ -92,3 +92,23 @@ def test_validate_prints_bracketed_text_as_is(tmp_path: Path) -> None:
     result = validate(tmp_path / "repo")
     assert result.returncode == 1, result.stdout + result.stderr
     assert 'pip install "modeldock[tensorrt]"' in result.stdout, result.stdout
+
+
+def test_validate_checks_an_ensembles_graph_against_its_step_models(tmp_path: Path) -> None:
+    from tests.pipeline_models import add_add_one, tensor, write_model
+
+    add_add_one(tmp_path)
+    step = {"model_name": "add_one", "input_map": {"Y": "IN"}, "output_map": {"Z": "OUT"}}
+    ensemble = {
+        "platform": "ensemble",
+        "max_batch_size": 8,
+        "input": [tensor("IN")],
+        "output": [tensor("OUT", dims=[5])],
+        "ensemble_scheduling": {"step": [step]},
+    }
+    write_model(tmp_path, "pipeline", ensemble)
+    write_model(tmp_path, "missing_step", {**ensemble, "ensemble_scheduling": {"step": [{**step, "model_name": "x"}]}})
+    result = validate(tmp_path)
+    assert result.returncode == 1
+    assert "step 0 (model 'add_one'): tensor 'OUT' has shape [-1, 4] where it is produced but [-1, 5]" in result.stdout
+    assert "step 0 (model 'x'): no such model in the model repository" in result.stdout

@@ -44,7 +44,7 @@ class SequenceSampler:
 
     def choose(self, logits: torch.Tensor, banned: list[int]) -> int:
         """The next token from one row of logits (float32, vocabulary-sized); ``banned`` ids are never chosen."""
-        logits = self._penalised(logits)
+        logits = self._penalised(logits.clone())
         if banned:
             logits[banned] = float("-inf")
         p = self.params

@@ -47,6 +47,10 @@ class GenerationScheduler(Scheduler):
             self.engines.append(GenerationEngine(config.name, backend, limits, self.stats.generation))
         self._tasks: dict[PendingRequest, asyncio.Task[None]] = {}
         self._started: set[PendingRequest] = set()
+        # Streams of the generate and OpenAI routes still open: an unload lets them finish first.
+        self._open_streams = 0
+        self._no_open_streams = asyncio.Event()
+        self._no_open_streams.set()
 
     # -- the generate extension and the OpenAI routes -------------------------------------------------------------
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
@@ -55,6 +59,8 @@ class GenerationScheduler(Scheduler):
         engine = min(self.engines, key=lambda e: e.load)
         start = time.monotonic_ns()
         finished = False
+        self._open_streams += 1
+        self._no_open_streams.clear()
         try:
             async for output in engine.generate(request):
                 finished = output.finished
@@ -63,6 +69,9 @@ class GenerationScheduler(Scheduler):
             self.stats.record_failure([start], FailureReason.BACKEND)
             raise
         finally:
+            self._open_streams -= 1
+            if not self._open_streams:
+                self._no_open_streams.set()
             if finished:
                 now = time.monotonic_ns()
                 self.stats.record_batch([RequestTiming(start, 1)], start, start, now, now)
@@ -117,6 +126,7 @@ class GenerationScheduler(Scheduler):
         self._closed = True
         while self._in_flight:
             await asyncio.gather(*list(self._in_flight), return_exceptions=True)
+        await self._no_open_streams.wait()
         await asyncio.to_thread(lambda: [engine.stop() for engine in self.engines])
 
 

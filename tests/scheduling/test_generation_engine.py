@@ -1,0 +1,200 @@
+"""The generation engine in process: continuous batching must not change what a sequence generates."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from backends.transformers import TransformersBackend  # noqa: E402
+from server.config import ModelConfig  # noqa: E402
+from server.devices import CPU  # noqa: E402
+from server.errors import ConfigError, InvalidInput  # noqa: E402
+from server.extensions.generation_metrics import GenerationStats  # noqa: E402
+from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams  # noqa: E402
+
+PROMPTS = [
+    "Hello world",
+    "The quick brown fox jumps over",
+    "What is",
+    "Once upon a time there was a small robot who learned to paint and",
+    "1 2 3",
+    "ModelDock serves machine learning models from a folder",
+    "Paris",
+    "def main(): print(",
+]
+
+
+def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
+    config = TransformersBackend.auto_complete_config(
+        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
+    )
+    backend = TransformersBackend(config, folder, CPU)
+    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
+
+
+@pytest.fixture(scope="module")
+def engine(causal_lm_dir: Path) -> Iterator[GenerationEngine]:
+    engine = make_engine(causal_lm_dir)
+    yield engine
+    engine.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(causal_lm_dir: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(causal_lm_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(causal_lm_dir)
+
+    def generate_alone(prompt: str, max_new_tokens: int) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, ids.shape[1] :].tolist()
+
+    return generate_alone
+
+
+def greedy(max_tokens: int, **extra: object) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
+
+
+async def collect(engine: GenerationEngine, prompt: str, sampling: SamplingParams) -> list[GenerationOutput]:
+    return [o async for o in engine.generate(GenerateRequest("t", prompt=prompt, sampling=sampling))]
+
+
+def tokens(outputs: list[GenerationOutput]) -> list[int]:
+    return [t for o in outputs for t in o.token_ids]
+
+
+async def test_greedy_under_continuous_batching_equals_generate_alone(engine: GenerationEngine, reference) -> None:
+    """The request joins a running batch of 15 others of mixed prompt and output lengths, and leaves before them."""
+    others = [
+        asyncio.create_task(collect(engine, PROMPTS[i % len(PROMPTS)] + " " * (i % 3), greedy(10 + 7 * i)))
+        for i in range(15)
+    ]
+    await asyncio.sleep(0.05)  # the others are running when the request of interest arrives
+    target = await collect(engine, "Tell me a story about a robot", greedy(24))
+    await asyncio.gather(*others)
+    assert tokens(target) == reference("Tell me a story about a robot", 24)
+    for i, task in enumerate(others):
+        prompt = PROMPTS[i % len(PROMPTS)] + " " * (i % 3)
+        assert tokens(task.result()) == reference(prompt, 10 + 7 * i), prompt
+
+
+async def test_outputs_carry_counts_and_the_finish_reason(engine: GenerationEngine) -> None:
+    outputs = await collect(engine, "Hello world", greedy(7))
+    assert [o.finished for o in outputs] == [False] * 6 + [True]
+    assert outputs[-1].finish_reason == "length"
+    assert [o.completion_tokens for o in outputs] == list(range(1, 8))
+    assert outputs[-1].prompt_tokens == len(engine.tokenizer.encode("Hello world"))
+    assert "".join(o.text for o in outputs) == engine.tokenizer.decode(tokens(outputs), skip_special_tokens=True)
+
+
+async def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(engine: GenerationEngine) -> None:
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = tokens(await collect(engine, "Once upon a time", sampled))
+    crowd = [asyncio.create_task(collect(engine, p, greedy(15))) for p in PROMPTS]
+    beside = tokens(await collect(engine, "Once upon a time", sampled))
+    await asyncio.gather(*crowd)
+    other_seed = tokens(await collect(engine, "Once upon a time", sampled.model_copy(update={"seed": 99})))
+    assert alone == beside
+    assert other_seed != alone
+
+
+async def test_stop_string_ends_the_text_before_it(engine: GenerationEngine) -> None:
+    full = "".join(o.text for o in await collect(engine, "The quick brown fox", greedy(30)))
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3 and stop.strip(), f"no usable stop string in {full!r}"
+    outputs = await collect(engine, "The quick brown fox", greedy(30, stop=[stop]))
+    text = "".join(o.text for o in outputs)
+    assert text == full[: full.index(stop)]
+    assert outputs[-1].finish_reason == "stop"
+
+
+async def test_stop_token_id_and_eos(engine: GenerationEngine) -> None:
+    generated = tokens(await collect(engine, "Paris", greedy(12)))
+    stop_id = generated[4]
+    outputs = await collect(engine, "Paris", greedy(12, stop_token_ids=[stop_id]))
+    assert tokens(outputs) == generated[: generated.index(stop_id) + 1]
+    assert outputs[-1].finish_reason == "stop"
+    # min_tokens holds the stop token back until enough tokens were generated.
+    held = await collect(engine, "Paris", greedy(12, stop_token_ids=[stop_id], min_tokens=generated.index(stop_id) + 2))
+    assert stop_id not in tokens(held)[: generated.index(stop_id) + 2]
+
+
+async def test_a_new_request_does_not_wait_for_the_running_batch(engine: GenerationEngine) -> None:
+    long_request = asyncio.create_task(collect(engine, "Hello world", greedy(150)))
+    await asyncio.sleep(0.05)
+    short = await collect(engine, "What is", greedy(3))
+    assert len(tokens(short)) == 3
+    assert not long_request.done(), "the short request waited for the long one to finish"
+    assert len(tokens(await long_request)) == 150
+
+
+async def test_closing_the_stream_aborts_and_frees_the_sequence(engine: GenerationEngine) -> None:
+    stats = engine.stats
+    aborted_before = stats.aborted
+    stream = engine.generate(GenerateRequest("t", prompt="Hello", sampling=greedy(200)))
+    first = await anext(stream)
+    assert not first.finished
+    await stream.aclose()
+    for _ in range(100):
+        if stats.aborted > aborted_before and engine.blocks.used_blocks == 0 and not engine._running:
+            break
+        await asyncio.sleep(0.02)
+    assert stats.aborted == aborted_before + 1
+    assert engine.blocks.used_blocks == 0
+
+
+async def test_lengths_are_checked_before_anything_runs(engine: GenerationEngine) -> None:
+    limit = engine.limits.max_model_len
+    with pytest.raises(InvalidInput, match="max_model_len"):
+        await collect(engine, "Hello", greedy(limit))
+    with pytest.raises(InvalidInput, match="at most"):
+        await collect(engine, "word " * limit, greedy(1))
+    with pytest.raises(InvalidInput, match="outside the vocabulary"):
+        [o async for o in engine.generate(GenerateRequest("t", prompt_token_ids=[10**9], sampling=greedy(2)))]
+
+
+async def test_a_full_cache_preempts_and_every_sequence_still_matches(causal_lm_dir: Path, reference) -> None:
+    """Eight sequences that need ~6 blocks each share 12 blocks of 8 tokens: admission waits and decode preempts."""
+    engine = make_engine(causal_lm_dir, kv_cache_blocks="12", kv_block_size="8", max_model_len="96")
+    try:
+        results = await asyncio.gather(*(collect(engine, p, greedy(40)) for p in PROMPTS))
+        for prompt, outputs in zip(PROMPTS, results, strict=True):
+            assert tokens(outputs) == reference(prompt, 40), prompt
+        assert engine.stats.preempted > 0
+        assert engine.blocks.used_blocks == 0
+    finally:
+        engine.stop()
+
+
+async def test_max_num_seqs_bounds_the_running_batch(causal_lm_dir: Path) -> None:
+    engine = make_engine(causal_lm_dir, max_num_seqs="2")
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(len(engine._running))
+            await asyncio.sleep(0.001)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.gather(*(collect(engine, p, greedy(20)) for p in PROMPTS[:5]))
+    finally:
+        watcher.cancel()
+        engine.stop()
+    assert max(seen) == 2
+
+
+def test_engine_limits_that_cannot_hold_a_sequence_are_config_errors(causal_lm_dir: Path) -> None:
+    with pytest.raises(ConfigError, match="kv_cache_blocks"):
+        make_engine(causal_lm_dir, kv_cache_blocks="2", max_model_len="128")
+    with pytest.raises(ConfigError, match="max_model_len"):
+        make_engine(causal_lm_dir, max_model_len="100000")

@@ -1,0 +1,102 @@
+"""Per-request logits processing and incremental detokenization, on crafted inputs."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from server.errors import InvalidInput  # noqa: E402
+from server.scheduling.generation.detokenizer import IncrementalDetokenizer  # noqa: E402
+from server.scheduling.generation.requests import SamplingParams  # noqa: E402
+from server.scheduling.generation.sampling import SequenceSampler  # noqa: E402
+
+
+def logits(*values: float) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32)
+
+
+def test_greedy_takes_the_largest_and_skips_banned_tokens() -> None:
+    sampler = SequenceSampler(SamplingParams(temperature=0), [])
+    assert sampler.choose(logits(1, 5, 3), []) == 1
+    assert sampler.choose(logits(1, 5, 3), [1]) == 2
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits_of_seen_tokens() -> None:
+    sampler = SequenceSampler(SamplingParams(temperature=0, repetition_penalty=4.0), prompt_token_ids=[0, 2])
+    # Token 0 (4.0 → 1.0) now loses to token 1 (2.0); token 2 (-1 → -4) stays last.
+    assert sampler.choose(logits(4.0, 2.0, -1.0), []) == 1
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only() -> None:
+    sampler = SequenceSampler(SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5), [1])
+    for _ in range(2):
+        sampler.record(0)
+    # Token 0: 3.0 - 2*1.0 - 0.5 = 0.5 < token 1's 1.0 (a prompt token: not penalised).
+    assert sampler.choose(logits(3.0, 1.0, 0.0), []) == 1
+
+
+def test_top_k_one_and_a_tiny_top_p_are_greedy_even_when_sampling() -> None:
+    for params in (
+        SamplingParams(temperature=1.5, top_k=1, seed=0),
+        SamplingParams(temperature=1.5, top_p=0.01, seed=0),
+    ):
+        sampler = SequenceSampler(params, [])
+        assert {sampler.choose(logits(0.0, 2.0, 1.9, 1.8), []) for _ in range(50)} == {1}
+
+
+def test_top_k_keeps_only_the_k_best_candidates() -> None:
+    sampler = SequenceSampler(SamplingParams(temperature=100.0, top_k=2, seed=3), [])
+    drawn = {sampler.choose(logits(0.0, 5.0, 4.9, 0.1, 0.2), []) for _ in range(200)}
+    assert drawn == {1, 2}
+
+
+def test_the_same_seed_draws_the_same_tokens() -> None:
+    def draws(seed: int) -> list[int]:
+        sampler = SequenceSampler(SamplingParams(temperature=1.0, seed=seed), [])
+        return [sampler.choose(logits(*([0.0] * 50)), []) for _ in range(20)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_bad_sampling_parameters_are_refused_naming_the_field() -> None:
+    with pytest.raises(InvalidInput, match="'temperature'"):
+        SamplingParams.parse({"temperature": -1}, "request")
+    with pytest.raises(InvalidInput, match="'top_p'"):
+        SamplingParams.parse({"top_p": 0}, "request")
+    with pytest.raises(InvalidInput, match="'beam_width'"):
+        SamplingParams.parse({"beam_width": 2}, "request")
+    assert SamplingParams.parse({"stop": "END"}, "request").stop == ["END"]
+
+
+class CharTokenizer:
+    """Each token id is one UTF-8 byte, so characters split across tokens as in byte-level BPE."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+def feed(detokenizer: IncrementalDetokenizer, text: str) -> tuple[list[str], bool]:
+    chunks, stopped = [], False
+    for byte in text.encode():
+        chunk, stopped = detokenizer.add(byte)
+        chunks.append(chunk)
+        if stopped:
+            break
+    return chunks, stopped
+
+
+def test_a_multibyte_character_is_sent_whole() -> None:
+    chunks, _ = feed(IncrementalDetokenizer(CharTokenizer(), []), "aé")
+    assert chunks == ["a", "", "é"]
+
+
+def test_text_that_may_begin_a_stop_string_is_held_until_decided() -> None:
+    detokenizer = IncrementalDetokenizer(CharTokenizer(), ["END"])
+    chunks, stopped = feed(detokenizer, "abENx")
+    assert "".join(chunks) == "abENx" and not stopped
+    assert chunks[2:4] == ["", ""]  # "E" and "EN" could have begun "END"
+    detokenizer = IncrementalDetokenizer(CharTokenizer(), ["END"])
+    chunks, stopped = feed(detokenizer, "abEND and more")
+    assert stopped and "".join(chunks) == "ab"
