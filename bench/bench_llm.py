@@ -426,7 +426,7 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short answers, fewer requests, levels 1 and 16")
-    parser.add_argument("--levels", default="1,4,16,64", help="concurrent client counts for ModelDock")
+    parser.add_argument("--levels", default="", help="concurrent client counts for ModelDock (default 1,4,16,64)")
     parser.add_argument("--baseline-levels", default="1,16", help="client counts for the three baselines")
     parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level")
     parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
@@ -452,8 +452,8 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
     if args.quick:
-        args.levels, args.baseline_levels = "1,16", "1,16"
         args.output_min, args.output_max, args.prompt_max = 8, 32, 128
         args.requests_per_client, args.min_requests = 1, 4
     skip = set(filter(None, args.skip.split(",")))
