@@ -25,6 +25,8 @@ from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
 
 GPT = "tiny_gpt"
 EMBEDDER = "tiny_embedder"
+ONE_SEAT = "tiny_gpt_one_seat"
+ONE_SEAT_LEN = 8192
 EMBED_MAX_BATCH = 4
 MAX_MODEL_LEN = 1024
 # Far more tokens than a client that leaves after a few chunks has seen.
@@ -36,6 +38,9 @@ def llm_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     repository = tmp_path_factory.mktemp("openai") / "models"
     build_causal_lm(repository / GPT / "1", n_positions=MAX_MODEL_LEN)
     (repository / GPT / "config.yaml").write_text("backend: transformers\n")
+    # One seat in its engine, so a second request waits; long enough a context that the first holds the seat.
+    build_causal_lm(repository / ONE_SEAT / "1", n_positions=ONE_SEAT_LEN)
+    (repository / ONE_SEAT / "config.yaml").write_text("backend: transformers\nparameters:\n  max_num_seqs: 1\n")
     build_encoder(repository / EMBEDDER / "1")
     (repository / EMBEDDER / "config.yaml").write_text(
         f"backend: transformers\nmax_batch_size: {EMBED_MAX_BATCH}\nparameters:\n  task: embed\n"
@@ -50,7 +55,7 @@ def llm_server(start_server: Callable[..., ServerProcess], llm_repository: Path)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         states = {row["name"]: row["state"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
-        if states.get(GPT) == "READY" and states.get(EMBEDDER) == "READY":
+        if all(states.get(name) == "READY" for name in (GPT, ONE_SEAT, EMBEDDER)):
             return server
         time.sleep(0.2)
     raise TimeoutError(f"language models not ready: {states}\n{server.log()}")
@@ -89,7 +94,7 @@ def chat_prompt_tokens(tokenizer: Any, messages: list[dict[str, Any]]) -> int:
 # -- models --------------------------------------------------------------------------------------------------------
 def test_models_lists_language_models_only(client: openai.OpenAI) -> None:
     listed = client.models.list()
-    assert sorted(model.id for model in listed.data) == [EMBEDDER, GPT]
+    assert sorted(model.id for model in listed.data) == [EMBEDDER, GPT, ONE_SEAT]
     assert all(model.object == "model" and model.owned_by == "modeldock" for model in listed.data)
     assert client.models.retrieve(GPT).id == GPT
     with pytest.raises(openai.NotFoundError):
@@ -319,6 +324,7 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, llm_server:
         ("/v1/completions", {"presence_penalty": 3}, "presence_penalty"),
         ("/v1/completions", {"frequency_penalty": "a lot"}, "frequency_penalty"),
         ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/completions", {"prompt": 5}, "prompt"),
         ("/v1/completions", {"stop": [""]}, "stop"),
         ("/v1/completions", {"logprobs": 2}, "logprobs"),
         ("/v1/chat/completions", {"max_completion_tokens": -5}, "max_completion_tokens"),
@@ -362,18 +368,18 @@ def test_body_that_is_not_json_is_400(llm_server: ServerProcess) -> None:
 
 
 # -- client disconnects --------------------------------------------------------------------------------------------
-def llm_gauge(server: ServerProcess, name: str) -> float:
+def llm_gauge(server: ServerProcess, name: str, model: str = GPT) -> float:
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    found = re.search(rf'^{name}\{{[^}}]*model="{GPT}"[^}}]*\}} ([0-9.e+-]+)$', text, re.MULTILINE)
+    found = re.search(rf'^{name}\{{[^}}]*model="{model}"[^}}]*\}} ([0-9.e+-]+)$', text, re.MULTILINE)
     return float(found[1]) if found else 0.0
 
 
-def wait_for_gauge(server: ServerProcess, name: str, value: float, timeout: float = 10.0) -> float:
+def wait_for_gauge(server: ServerProcess, name: str, value: float, timeout: float = 10.0, model: str = GPT) -> float:
     deadline = time.monotonic() + timeout
-    current = llm_gauge(server, name)
+    current = llm_gauge(server, name, model)
     while current != value and time.monotonic() < deadline:
         time.sleep(0.02)
-        current = llm_gauge(server, name)
+        current = llm_gauge(server, name, model)
     return current
 
 
@@ -425,6 +431,32 @@ def test_client_leaving_before_a_whole_answer_frees_its_sequence(llm_server: Ser
         httpx.post(f"{llm_server.url}/v1/completions", json=body, timeout=0.3)
     assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, timeout=5) == 0
     assert wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1) == aborted + 1
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_leaving_while_queued_frees_its_place(llm_server: ServerProcess, stream: bool) -> None:
+    """A request still waiting for a seat in the engine is dropped when its client leaves, before any token."""
+    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total", ONE_SEAT)
+    body = {"model": ONE_SEAT, "prompt": PROMPT, "ignore_eos": True}
+    url = f"{llm_server.url}/v1/completions"
+    with httpx.stream(
+        "POST", url, json={**body, "max_tokens": ONE_SEAT_LEN - 64, "stream": True}, timeout=60
+    ) as seated:
+        assert seated.status_code == 200
+        # Kept: closing the line iterator would close the connection, and the seated request with it.
+        seated_lines = seated.iter_lines()
+        next(seated_lines)
+        # No answer (not even headers) comes while the request waits for the seat, so the client gives up.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json={**body, "max_tokens": 8, "stream": stream}, timeout=httpx.Timeout(30, read=1.0))
+        assert wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1, model=ONE_SEAT) == (
+            aborted + 1
+        )
+        # Gone from the queue while the seated request still runs.
+        assert llm_gauge(llm_server, "modeldock_llm_requests_waiting", ONE_SEAT) == 0
+        assert llm_gauge(llm_server, "modeldock_llm_requests_running", ONE_SEAT) == 1
+        seated_lines.close()
+    assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, model=ONE_SEAT) == 0
 
 
 # -- API key -------------------------------------------------------------------------------------------------------

@@ -27,9 +27,15 @@ class OpenAIRequestError(InvalidInput):
 def field_error(exc: ValidationError, rename: dict[str, str] | None = None) -> OpenAIRequestError:
     """The first problem pydantic found, as a 400 naming the field (``messages.0.role``)."""
     first = exc.errors()[0]
-    param = ".".join(str(part) for part in first["loc"])
+    # A union field's errors name the member type tried (``prompt.list[str]``); the client's field is what counts.
+    parts = [str(part) for part in first["loc"] if not (isinstance(part, str) and _is_type_tag(part))]
+    param = ".".join(parts)
     param = (rename or {}).get(param, param)
     return OpenAIRequestError(f"'{param}': {first['msg']}" if param else first["msg"], param or None)
+
+
+def _is_type_tag(part: str) -> bool:
+    return "[" in part or part in ("str", "int", "float", "bool", "list", "dict")
 
 
 def _error_type(status: int) -> str:

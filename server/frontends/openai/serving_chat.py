@@ -65,7 +65,12 @@ class OpenAIServingChat(ServingEngine):
         sampling = self.sampling(request, max_tokens, max_field)
         chat_id = request_id("chatcmpl")
         prompt = {"messages": message_dicts(request.messages)}
-        stream = await started(self.generate(request.model, chat_id, [prompt], sampling, request.n))
+        # A client that leaves while its request waits for a first token is let go too.
+        stream = await while_connected(
+            receive, started(self.generate(request.model, chat_id, [prompt], sampling, request.n))
+        )
+        if stream is None:
+            return Response(status_code=499)
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             return EventStreamResponse(self._events(request, chat_id, stream, include_usage), stream)

@@ -59,7 +59,12 @@ class OpenAIServingCompletion(ServingEngine):
         echoes = [p["prompt"] if request.echo else "" for p in prompts]
         sampling = self.sampling(request, request.max_tokens, "max_tokens")
         completion_id = request_id("cmpl")
-        stream = await started(self.generate(request.model, completion_id, prompts, sampling, request.n))
+        # A client that leaves while its request waits for a first token is let go too.
+        stream = await while_connected(
+            receive, started(self.generate(request.model, completion_id, prompts, sampling, request.n))
+        )
+        if stream is None:
+            return Response(status_code=499)
         count = len(prompts) * request.n
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
