@@ -1,3 +1,3 @@
-from server.cli import app
+from server.cli import main
 
-app()
+main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,6 +24,7 @@ from server.errors import ConfigError, ModelDockError
 from server.extensions.log_settings import LOG_LEVELS
 from server.extensions.tracing import TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
+from server.frontends.http_listener import HttpServerKind
 from server.frontends.openai.app import API_KEY_ENV
 from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
 from server.protocol.limits import RequestLimits
@@ -129,6 +132,31 @@ def serve_command(
     log_format: Annotated[
         str, typer.Option("--log-format", help="default, ISO8601, or json (one object a line, with request ids).")
     ] = "default",
+    http_server: Annotated[
+        HttpServerKind,
+        typer.Option(
+            "--http-server",
+            envvar="MODELDOCK_HTTP_SERVER",
+            help="HTTP server running the front end: uvicorn (Python) or granian (Rust).",
+        ),
+    ] = HttpServerKind.UVICORN,
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray",
+            metavar="[ADDRESS]",
+            help="Run model instances as actors on a Ray cluster: ADDRESS (host:port, 'auto', ray://...), or none "
+            "for Ray's own choice (RAY_ADDRESS, this machine's cluster, else a new local one). Needs modeldock[ray].",
+        ),
+    ] = None,
+    shutdown_timeout: Annotated[
+        float,
+        typer.Option(
+            "--shutdown-timeout",
+            min=0,
+            help="On SIGTERM/SIGINT, seconds requests in flight get to finish before the server exits anyway.",
+        ),
+    ] = 30.0,
 ) -> None:
     """Start the server on a model repository."""
     if log_level.lower() not in LOG_LEVELS:
@@ -168,10 +196,18 @@ def serve_command(
         raise typer.BadParameter(str(exc)) from None
     except ModelDockError as exc:
         raise typer.BadParameter(f"--trace-config: {exc.message}") from None
-    if uvloop is not None:
-        uvloop.run(serve(settings))
-    else:
-        asyncio.run(serve(settings))
+    settings.http_server = http_server
+    settings.shutdown_timeout_s = shutdown_timeout
+    if ray is not None and importlib.util.find_spec("ray") is None:
+        Console(stderr=True).print(escape('--ray needs Ray: pip install "modeldock[ray]"'))
+        raise typer.Exit(code=2)
+    settings.ray_address = ray
+    status = uvloop.run(serve(settings)) if uvloop is not None else asyncio.run(serve(settings))
+    if status:
+        # A drain cut short may leave a batch running on an instance thread, which a normal exit would wait for.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
 
 
 def _parse_shapes(values: list[str]) -> dict[str, list[int]]:
@@ -270,5 +306,19 @@ def _main() -> None:
     """ModelDock: multi-backend model serving."""
 
 
+def _ray_address_optional(args: list[str]) -> list[str]:
+    """Typer options always take a value, so ``--ray`` followed by nothing or another option becomes ``--ray=``
+    (Ray's own choice of cluster), which lets ``serve --ray`` and ``serve --ray ADDRESS`` both work."""
+    return [
+        "--ray=" if arg == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")) else arg
+        for i, arg in enumerate(args)
+    ]
+
+
+def main() -> None:
+    """The ``modeldock`` command."""
+    app(args=_ray_address_optional(sys.argv[1:]), prog_name="modeldock")
+
+
 if __name__ == "__main__":
-    app()
+    main()

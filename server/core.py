@@ -13,6 +13,7 @@ from enum import Enum
 from typing import Any
 
 from server import __version__
+from server.admission import Admission
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
 from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.metrics import ServerMetrics
@@ -67,13 +68,15 @@ class InferenceServer:
         self.started = False
         # ``--request-timeout-secs``: the longest any inference request may take (0: no server-wide bound).
         self.request_timeout_s = 0.0
+        # Closed when a shutdown begins: readiness turns false and new inferences are refused while old ones finish.
+        self.admission = Admission()
 
     # -- health -------------------------------------------------------------------------------------------
     def is_ready(self) -> bool:
         """Ready once the start-up load is done. Broken models, and models loaded later by polling or the repository
         API, do not hold it back: a serving replica must not drop out of its load balancer because a new model
         appeared beside the ones it serves (each model's own readiness says whether that model can serve)."""
-        return self.live and self.started
+        return self.live and self.started and self.admission.open
 
     # -- logging ------------------------------------------------------------------------------------------
     def log_settings(self) -> dict[str, Any]:
@@ -120,22 +123,23 @@ class InferenceServer:
     def model_ready(self, name: str, version: str = "") -> bool:
         if name not in self.models.records and self.models.repository.locate(name) is None:
             raise ModelNotFound(f"unknown model '{name}'")
-        return self.models.is_ready(name, version)
+        return self.admission.open and self.models.is_ready(name, version)
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
-        if self.logging.json:
-            REQUEST_ID.set(request.id or uuid.uuid4().hex)
-        span = self.tracing.start(request) if self.tracing.active else None
-        if span is None:
-            return await self._bounded_infer(request)
-        try:
-            response = await self._bounded_infer(request)
-        except BaseException as exc:
-            self.tracing.finish(request, span, exc)
-            raise
-        self.tracing.finish(request, span)
-        return response
+        with self.admission.admit():
+            if self.logging.json:
+                REQUEST_ID.set(request.id or uuid.uuid4().hex)
+            span = self.tracing.start(request) if self.tracing.active else None
+            if span is None:
+                return await self._bounded_infer(request)
+            try:
+                response = await self._bounded_infer(request)
+            except BaseException as exc:
+                self.tracing.finish(request, span, exc)
+                raise
+            self.tracing.finish(request, span)
+            return response
 
     async def _bounded_infer(self, request: InferRequest) -> InferResponse:
         config = self.models.get(request.model_name, request.model_version).config
@@ -157,24 +161,25 @@ class InferenceServer:
             return await self.models.get(request.model_name, request.model_version).infer(request)
 
     async def stream_infer(self, request: InferRequest) -> AsyncIterator[InferResponse]:
-        if self.logging.json:
-            REQUEST_ID.set(request.id or uuid.uuid4().hex)
-        span = self.tracing.start(request) if self.tracing.active else None
-        if span is None:
-            async for response in self._bounded_stream(request):
-                yield response
-            return
-        error: BaseException | None = None
-        try:
-            async for response in self._bounded_stream(request):
-                yield response
-        except GeneratorExit:  # the caller stopped reading: not a failure of the request
-            raise
-        except BaseException as exc:
-            error = exc
-            raise
-        finally:
-            self.tracing.finish(request, span, error)
+        with self.admission.admit():
+            if self.logging.json:
+                REQUEST_ID.set(request.id or uuid.uuid4().hex)
+            span = self.tracing.start(request) if self.tracing.active else None
+            if span is None:
+                async for response in self._bounded_stream(request):
+                    yield response
+                return
+            error: BaseException | None = None
+            try:
+                async for response in self._bounded_stream(request):
+                    yield response
+            except GeneratorExit:  # the caller stopped reading: not a failure of the request
+                raise
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self.tracing.finish(request, span, error)
 
     async def _bounded_stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
         config = self.models.get(request.model_name, request.model_version).config
@@ -206,18 +211,19 @@ class InferenceServer:
 
     async def generate(self, name: str, version: str, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
         """Text generation on a causal language model: chunks of new text as the engine produces them."""
-        stream = self.models.get(name, version).generate(request)
-        try:
+        with self.admission.admit():
+            stream = self.models.get(name, version).generate(request)
             try:
-                first = await anext(stream)
-            except VersionRetired:
-                stream = self.models.get(name, version).generate(request)
-                first = await anext(stream)
-        except StopAsyncIteration:
-            return
-        yield first
-        async for output in stream:
-            yield output
+                try:
+                    first = await anext(stream)
+                except VersionRetired:
+                    stream = self.models.get(name, version).generate(request)
+                    first = await anext(stream)
+            except StopAsyncIteration:
+                return
+            yield first
+            async for output in stream:
+                yield output
 
     def model_task(self, name: str, version: str = "") -> str:
         """``generate`` or ``embed`` for a ready language model, "" for any other ready model."""

@@ -77,6 +77,13 @@ class RequestTimeout(ModelDockError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class ServerShuttingDown(ModelDockError):
+    """The server is draining before it exits: requests already accepted finish, new ones go to another replica."""
+
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+
 class ModelLoadError(ModelDockError):
     """A model could not be loaded: broken config, missing or broken model file, unavailable device."""
 

@@ -23,9 +23,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("backends",),
     ("server.scheduling",),
     ("server.repository",),
-    ("server.core",),
+    ("server.core", "server.admission"),
     ("server.frontends",),
-    ("server.runtime", "server.cli", "server.perf", "server.__main__"),
+    ("server.runtime", "server.shutdown", "server.cli", "server.perf", "server.__main__"),
 ]
 # ``server`` alone is the package's ``__init__`` (the version); every other ``server.*`` module must be listed.
 _EXACT_ONLY = {"server"}

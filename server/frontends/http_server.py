@@ -24,7 +24,6 @@ from server.frontends.http_guard import HttpGuard
 from server.frontends.openai.app import create_openai_app
 from server.protocol.generate_codec import decode_generate_request, encode_generate_response
 from server.protocol.http_codec import (
-    HEADER_LENGTH,
     decode_index_request,
     decode_load_request,
     decode_request,
@@ -159,13 +158,57 @@ async def _generate_request(
     return decode_generate_request(body, model, version, inputs, stream)
 
 
-async def _infer(core: InferenceServer, request: Request, model: str, version: str) -> Response | None:
-    """The response to an inference request, or None when the client disconnected before it was ready."""
-    body = _decompressed(await request.body(), request.headers.get("content-encoding"))
-    length = parse_header_length(request.headers.get(HEADER_LENGTH))
+class InferHttpRequest:
+    """What the infer route reads of an HTTP request, taken straight from the ASGI scope.
+
+    Starlette's ``Request`` and ``Headers`` objects cost more per request than the few lookups the route needs, so
+    the headers it uses are picked out of the raw header list in one pass.
+    """
+
+    __slots__ = ("scope", "receive", "content_encoding", "header_length", "accept_encoding", "traceparent")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.content_encoding: str | None = None
+        self.header_length: str | None = None
+        self.accept_encoding: str | None = None
+        self.traceparent: str | None = None
+        for key, value in scope["headers"]:
+            if key == b"inference-header-content-length":
+                self.header_length = value.decode("latin-1")
+            elif key == b"content-encoding":
+                self.content_encoding = value.decode("latin-1")
+            elif key == b"accept-encoding":
+                self.accept_encoding = value.decode("latin-1")
+            elif key == b"traceparent":
+                self.traceparent = value.decode("latin-1")
+
+    async def body(self) -> bytes:
+        message = await self.receive()
+        body = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body  # the common case: one message, no copy
+        chunks = [body]
+        while message.get("more_body", False):
+            message = await self.receive()
+            chunks.append(message.get("body", b""))
+        return b"".join(chunks)
+
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
+
+
+async def _infer(
+    core: InferenceServer, request: InferHttpRequest, model: str, version: str
+) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
+    """The response body and headers of an inference request, or None when the client disconnected first."""
+    body = _decompressed(await request.body(), request.content_encoding)
+    length = parse_header_length(request.header_length)
     infer_request = decode_request(body, length, model, version, core.shared_memory)
     if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
-        infer_request.trace_parent = request.headers.get("traceparent")
+        infer_request.trace_parent = request.traceparent
     watch = _DisconnectWatch(request.receive)
     try:
         response = await core.infer(infer_request)
@@ -178,11 +221,14 @@ async def _infer(core: InferenceServer, request: Request, model: str, version: s
     finally:
         watch.stop()
     payload, json_length = encode_response(response, infer_request)
-    payload, headers = _compressed(payload, _response_encoding(request.headers.get("accept-encoding")))
-    if json_length is None:
-        return Response(payload, media_type="application/json", headers=headers)
-    headers[HEADER_LENGTH] = str(json_length)
-    return Response(payload, media_type="application/octet-stream", headers=headers)
+    headers = list(_JSON_HEADERS if json_length is None else _BINARY_HEADERS)
+    if request.accept_encoding is not None:
+        payload, extra = _compressed(payload, _response_encoding(request.accept_encoding))
+        headers.extend((name.lower().encode(), value.encode()) for name, value in extra.items())
+    if json_length is not None:
+        headers.append((b"inference-header-content-length", str(json_length).encode()))
+    headers.append((b"content-length", str(len(payload)).encode()))
+    return payload, headers
 
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
@@ -191,9 +237,10 @@ _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 class HttpFrontEnd:
     """The ASGI application: ``POST .../infer`` is answered here, every other route by FastAPI.
 
-    Inference is the one hot route. FastAPI's middleware stack and parameter machinery cost about as much CPU per
-    request as decoding and encoding a small request's tensors, so the infer path is matched before that stack;
-    the error mapping is the same as FastAPI's handlers below.
+    Inference is the one hot route. FastAPI's middleware stack and parameter machinery, and even Starlette's
+    request and response objects, cost more CPU per request than decoding and encoding a small request's tensors,
+    so the infer path is matched before that stack and answers with raw ASGI messages; the error mapping is the
+    same as FastAPI's handlers below.
     """
 
     def __init__(self, core: InferenceServer, api: FastAPI, guard: HttpGuard | None = None) -> None:
@@ -211,16 +258,20 @@ class HttpFrontEnd:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
-                response: Response | None
+                error: Response | None = None
                 try:
-                    response = await _infer(self.core, Request(scope, receive), match[1], match[2] or "")
+                    answer = await _infer(self.core, InferHttpRequest(scope, receive), match[1], match[2] or "")
                 except ModelDockError as exc:
-                    response = _error_response(exc)
+                    error = _error_response(exc)
                 except Exception as exc:  # a server bug: answer it as one, keep the connection usable
                     log.exception("inference request failed")
-                    response = _error(500, f"internal error: {type(exc).__name__}: {exc}")
-                if response is not None:
-                    await response(scope, receive, send)
+                    error = _error(500, f"internal error: {type(exc).__name__}: {exc}")
+                if error is not None:
+                    await error(scope, receive, send)
+                elif answer is not None:
+                    payload, headers = answer
+                    await send({"type": "http.response.start", "status": 200, "headers": headers})
+                    await send({"type": "http.response.body", "body": payload})
                 return
         try:
             await self.api(scope, receive, send)

@@ -49,9 +49,16 @@ def numpy_dtype(wire_datatype: str, tensor_name: str = "") -> np.dtype:
         ) from None
 
 
+# Native-order dtypes, looked up by hash: every response names each output's datatype.
+_WIRE_BY_DTYPE: dict[np.dtype, str] = {dtype: name for name, dtype in WIRE_TO_NUMPY.items()}
+
+
 def wire_datatype(array: np.ndarray) -> str:
     """The wire datatype of a numpy array produced by a backend."""
     dtype = array.dtype
+    known = _WIRE_BY_DTYPE.get(dtype)
+    if known is not None:
+        return known
     if dtype == np.object_ or dtype.kind in ("S", "U"):
         return "BYTES"
     for name, candidate in WIRE_TO_NUMPY.items():

@@ -87,7 +87,7 @@ class ServedVersion:
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
 
-    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+    def _admit(self, request: InferRequest) -> None:
         try:
             validate_request(self.config, request)
         except InvalidInput:
@@ -96,6 +96,9 @@ class ServedVersion:
             raise
         if self.retired:
             raise VersionRetired(f"model '{self.config.name}' version {self.version} was replaced by a reload")
+
+    async def stream(self, request: InferRequest) -> AsyncIterator[InferResponse]:
+        self._admit(request)
         classifies = any(classification.PARAMETER in o.parameters for o in request.outputs)
         lookup = self.cache.lookup(request) if self.cache is not None else None
         if lookup is not None and lookup.response is not None:
@@ -130,9 +133,23 @@ class ServedVersion:
             yield output
 
     async def infer(self, request: InferRequest) -> InferResponse:
+        """The request's last response. Without a cache this is ``stream`` without an async generator: the
+        per-request path of unary calls."""
         last: InferResponse | None = None
-        async for response in self.stream(request):
-            last = response
+        if self.cache is not None:
+            async for response in self.stream(request):
+                last = response
+        else:
+            self._admit(request)
+            pending = self.scheduler.submit(request)
+            try:
+                last = await pending.last_response()
+            finally:
+                # Reached unanswered only when the caller stopped waiting (cancelled, disconnected).
+                self.scheduler.cancel(pending)
+            if last is not None and request.outputs:
+                if any(classification.PARAMETER in o.parameters for o in request.outputs):
+                    classification.classify_response(self.config, request, last, self.labels)
         if last is None:
             raise ModelNotReady(f"model '{self.config.name}' returned no response")
         return last

@@ -16,6 +16,9 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from server.config import ModelConfig, QueuePolicy, TimeoutAction
 from server.errors import BackendError, QueueFull, RequestTimeout
@@ -26,7 +29,7 @@ from server.scheduling.scheduler import PendingRequest, Scheduler
 
 log = logging.getLogger(__name__)
 
-Signature = tuple[tuple[str, str, tuple[int, ...]], ...]
+Signature = tuple[tuple[str, np.dtype[Any], tuple[int, ...]], ...]
 
 
 @dataclass(slots=True, eq=False)
@@ -56,6 +59,8 @@ class DynamicBatcher(Scheduler):
         # requests, level 2, level 2's delayed requests, ...
         self._queues: list[deque[QueuedRequest]] = [deque() for _ in range(2 * self._levels)]
         self._queued = 0
+        # Rows waiting in all queues: the collector is woken by an arrival only once they could fill a batch.
+        self._queued_rows = 0
         self._with_deadline = 0
         preferred = sorted(size for size in settings.preferred_batch_size if size <= config.max_batch_size)
         self._target_rows = preferred[-1] if preferred else config.max_batch_size
@@ -83,24 +88,29 @@ class DynamicBatcher(Scheduler):
             # Triton lets a request shorten the configured timeout, never lengthen it.
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
         deadline = pending.arrival_ns + timeout_us * 1000 if timeout_us else None
-        queue.append(QueuedRequest(pending, level, self._signature(request), request.batch_size, deadline, timeout_us))
+        rows = request.batch_size
+        queue.append(QueuedRequest(pending, level, self._signature(request), rows, deadline, timeout_us))
         self._queued += 1
+        self._queued_rows += rows
         if deadline is not None:
             self._with_deadline += 1
         if not self._dispatcher_started:
             self._dispatcher_started = True
             self._spawn(self._dispatch())
-        self._arrived.set()
+        # Waking the dispatcher for every arrival costs a wake-up and a queue scan per request. It needs waking only
+        # when it waits for a first request, when a batch may now be full, or when a deadline may come sooner.
+        if self._queued == 1 or self._queued_rows >= self._target_rows or deadline is not None:
+            self._arrived.set()
 
     def _level_queues(self, level: int) -> tuple[deque[QueuedRequest], deque[QueuedRequest]]:
         """A priority level's queue and its queue of timed-out DELAY requests."""
         return self._queues[2 * level - 2], self._queues[2 * level - 1]
 
     def _signature(self, request: InferRequest) -> Signature:
-        return tuple(
-            (name, array.dtype.str, () if name in self._ragged else tuple(array.shape[1:]))
-            for name, array in sorted(request.inputs.items())
-        )
+        inputs = request.inputs
+        items = inputs.items() if len(inputs) == 1 else sorted(inputs.items())
+        ragged = self._ragged
+        return tuple((name, array.dtype, () if name in ragged else array.shape[1:]) for name, array in items)
 
     def _withdraw(self, pending: PendingRequest) -> bool:
         for queue in self._queues:
@@ -108,6 +118,7 @@ class DynamicBatcher(Scheduler):
                 if entry.pending is pending:
                     queue.remove(entry)
                     self._queued -= 1
+                    self._queued_rows -= entry.rows
                     if entry.deadline_ns is not None:
                         self._with_deadline -= 1
                     self._arrived.set()  # the head may have changed: the dispatcher looks again
@@ -133,7 +144,7 @@ class DynamicBatcher(Scheduler):
                     self.stats.record_failure([entry.pending.arrival_ns], FailureReason.OTHER)
                     entry.pending.fail(error)
                 queue.clear()
-            self._queued = self._with_deadline = 0
+            self._queued = self._queued_rows = self._with_deadline = 0
             self._dispatcher_started = False
 
     async def _dispatch_until_closed(self) -> None:
@@ -159,6 +170,9 @@ class DynamicBatcher(Scheduler):
 
     async def _acquire_instance(self) -> ModelInstance | None:
         """An idle instance, or None if the queue emptied (timeouts) while waiting for one."""
+        idle = self.pool.try_acquire()
+        if idle is not None:
+            return idle
         getter = asyncio.ensure_future(self.pool.acquire())
         while True:
             deadline = self._next_deadline_ns()
@@ -194,10 +208,13 @@ class DynamicBatcher(Scheduler):
             if deadline is not None:
                 wake = min(wake, deadline)
             self._arrived.clear()
+            # A timer that sets the event, rather than ``wait_for``'s task and TimeoutError on every batch; a
+            # spurious wake-up only makes this loop look again.
+            timer = asyncio.get_running_loop().call_later(max(0, wake - now) / 1e9, self._arrived.set)
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout=max(0, wake - now) / 1e9)
-            except TimeoutError:
-                pass
+                await self._arrived.wait()
+            finally:
+                timer.cancel()
 
     def _next_delivery(self) -> tuple[asyncio.Future[None] | None, asyncio.Future[None] | None]:
         """The (previous, own) delivery futures of a batch about to start; (None, None) without preserve_ordering.
@@ -267,6 +284,7 @@ class DynamicBatcher(Scheduler):
             if rows >= limit:
                 break
         self._queued -= len(batch)
+        self._queued_rows -= rows
         self._with_deadline -= sum(1 for entry in batch if entry.deadline_ns is not None)
         return batch
 
@@ -298,6 +316,7 @@ class DynamicBatcher(Scheduler):
                     delayed.append(entry)
                     continue
                 self._queued -= 1
+                self._queued_rows -= entry.rows
                 self.stats.dequeued()
                 self.stats.record_failure([entry.pending.arrival_ns], FailureReason.REJECTED, now)
                 entry.pending.fail(

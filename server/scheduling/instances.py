@@ -25,7 +25,7 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -485,13 +485,37 @@ class ProcessModelInstance(ModelInstance):
         self._stop_worker()
 
 
+class RemoteInstances(Protocol):
+    """Somewhere outside this process that model instances can run: a Ray cluster (``serve --ray``)."""
+
+    def places(self, config: ModelConfig) -> bool:
+        """Whether this model's instances go there (a model may keep its instances local)."""
+
+    def create(
+        self, config: ModelConfig, version_dir: Path, backend_cls: type[Backend], deadline: float | None
+    ) -> list[ModelInstance]:
+        """Start every instance of a version there; on failure release those started and raise ModelLoadError."""
+
+
+# Set once at start-up by the runtime; None keeps every instance in this process.
+_remote_instances: RemoteInstances | None = None
+
+
+def place_instances_remotely(remote: RemoteInstances | None) -> None:
+    """Send the instances of models loaded from now on to ``remote`` (None: back to this process)."""
+    global _remote_instances
+    _remote_instances = remote
+
+
 def create_instances(
     config: ModelConfig, version_dir: Path, backend_cls: type[Backend], deadline: float | None = None
 ) -> list[ModelInstance]:
     """Load every instance of a version; on any failure the ones already loaded are released.
 
-    ``deadline`` (``time.monotonic()``) bounds the whole version's load for worker-process instances.
+    ``deadline`` (``time.monotonic()``) bounds the whole version's load for worker-process and remote instances.
     """
+    if _remote_instances is not None and _remote_instances.places(config):
+        return _remote_instances.create(config, version_dir, backend_cls, deadline)
     instances: list[ModelInstance] = []
     try:
         for placement in plan_instances(config, backend_cls):
@@ -525,6 +549,13 @@ class InstancePool:
 
     async def acquire(self) -> ModelInstance:
         return await self._idle.get()
+
+    def try_acquire(self) -> ModelInstance | None:
+        """An idle instance at once, or None: the common case needs no future and no task."""
+        try:
+            return self._idle.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
 
     def release(self, instance: ModelInstance) -> None:
         self._idle.put_nowait(instance)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -26,27 +27,47 @@ _END = object()
 
 
 class PendingRequest:
-    """A validated request waiting for, or being served by, an instance."""
+    """A validated request waiting for, or being served by, an instance.
 
-    __slots__ = ("request", "arrival_ns", "_responses", "_done")
+    Its responses wait in a plain deque with at most one future for the one consumer: an ``asyncio.Queue`` per
+    request costs several objects and loop look-ups that nothing here needs.
+    """
+
+    __slots__ = ("request", "arrival_ns", "_items", "_waiter", "_done")
 
     def __init__(self, request: InferRequest) -> None:
         self.request = request
         self.arrival_ns = time.monotonic_ns()
-        self._responses: asyncio.Queue[object] = asyncio.Queue()
+        self._items: deque[object] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._done = False
 
     @property
     def done(self) -> bool:
         return self._done
 
+    def _put(self, item: object) -> None:
+        self._items.append(item)
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _get(self) -> object:
+        while not self._items:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._items.popleft()
+
     def send(self, response: InferResponse) -> None:
         if self._done:
             return
-        self._responses.put_nowait(response)
+        self._put(response)
         if response.final:
             self._done = True
-            self._responses.put_nowait(_END)
+            self._put(_END)
 
     def cancel(self) -> None:
         """The client stopped waiting: whatever the request still produces is dropped."""
@@ -56,18 +77,30 @@ class PendingRequest:
         if self._done:
             return
         self._done = True
-        self._responses.put_nowait(error)
-        self._responses.put_nowait(_END)
+        self._put(error)
+        self._put(_END)
 
     async def responses(self) -> AsyncIterator[InferResponse]:
         while True:
-            item = await self._responses.get()
+            item = await self._get()
             if item is _END:
                 return
             if isinstance(item, BaseException):
                 raise item
             assert isinstance(item, InferResponse)
             yield item
+
+    async def last_response(self) -> InferResponse | None:
+        """The final response (None if there was none): what a unary call answers, without an async generator."""
+        last: InferResponse | None = None
+        while True:
+            item = await self._get()
+            if item is _END:
+                return last
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, InferResponse)
+            last = item
 
 
 @dataclass(slots=True)
@@ -279,23 +312,28 @@ def split_outputs(
 ) -> list[InferResponse]:
     sizes = [p.request.batch_size for p in batch] if config.batching else [1]
     total = sum(sizes)
-    checked: set[str] = set()
+    # Checked once per batch, not once per request.
+    checked: dict[str, tuple[np.ndarray, TensorConfig]] = {}
     responses: list[InferResponse] = []
+    all_outputs = [t.name for t in config.output]
+    start = 0
     for position, pending in enumerate(batch):
         request = pending.request
-        wanted = [o.name for o in request.outputs] or [t.name for t in config.output]
+        wanted = [o.name for o in request.outputs] if request.outputs else all_outputs
         response = InferResponse(model_name=config.name, model_version=version, id=request.id)
-        start = sum(sizes[:position])
         for name in wanted:
-            if name not in outputs:
-                raise BackendError(f"model '{config.name}' did not produce output '{name}'")
-            array = np.asarray(outputs[name]) if not isinstance(outputs[name], np.ndarray) else outputs[name]
-            tensor = config.output_by_name(name)
-            if tensor is None:  # requests are validated against the config, so only a bug gets here
-                raise BackendError(f"model '{config.name}' has no output '{name}' in its config")
-            if name not in checked:
-                check_output(config, tensor, array, total)
-                checked.add(name)
+            entry = checked.get(name)
+            if entry is None:
+                if name not in outputs:
+                    raise BackendError(f"model '{config.name}' did not produce output '{name}'")
+                produced = outputs[name]
+                produced = produced if isinstance(produced, np.ndarray) else np.asarray(produced)
+                found = config.output_by_name(name)
+                if found is None:  # requests are validated against the config, so only a bug gets here
+                    raise BackendError(f"model '{config.name}' has no output '{name}' in its config")
+                check_output(config, found, produced, total)
+                entry = checked[name] = (produced, found)
+            array, tensor = entry
             if config.batching:
                 array = array[start : start + sizes[position]] if len(batch) > 1 else array
                 if tensor.reshape is not None:
@@ -304,4 +342,5 @@ def split_outputs(
                 array = array.reshape(tensor.dims)
             response.outputs[name] = array
         responses.append(response)
+        start += sizes[position]
     return responses

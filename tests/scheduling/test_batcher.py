@@ -460,3 +460,49 @@ async def test_timeout_does_not_touch_a_request_already_executing(tmp_path: Path
     stats = batcher.stats.to_json()["inference_stats"]
     assert (stats["success"]["count"], stats["fail"]["count"]) == (1, 0)
     await batcher.close()
+
+
+async def test_arrivals_below_a_full_batch_do_not_wake_the_collector(tmp_path: Path) -> None:
+    """Requests trickling in during the queue delay are batched together, and the collector wakes for the delay,
+    a full batch or a deadline only, not once per arrival."""
+    batcher = make_batcher(tmp_path, model_config(max_queue_delay_microseconds=200_000))
+    wakes = 0
+    set_event = batcher._arrived.set
+
+    def counting_set() -> None:
+        nonlocal wakes
+        wakes += 1
+        set_event()
+
+    batcher._arrived.set = counting_set  # type: ignore[method-assign]
+    pending = [batcher.submit(request(i)) for i in range(5)]
+    outputs = await asyncio.gather(*(result(p) for p in pending))
+    assert [float(o[0, 0]) for o in outputs] == [2.0 * i for i in range(5)]
+    assert executed_shapes(batcher) == [(5, 4)]
+    assert wakes == 2  # the first arrival, which starts the wait, and the timer at the end of the delay
+    # A full batch wakes it at once rather than after the delay.
+    started = time.monotonic()
+    full = [batcher.submit(request(i)) for i in range(8)]
+    await asyncio.gather(*(result(p) for p in full))
+    assert time.monotonic() - started < 0.15
+    assert executed_shapes(batcher)[-1] == (8, 4)
+    await batcher.close()
+
+
+async def test_last_response_is_the_final_one_and_errors_propagate() -> None:
+    from server.protocol.types import InferResponse
+
+    streamed = PendingRequest(request(0))
+    streamed.send(InferResponse("sleepy", "1", outputs={"OUTPUT": np.zeros(1)}, final=False))
+    waiter = asyncio.ensure_future(streamed.last_response())
+    await asyncio.sleep(0)
+    streamed.send(InferResponse("sleepy", "1", outputs={"OUTPUT": np.ones(1)}, final=True))
+    last = await waiter
+    assert last is not None and float(last.outputs["OUTPUT"][0]) == 1.0
+
+    failed = PendingRequest(request(0))
+    waiter = asyncio.ensure_future(failed.last_response())
+    await asyncio.sleep(0)
+    failed.fail(BackendError("boom"))
+    with pytest.raises(BackendError, match="boom"):
+        await waiter

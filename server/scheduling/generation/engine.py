@@ -218,7 +218,22 @@ class GenerationEngine:
         self._thread.join()
 
     # -- the engine thread ----------------------------------------------------------------------------------
+    def _warm_up(self) -> None:
+        """One prefill and one decode step on a throw-away sequence: the first real request should not pay for
+        the runtime's lazy set-up (kernel selection, memory pools), which can take longer than a whole request."""
+        table: list[int] = []
+        try:
+            self.blocks.grow(table, 3)
+            slots = self.blocks.slots(table, 0, 3)
+            self.backend.forward(StepBatch([[0, 0]], [0], [slots[:2]], [slots[:2]]))
+            self.backend.forward(StepBatch([[0]], [2], [slots[2:]], [slots]))
+        except Exception:  # a model that cannot run fails its first request with the real error instead
+            log.warning("model '%s': warm-up step failed", self.name, exc_info=True)
+        finally:
+            self.blocks.release(table)
+
     def _loop(self) -> None:
+        self._warm_up()
         while True:
             with self._wake:
                 while not (self._stopping or self._incoming or self._aborted or self._waiting or self._running):

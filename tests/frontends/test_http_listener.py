@@ -1,0 +1,50 @@
+"""Both HTTP servers (``--http-server uvicorn|granian``) answer the same protocol, and both stop cleanly."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
+
+
+@pytest.mark.parametrize("kind", ["uvicorn", "granian"])
+def test_http_server_choice_serves_the_same_protocol(start_server: Callable[..., ServerProcess], kind: str) -> None:
+    server = start_server(BUNDLED_REPOSITORY, "--http-server", kind)
+    client = httpclient.InferenceServerClient(server.url.removeprefix("http://"))
+    a = np.arange(32, dtype=np.float32).reshape(2, 16)
+    b = np.full((2, 16), 0.5, dtype=np.float32)
+    for binary in (False, True):
+        inputs = [httpclient.InferInput("INPUT0", [2, 16], "FP32"), httpclient.InferInput("INPUT1", [2, 16], "FP32")]
+        inputs[0].set_data_from_numpy(a, binary_data=binary)
+        inputs[1].set_data_from_numpy(b, binary_data=binary)
+        outputs = [httpclient.InferRequestedOutput(name, binary_data=binary) for name in ("OUTPUT0", "OUTPUT1")]
+        result = client.infer("simple", inputs, outputs=outputs, request_id="r1")
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT1"), a - b)
+        assert result.get_response()["id"] == "r1"
+    # Compressed both ways, through the same fast path.
+    inputs = [httpclient.InferInput("INPUT0", [2, 16], "FP32"), httpclient.InferInput("INPUT1", [2, 16], "FP32")]
+    inputs[0].set_data_from_numpy(a)
+    inputs[1].set_data_from_numpy(b)
+    result = client.infer(
+        "simple", inputs, request_compression_algorithm="gzip", response_compression_algorithm="deflate"
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), a + b)
+    # Errors keep the protocol's shape on the fast path and on FastAPI's routes.
+    with pytest.raises(InferenceServerException, match="unknown model"):
+        client.infer("no_such_model", inputs)
+    bad = httpx.post(f"{server.url}/v2/models/simple/infer", content=b"{not json")
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]
+    assert client.get_model_metadata("simple")["name"] == "simple"
+    missing = httpx.get(f"{server.url}/v2/nowhere")
+    assert missing.status_code == 404 and "error" in missing.json()
+    # SIGTERM stops it, with its models unloaded on the way out.
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)
