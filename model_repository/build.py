@@ -3,12 +3,15 @@
 Run ``python model_repository/build.py`` from the repository root. Seeds are fixed, so the ONNX files come out byte
 for byte as committed; ``model.pt2`` gets the same weights and graph, but torch.export writes a random archive id
 and this script's path into it, so its bytes differ between runs. ``torch_mlp`` needs torch to build; without it
-the script leaves the committed file alone and says so. ``text_preprocessor`` is plain Python source, committed as is.
+the script leaves the committed file alone and says so. ``tiny_gpt`` and ``tiny_embedder`` (random-weight GPT-2 and
+BERT with a trained tokenizer, see ``language_models.py``) need transformers, and are likewise left alone without
+it. ``text_preprocessor`` is plain Python source, committed as is.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -170,10 +173,31 @@ def build(out: Path = HERE) -> list[Path]:
         written.append(torch_path)
     else:
         print(f"note: torch is not installed; {torch_path} not rebuilt (pip install 'modeldock[torch]')")
+    written += build_language_models(out)
     return written
 
 
+def build_language_models(out: Path) -> list[Path]:
+    """``tiny_gpt`` (text generation) and ``tiny_embedder`` (embeddings) as Hugging Face folders.
+
+    Needs the llm extra; without it the committed folders are left alone.
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print(
+            "note: transformers is not installed; tiny_gpt and tiny_embedder not rebuilt (pip install 'modeldock[llm]')"
+        )
+        return []
+    from model_repository.language_models import build_causal_lm, build_encoder
+
+    folders = [build_causal_lm(out / "tiny_gpt" / "1"), build_encoder(out / "tiny_embedder" / "1")]
+    return sorted(path for folder in folders for path in folder.iterdir())
+
+
 if __name__ == "__main__":
+    # Run as a script, this folder is on the path but the repository root (for ``model_repository.*``) is not.
+    sys.path.insert(0, str(HERE.parent))
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=Path, default=HERE, help="repository folder to write into")
     for path in build(parser.parse_args().out):

@@ -25,6 +25,7 @@ from server.extensions.log_settings import LOG_LEVELS
 from server.extensions.tracing import TraceConfig
 from server.frontends.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from server.frontends.http_listener import HttpServerKind
+from server.frontends.openai.app import API_KEY_ENV
 from server.frontends.restrictions import ApiGroup, Restrictions, RestrictionSpecError
 from server.protocol.limits import RequestLimits
 from server.repository.validate import validate_repositories
@@ -69,6 +70,15 @@ def serve_command(
         int,
         typer.Option("--grpc-max-message-bytes", min=1, help="Largest gRPC message sent or received, in bytes."),
     ] = DEFAULT_MAX_MESSAGE_BYTES,
+    openai_api_key: Annotated[
+        str | None,
+        typer.Option(
+            "--openai-api-key",
+            envvar=API_KEY_ENV,
+            show_envvar=True,
+            help="Require 'Authorization: Bearer KEY' on the OpenAI-compatible routes (/v1).",
+        ),
+    ] = None,
     cache_config: Annotated[
         list[str],
         typer.Option(
@@ -167,6 +177,7 @@ def serve_command(
     settings.model_control_mode = model_control_mode
     settings.repository_poll_secs = repository_poll_secs
     settings.load_models = load_model
+    settings.openai_api_key = openai_api_key or None
     settings.cache = cache
     try:
         settings.http_restrictions = Restrictions.parse(http_restricted_api, "--http-restricted-api")

@@ -28,6 +28,13 @@ class InvalidInput(ModelDockError):
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class Unauthorized(ModelDockError):
+    """The request lacks the credentials a route requires (the OpenAI routes' API key)."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class ModelNotFound(ModelDockError):
     """No model (or no such version of it) is known to the repository."""
 

@@ -52,6 +52,8 @@ class ServeSettings:
     repository_poll_secs: float = 2.0
     # Explicit mode: the models loaded at start-up ("*" for all of them).
     load_models: list[str] = field(default_factory=list)
+    # When set, every OpenAI-compatible route (/v1) wants ``Authorization: Bearer <key>``.
+    openai_api_key: str | None = None
     # The server-wide response cache (``--cache-config local,size=N``); None: no model's responses are cached.
     cache: CacheSettings | None = None
     # Triton's --http-restricted-api / --grpc-restricted-protocol, already parsed.
@@ -86,6 +88,7 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
         console.print(f"Prometheus metrics:      http://{settings.host}:{settings.metrics_port}/metrics")
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
     console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
+    console.print(f"HTTP  OpenAI endpoint:    http://{settings.host}:{settings.http_port}/v1")
 
 
 async def load_initial_models(manager: ModelManager, settings: ServeSettings) -> None:
@@ -145,7 +148,7 @@ async def serve(settings: ServeSettings) -> int:
     core = InferenceServer(manager, settings.model_control_mode, server_logging, tracing)
     core.request_timeout_s = settings.request_timeout_s
     watcher: asyncio.Task[None] | None = None
-    app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits))
+    app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits), settings.openai_api_key)
     if settings.cors_origins:
         app = CORSMiddleware(app, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if settings.metrics_port:

@@ -21,6 +21,7 @@ from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
 from server.frontends.http_guard import HttpGuard
+from server.frontends.openai.app import create_openai_app
 from server.protocol.generate_codec import decode_generate_request, encode_generate_response
 from server.protocol.http_codec import (
     decode_index_request,
@@ -286,9 +287,12 @@ def _error_response(exc: ModelDockError) -> Response:
     return _error(exc.http_status, exc.message)
 
 
-def create_app(core: InferenceServer, guard: HttpGuard | None = None) -> HttpFrontEnd:
+def create_app(
+    core: InferenceServer, guard: HttpGuard | None = None, openai_api_key: str | None = None
+) -> HttpFrontEnd:
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
+    app.mount("/v1", create_openai_app(core, openai_api_key))
 
     @app.exception_handler(ModelDockError)
     async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:

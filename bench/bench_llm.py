@@ -1,0 +1,501 @@
+"""Language-model serving: ModelDock's continuous batching against the usual ways of serving a causal LM.
+
+One run, one machine, one model (GPT-2-small-shaped, random weights, built into a temporary folder), the same
+requests (mixed prompt and output lengths) for every system:
+
+  modeldock      ModelDock's OpenAI route (/v1/completions, streamed), closed-loop clients at each level
+  hf_serve_cb    ``transformers serve --continuous-batching`` (transformers' own OpenAI server), same clients
+  hf_sequential  ``model.generate`` one request at a time, in this process (a server without batching)
+  hf_static      ``model.generate`` on padded batches of as many requests as there are clients (static batching)
+
+Measured: output tokens/s, time to first token (TTFT) p50/p99 and time per output token (TPOT). The two in-process
+baselines have no clients: each request's timing is measured for real, and its TTFT is what a closed-loop client
+would see from a FIFO server that serves one request (sequential) or one batch (static) at a time.
+
+    python bench/bench_llm.py                 # levels 1,4,16,64; the baselines at 1 and 16
+    python bench/bench_llm.py --quick         # shorter answers, fewer requests, levels 1 and 16
+    python bench/bench_llm.py --n-layer 4     # a smaller model when the machine is slow
+
+Every answer is generated to its full length (ModelDock: ``ignore_eos``; the model folder has no end-of-text token in
+its generation config, so ``transformers`` never stops early), so all systems produce the same token counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from model_repository.language_models import build_causal_lm  # noqa: E402
+
+console = Console()
+MODEL = "bench_gpt"
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+_TEXT = (
+    "ModelDock serves machine learning models from a folder over HTTP and gRPC. The server batches requests "
+    "dynamically, runs many model instances at once, and streams tokens as a language model generates them. "
+    "Once upon a time there was a small robot who learned to paint. The weather today is sunny with a light breeze. "
+)
+
+
+@dataclass
+class BenchRequest:
+    prompt: str
+    max_tokens: int
+
+
+@dataclass
+class RequestTiming:
+    ttft: float
+    tokens: int
+    # Seconds from the first output token to the last.
+    decode: float
+
+    @property
+    def tpot(self) -> float | None:
+        return self.decode / (self.tokens - 1) if self.tokens > 1 else None
+
+
+@dataclass
+class LevelResult:
+    system: str
+    clients: int
+    wall: float
+    timings: list[RequestTiming] = field(default_factory=list)
+    # Requests that got no answer (an error status, or a stream without text); left out of every number.
+    failed: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return sum(t.tokens for t in self.timings) / self.wall if self.wall else 0.0
+
+    def ttft(self, q: float) -> float:
+        values = sorted(t.ttft for t in self.timings)
+        return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
+
+    @property
+    def tpot(self) -> float:
+        values = [t.tpot for t in self.timings if t.tpot is not None]
+        return statistics.median(values) if values else float("nan")
+
+
+# -- model and workload ---------------------------------------------------------------------------------------------
+def build_model(folder: Path, args: argparse.Namespace) -> Path:
+    build_causal_lm(
+        folder,
+        n_embd=args.n_embd,
+        n_layer=args.n_layer,
+        n_head=args.n_head,
+        n_positions=args.max_model_len,
+        vocab_size=args.vocab_size,
+        initializer_range=0.02,
+    )
+    # No end-of-text token in the generation config: every system generates each answer to its full length.
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        config = json.loads(path.read_text())
+        config["eos_token_id"] = None
+        path.write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def workload(tokenizer: Any, count: int, seed: int, args: argparse.Namespace) -> list[BenchRequest]:
+    """``count`` requests with prompt and output lengths drawn uniformly from the configured ranges."""
+    import random
+
+    rng = random.Random(seed)
+    text_ids = tokenizer(_TEXT * 20, add_special_tokens=False)["input_ids"]
+    requests = []
+    for _ in range(count):
+        length = rng.randint(args.prompt_min, args.prompt_max)
+        start = rng.randrange(0, len(text_ids) - length)
+        prompt = tokenizer.decode(text_ids[start : start + length])
+        requests.append(BenchRequest(prompt, rng.randint(args.output_min, args.output_max)))
+    return requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- HTTP clients (ModelDock and transformers serve) -----------------------------------------------------------------
+async def stream_one(
+    client: httpx.AsyncClient, url: str, model: str, request: BenchRequest, extra: dict[str, Any]
+) -> RequestTiming:
+    body = {
+        **extra,
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter()
+    first = last = None
+    tokens = chunks = 0
+    seen: list[str] = []
+    async with client.stream("POST", url, json=body) as response:
+        if response.status_code != 200:
+            raise RuntimeError(f"{url}: {response.status_code} {(await response.aread())[:300]!r}")
+        async for line in response.aiter_lines():
+            if line:
+                seen = [*seen[-3:], line]
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if any(choice.get("text") for choice in event.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+                chunks += 1
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    if first is None or last is None:
+        raise RuntimeError(f"{url}: no text streamed; the stream ended with {seen}")
+    return RequestTiming(first - sent, tokens or chunks, last - first)
+
+
+async def closed_loop(
+    url: str, model: str, requests: list[BenchRequest], clients: int, extra: dict[str, Any]
+) -> tuple[float, list[RequestTiming], list[str]]:
+    queue: asyncio.Queue[BenchRequest] = asyncio.Queue()
+    for request in requests:
+        queue.put_nowait(request)
+    timings: list[RequestTiming] = []
+    failures: list[str] = []
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=httpx.Timeout(900.0), limits=limits) as client:
+
+        async def worker() -> None:
+            while not queue.empty():
+                try:
+                    timings.append(await stream_one(client, url, model, queue.get_nowait(), extra))
+                except (RuntimeError, httpx.HTTPError) as exc:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(clients)))
+    return time.perf_counter() - start, timings, failures
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    """torch's intra-op threads for a server process, as ``torch.set_num_threads`` sets them in this one."""
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def run_http_system(
+    system: str,
+    threads: int,
+    command: list[str],
+    ready_url: str,
+    completions_url: str,
+    model: str,
+    workloads: dict[int, list[BenchRequest]],
+    workdir: Path,
+    extra: dict[str, Any],
+) -> list[LevelResult]:
+    log = workdir / f"{system}.log"
+    with open(log, "wb") as out:
+        env = {**os.environ, **OFFLINE_ENV, **thread_env(threads)}
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    results = []
+    try:
+        wait_http(ready_url, process, 300, log)
+        # Warm-up: the first request pays for lazy initialisation.
+        asyncio.run(closed_loop(completions_url, model, [BenchRequest("Hello there", 4)] * 2, 2, extra))
+        for clients, requests in workloads.items():
+            console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
+            wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
+            for failure in failures[:3]:
+                console.print(f"[red]  {system}: request failed: {failure}[/red]")
+            results.append(LevelResult(system, clients, wall, timings, failed=len(failures)))
+    except Exception as exc:  # one system failing must not lose the others' numbers
+        console.print(f"[red]{system} failed: {type(exc).__name__}: {exc}[/red]\n{log.read_text()[-2000:]}")
+    finally:
+        stop(process)
+    return results
+
+
+def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, args: Any) -> list[Any]:
+    repository = workdir / "repository"
+    (repository / MODEL).mkdir(parents=True)
+    os.symlink(folder, repository / MODEL / "1")
+    (repository / MODEL / "config.yaml").write_text(
+        "backend: transformers\n"
+        f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
+    command += ["--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", "0"]
+    command += ["--model-control-mode", "none", "--log-level", "warning"]
+    base = f"http://127.0.0.1:{port}"
+    return run_http_system(
+        "modeldock",
+        args.threads,
+        command,
+        f"{base}/v2/models/{MODEL}/ready",
+        f"{base}/v1/completions",
+        MODEL,
+        workloads,
+        workdir,
+        {"ignore_eos": True},
+    )
+
+
+def run_transformers_serve(
+    folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, threads: int
+) -> list[Any]:
+    executable = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
+    if executable is None:
+        console.print("[yellow]transformers CLI not found; skipping transformers serve[/yellow]")
+        return []
+    port = free_port()
+    command = [executable, "serve", str(folder), "--continuous-batching", "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    base = f"http://127.0.0.1:{port}"
+    return run_http_system(
+        "hf_serve_cb", threads, command, f"{base}/health", f"{base}/v1/completions", str(folder), workloads, workdir, {}
+    )
+
+
+# -- in-process baselines --------------------------------------------------------------------------------------------
+class FirstTokenClock:
+    """A ``generate`` streamer that notes when the first new tokens come out (the first ``put`` is the prompt)."""
+
+    def __init__(self) -> None:
+        self.puts = 0
+        self.first: float | None = None
+
+    def put(self, value: Any) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first is None:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def timed_generate(model: Any, tokenizer: Any, requests: list[BenchRequest]) -> tuple[float, float]:
+    """(seconds to the first new token, seconds in all) for one padded batch of ``requests``."""
+    import torch
+
+    inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+    longest = max(r.max_tokens for r in requests)
+    clock = FirstTokenClock()
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model.generate(
+            **inputs,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=False,
+            streamer=clock,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return (clock.first or time.perf_counter()) - start, time.perf_counter() - start
+
+
+def run_in_process(
+    system: str, model: Any, tokenizer: Any, requests: list[BenchRequest], clients: int, batch: int
+) -> LevelResult:
+    """Requests served ``batch`` at a time in arrival order; TTFT as closed-loop clients of a FIFO server see it.
+
+    With ``clients`` clients, the request at position i is sent when the client's previous request (position
+    i - clients) is answered, and waits until the batches before its own are done.
+    """
+    console.print(f"  {system}: {clients} clients, {len(requests)} requests, batches of {batch} ...")
+    finished: list[float] = []
+    timings = []
+    clock = 0.0
+    for start in range(0, len(requests), batch):
+        group = requests[start : start + batch]
+        first, total = timed_generate(model, tokenizer, group)
+        longest = max(r.max_tokens for r in group)
+        per_step = (total - first) / max(1, longest - 1)
+        for offset, request in enumerate(group):
+            i = start + offset
+            sent = finished[i - clients] if i >= clients else 0.0
+            timings.append(RequestTiming(clock + first - sent, request.max_tokens, per_step * (request.max_tokens - 1)))
+        clock += total
+        finished.extend([clock] * len(group))
+    return LevelResult(system, clients, clock, timings)
+
+
+# -- report ---------------------------------------------------------------------------------------------------------
+def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> None:
+    table = Table(title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}")
+    for column in ("system", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms"):
+        table.add_column(column, justify="right" if column != "system" else "left")
+    for r in sorted(results, key=lambda r: (r.clients, r.system)):
+        table.add_row(
+            r.system,
+            str(r.clients),
+            str(len(r.timings)),
+            str(r.failed),
+            f"{r.tokens_per_s:.1f}",
+            f"{r.ttft(0.5):.2f}",
+            f"{r.ttft(0.99):.2f}",
+            f"{r.tpot * 1000:.0f}",
+        )
+    console.print(table)
+    by = {(r.system, r.clients): r for r in results}
+
+    def ratio(a: tuple[str, int], b: tuple[str, int]) -> str:
+        if a in by and b in by and by[b].tokens_per_s:
+            return f"{by[a].tokens_per_s / by[b].tokens_per_s:.2f}x"
+        return "n/a"
+
+    level = args.target_clients
+    console.print(f"At {level} clients, ModelDock output tokens/s over:")
+    console.print(f"  one-at-a-time generate: {ratio(('modeldock', level), ('hf_sequential', level))} (target >= 8x)")
+    console.print(f"  static batching:        {ratio(('modeldock', level), ('hf_static', level))} (target >= 1.5x)")
+    console.print(f"  transformers serve CB:  {ratio(('modeldock', level), ('hf_serve_cb', level))} (target >= 1.5x)")
+    if ("modeldock", level) in by:
+        console.print(f"  TTFT p99: {by[('modeldock', level)].ttft(0.99):.2f} s (target <= 1 s)")
+    console.print(
+        f"Single stream, ModelDock over one-at-a-time generate: {ratio(('modeldock', 1), ('hf_sequential', 1))}"
+    )
+    if args.json:
+        rows = [
+            {
+                "system": r.system,
+                "clients": r.clients,
+                "requests": len(r.timings),
+                "failed": r.failed,
+                "output_tokens_per_s": r.tokens_per_s,
+                "ttft_p50_s": r.ttft(0.5),
+                "ttft_p99_s": r.ttft(0.99),
+                "tpot_s": r.tpot,
+            }
+            for r in results
+        ]
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short answers, fewer requests, levels 1 and 16")
+    parser.add_argument("--levels", default="", help="concurrent client counts for ModelDock (default 1,4,16,64)")
+    parser.add_argument("--baseline-levels", default="1,16", help="client counts for the three baselines")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="requests per client at each level")
+    parser.add_argument("--min-requests", type=int, default=8, help="at least this many requests per level")
+    parser.add_argument("--prompt-min", type=int, default=16)
+    parser.add_argument("--prompt-max", type=int, default=256)
+    parser.add_argument("--output-min", type=int, default=16)
+    parser.add_argument("--output-max", type=int, default=128)
+    parser.add_argument("--n-embd", type=int, default=768)
+    parser.add_argument("--n-layer", type=int, default=12)
+    parser.add_argument("--n-head", type=int, default=12)
+    parser.add_argument("--vocab-size", type=int, default=50257, help="upper bound; the small corpus yields fewer")
+    parser.add_argument("--max-model-len", type=int, default=1024)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads of every system (1 suits a small or shared machine: spinning threads on busy cores "
+        "slow torch down many times over)",
+    )
+    parser.add_argument("--target-clients", type=int, default=16, help="the level the targets are checked at")
+    parser.add_argument("--skip", default="", help="comma-separated systems to leave out")
+    parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    args = parser.parse_args()
+    args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
+    if args.quick:
+        args.output_min, args.output_max, args.prompt_max = 8, 32, 128
+        args.requests_per_client, args.min_requests = 1, 4
+    skip = set(filter(None, args.skip.split(",")))
+    levels = [int(v) for v in args.levels.split(",")]
+    baseline_levels = [int(v) for v in args.baseline_levels.split(",")]
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(args.threads)
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench_llm_"))
+    try:
+        console.print(f"building the model in {workdir} ...")
+        folder = build_model(workdir / "model", args)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.padding_side = "left"
+        all_levels = sorted(set(levels) | set(baseline_levels))
+        workloads = {
+            c: workload(tokenizer, max(args.min_requests, c * args.requests_per_client), seed=c, args=args)
+            for c in all_levels
+        }
+        results: list[LevelResult] = []
+        if "modeldock" not in skip:
+            results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
+        if "hf_serve_cb" not in skip:
+            results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir, args.threads)
+        if not {"hf_sequential", "hf_static"} <= skip:
+            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            timed_generate(model, tokenizer, [BenchRequest("Hello there", 4)])  # warm-up, as for the servers
+            for clients in baseline_levels:
+                if "hf_sequential" not in skip:
+                    results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))
+                if "hf_static" not in skip and clients > 1:
+                    results.append(run_in_process("hf_static", model, tokenizer, workloads[clients], clients, clients))
+        report(results, args, len(tokenizer))
+    finally:
+        if args.keep:
+            console.print(f"model, repository and server logs kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

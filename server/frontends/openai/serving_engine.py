@@ -1,0 +1,124 @@
+"""What chat and completions share: checking the model, turning OpenAI's fields into ``SamplingParams``, starting
+one engine sequence per choice, and adding up the answer and its token usage."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.core import InferenceServer
+from server.errors import ModelNotFound
+from server.frontends.openai.errors import OpenAIRequestError, field_error
+from server.frontends.openai.events import merged
+from server.frontends.openai.protocol import SamplingFields, UsageInfo
+from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams
+
+_SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "top_k",
+    "repetition_penalty",
+    "min_tokens",
+    "ignore_eos",
+    "stop_token_ids",
+)
+
+
+def request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+@dataclass
+class ChoiceTotals:
+    """One choice's answer so far: its text, why it ended, and the engine's token counts."""
+
+    text: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def add(self, output: GenerationOutput) -> None:
+        self.text.append(output.text)
+        self.prompt_tokens = output.prompt_tokens
+        self.completion_tokens = output.completion_tokens
+        if output.finished:
+            self.finish_reason = output.finish_reason
+
+
+def usage(choices: list[ChoiceTotals], n: int) -> UsageInfo:
+    """OpenAI counts each prompt once however many choices (``n``) it was sampled for."""
+    prompt = sum(choice.prompt_tokens for choice in choices[::n])
+    completion = sum(choice.completion_tokens for choice in choices)
+    return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class ServingEngine:
+    """The part of an OpenAI generation route between its request model and the core."""
+
+    route = ""
+
+    def __init__(self, core: InferenceServer) -> None:
+        self.core = core
+
+    def check_model(self, model: str) -> None:
+        try:
+            task = self.core.model_task(model)
+        except ModelNotFound:
+            raise ModelNotFoundError(model) from None
+        if task != "generate":
+            kind = "an embedding model" if task == "embed" else "not a language model"
+            raise OpenAIRequestError(f"model '{model}' does not support {self.route} ({kind})", "model")
+
+    @staticmethod
+    def sampling(request: SamplingFields, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
+        values: dict[str, Any] = {
+            name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None
+        }
+        if max_tokens is not None:
+            values["max_tokens"] = max_tokens
+        try:
+            return SamplingParams.model_validate(values)
+        except ValidationError as exc:
+            raise field_error(exc, {"max_tokens": max_tokens_field}) from None
+
+    def generate(
+        self, model: str, request_prefix: str, prompts: list[dict[str, Any]], sampling: SamplingParams, n: int
+    ) -> AsyncIterator[tuple[int, GenerationOutput]]:
+        """One sequence per prompt and choice, choice ``i`` of prompt ``p`` at index ``p * n + i``.
+
+        With a seed, each choice gets its own (seed + i) so ``n`` seeded choices differ yet stay reproducible.
+        """
+        streams = []
+        for p, prompt in enumerate(prompts):
+            for i in range(n):
+                choice_sampling = sampling
+                if n > 1 and sampling.seed is not None:
+                    choice_sampling = sampling.model_copy(update={"seed": sampling.seed + i})
+                generate_request = GenerateRequest(
+                    request_id=f"{request_prefix}-{p * n + i}", sampling=choice_sampling, **prompt
+                )
+                streams.append(self.core.generate(model, "", generate_request))
+        return merged(streams)
+
+    @staticmethod
+    async def collect(stream: AsyncIterator[tuple[int, GenerationOutput]], count: int) -> list[ChoiceTotals]:
+        choices = [ChoiceTotals() for _ in range(count)]
+        async for index, output in stream:
+            choices[index].add(output)
+        return choices
+
+
+class ModelNotFoundError(ModelNotFound):
+    """An unknown ``model``, worded and tagged as OpenAI words it."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"The model '{model}' does not exist")
+        self.param = "model"
