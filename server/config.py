@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from server.errors import ConfigError
 from server.protocol.datatypes import CONFIG_DATATYPES, CONFIG_TO_WIRE
@@ -41,30 +41,35 @@ class Reshape(_Strict):
     shape: list[int]
 
 
+def known_datatype(value: str) -> str:
+    """A config ``data_type`` (``TYPE_FP32``, ``TYPE_STRING``, ...) checked against Triton's list."""
+    if value not in CONFIG_DATATYPES:
+        raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
+    return value
+
+
+def valid_dims(value: list[int]) -> list[int]:
+    """Config ``dims``: each a size, or -1 for a variable one."""
+    if any(d == 0 or d < -1 for d in value):
+        raise ValueError(f"dims {value}: each must be >= 1, or -1 for a variable size")
+    return value
+
+
+# Field types that carry their checks, for every model of the schema with a data_type and dims.
+ConfigDatatype = Annotated[str, AfterValidator(known_datatype)]
+Dims = Annotated[list[int], AfterValidator(valid_dims)]
+
+
 class TensorConfig(_Strict):
     """One input or output tensor of a model. ``dims`` excludes the batch dimension when batching is on."""
 
     name: str = Field(min_length=1)
-    data_type: str
-    dims: list[int]
+    data_type: ConfigDatatype
+    dims: Dims
     reshape: Reshape | None = None
     optional: bool = False
     allow_ragged_batch: bool = False
     label_filename: str | None = None
-
-    @field_validator("data_type")
-    @classmethod
-    def _known_datatype(cls, value: str) -> str:
-        if value not in CONFIG_DATATYPES:
-            raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
-        return value
-
-    @field_validator("dims")
-    @classmethod
-    def _valid_dims(cls, value: list[int]) -> list[int]:
-        if any(d == 0 or d < -1 for d in value):
-            raise ValueError(f"dims {value}: each must be >= 1, or -1 for a variable size")
-        return value
 
     @property
     def wire_datatype(self) -> str:
@@ -242,8 +247,8 @@ class SequenceState(_Strict):
 
     input_name: str = Field(min_length=1)
     output_name: str = Field(min_length=1)
-    data_type: str
-    dims: list[int]
+    data_type: ConfigDatatype
+    dims: Dims
     initial_state: list[InitialState] = Field(default_factory=list, max_length=1)
     use_same_buffer_for_input_output: bool = False
     use_growable_memory: bool = False
@@ -253,20 +258,6 @@ class SequenceState(_Strict):
     def _one_or_list(cls, value: Any) -> Any:
         """A pbtxt ``initial_state: { ... }`` reads as one mapping; Triton's field is a list of them."""
         return [value] if isinstance(value, dict) else value
-
-    @field_validator("data_type")
-    @classmethod
-    def _known_datatype(cls, value: str) -> str:
-        if value not in CONFIG_DATATYPES:
-            raise ValueError(f"unknown data_type '{value}'; expected one of {sorted(CONFIG_DATATYPES)}")
-        return value
-
-    @field_validator("dims")
-    @classmethod
-    def _valid_dims(cls, value: list[int]) -> list[int]:
-        if any(d == 0 or d < -1 for d in value):
-            raise ValueError(f"dims {value}: each must be >= 1, or -1 for a variable size")
-        return value
 
     @model_validator(mode="after")
     def _initial_state_fits(self) -> SequenceState:

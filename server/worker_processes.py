@@ -118,3 +118,15 @@ def install_channel(channel: WorkerChannel) -> None:
 def current_channel() -> WorkerChannel | None:
     """This worker process's channel to the server; None outside a worker process (no model calls there)."""
     return _channel
+
+
+def worker_outputs(status: str, payload: Any, model_name: str) -> Any:
+    """A worker's answer to a batch: its outputs when ``status`` is ok, else the error it reported, raised here as
+    the server error it was (or a ``BackendError`` naming the model for anything else)."""
+    if status == "ok":
+        return payload
+    known = rebuilt_error(payload, ModelDockError)
+    if known is not None:
+        raise known
+    type_name, message = payload
+    raise errors.BackendError(f"model '{model_name}': {type_name}: {message}")

@@ -36,7 +36,14 @@ from server.errors import BackendError, InvalidInput, ModelDockError, ModelLoadE
 from server.protocol.datatypes import wire_datatype
 from server.protocol.types import InferRequest, RequestedOutput
 from server.scheduling.model_calls import ModelCaller
-from server.worker_processes import WorkerChannel, error_payload, install_channel, rebuilt_error, stop_process
+from server.worker_processes import (
+    WorkerChannel,
+    error_payload,
+    install_channel,
+    rebuilt_error,
+    stop_process,
+    worker_outputs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -405,13 +412,7 @@ class ProcessModelInstance(ModelInstance):
             raise BackendError(
                 f"model '{self.config.name}': instance {self.name} crashed: {description}; restarting"
             ) from exc
-        if status == "ok":
-            return payload  # type: ignore[no-any-return]
-        known = rebuilt_error(payload, ModelDockError)
-        if known is not None:
-            raise known
-        type_name, message = payload
-        raise BackendError(f"model '{self.config.name}': {type_name}: {message}")
+        return worker_outputs(status, payload, self.config.name)
 
     async def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None

@@ -36,7 +36,7 @@ from server.config import InstanceGroup, InstanceKind, ModelConfig
 from server.devices import CPU, Device
 from server.errors import BackendError, ConfigError, ModelDockError, ModelLoadError
 from server.scheduling.instances import ModelInstance
-from server.worker_processes import error_payload, rebuilt_error
+from server.worker_processes import error_payload, rebuilt_error, worker_outputs
 
 log = logging.getLogger(__name__)
 
@@ -263,13 +263,7 @@ class RayModelInstance(ModelInstance):
             raise BackendError(
                 f"model '{self.config.name}': instance {self.name}: {type(exc).__name__}: {exc}"
             ) from None
-        if status == "ok":
-            return payload  # type: ignore[no-any-return]
-        known = rebuilt_error(payload, ModelDockError)
-        if known is not None:
-            raise known
-        type_name, message = payload
-        raise BackendError(f"model '{self.config.name}': {type_name}: {message}")
+        return worker_outputs(status, payload, self.config.name)
 
     async def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
