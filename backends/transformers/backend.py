@@ -199,15 +199,17 @@ class TransformersBackend(GenerativeBackend):
             raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
         step = self._paged.StepTensors.build(batch, self._cache, self._pad_id, self.torch_device)
         with self._torch.inference_mode():
+            # Logits only where the engine samples (the model's own head, so its final scaling applies).
             output = self.model(
                 input_ids=step.input_ids,
                 position_ids=step.position_ids,
                 use_cache=False,
-                logits_to_keep=1,
+                logits_to_keep=step.logits_to_keep,
                 **{self._paged.STEP_ARGUMENT: step},
             )
+            logits = output.logits[0] if step.packed else output.logits[:, -1, :]
         # A clone outside inference mode: the sampler edits rows in place.
-        return output.logits[:, -1, :].float().cpu().clone()
+        return logits.float().cpu().clone()
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

@@ -6,8 +6,9 @@ values into the cache slots the engine chose, gathers every cached token of each
 that is causal per sequence and hides padding. Any model that uses the standard attention interface (GPT-2,
 Llama, Qwen, Mistral, Phi, ...) runs unchanged.
 
-Rows are left-padded, so each row's last new token sits in the last column and ``logits_to_keep=1`` returns the
-logits the engine needs.
+A decode step runs one row per sequence (one new token each); a prefill step packs every prompt into one row, so
+prompts of mixed lengths are not padded to the longest. Either way the model returns logits only where the
+engine samples: each sequence's last new token.
 """
 
 from __future__ import annotations
@@ -37,18 +38,29 @@ class PagedKVCache:
 
 @dataclass(frozen=True, slots=True)
 class StepTensors:
-    """One step's batch as tensors: what the model reads and where the attention layers write."""
+    """One step's batch as tensors: what the model reads, where the attention layers write, and which positions'
+    logits the engine needs (each sequence's last new token)."""
 
     cache: PagedKVCache
-    input_ids: torch.Tensor  # [rows, width], left-padded
+    input_ids: torch.Tensor  # [rows, width]
     position_ids: torch.Tensor  # [rows, width]
     query_valid: torch.Tensor  # [rows, width] bool: False on padding
     write_slots: torch.Tensor  # [valid tokens], in row-major order of query_valid
     read_slots: torch.Tensor  # [rows, context], padded with slot 0
     mask: torch.Tensor  # [rows, 1, width, context] bool: True where a query may attend
+    # Whether all sequences share one row (a prefill); then ``logits_to_keep`` lists each one's last column.
+    packed: bool
+    logits_to_keep: int | torch.Tensor
 
     @classmethod
     def build(cls, batch: StepBatch, cache: PagedKVCache, pad_id: int, device: torch.device) -> StepTensors:
+        if max(len(t) for t in batch.token_ids) > 1:
+            return cls._packed(batch, cache, device)
+        return cls._rows(batch, cache, pad_id, device)
+
+    @classmethod
+    def _rows(cls, batch: StepBatch, cache: PagedKVCache, pad_id: int, device: torch.device) -> StepTensors:
+        """One row per sequence, left-padded: decode steps, where every row has one new token and no padding."""
         rows = len(batch.token_ids)
         width = max(len(t) for t in batch.token_ids)
         context = max(len(s) for s in batch.read_slots)
@@ -73,6 +85,41 @@ class StepTensors:
             write_slots=write.to(device),
             read_slots=read.to(device),
             mask=mask.unsqueeze(1).to(device),
+            packed=False,
+            logits_to_keep=1,
+        )
+
+    @classmethod
+    def _packed(cls, batch: StepBatch, cache: PagedKVCache, device: torch.device) -> StepTensors:
+        """All sequences' new tokens in one row, keys likewise, with a mask that keeps each sequence to its own
+        keys: prompts of mixed lengths then cost what their tokens cost, with no padding to the longest."""
+        tokens = [t for row in batch.token_ids for t in row]
+        positions: list[int] = []
+        query_sequence: list[int] = []
+        key_positions: list[int] = []
+        key_sequence: list[int] = []
+        ends: list[int] = []
+        for index, (row, start, slots) in enumerate(zip(batch.token_ids, batch.start, batch.read_slots, strict=True)):
+            positions.extend(range(start, start + len(row)))
+            query_sequence.extend([index] * len(row))
+            key_positions.extend(range(len(slots)))
+            key_sequence.extend([index] * len(slots))
+            ends.append(len(positions) - 1)
+        query_position = torch.tensor(positions, dtype=torch.long)
+        same = torch.tensor(query_sequence)[:, None] == torch.tensor(key_sequence)[None, :]
+        causal = torch.tensor(key_positions)[None, :] <= query_position[:, None]
+        read = torch.tensor([slot for slots in batch.read_slots for slot in slots], dtype=torch.long)
+        write = torch.tensor([slot for slots in batch.write_slots for slot in slots], dtype=torch.long)
+        return cls(
+            cache=cache,
+            input_ids=torch.tensor([tokens], dtype=torch.long).to(device),
+            position_ids=query_position[None, :].to(device),
+            query_valid=torch.ones((1, len(tokens)), dtype=torch.bool).to(device),
+            write_slots=write.to(device),
+            read_slots=read[None, :].to(device),
+            mask=(same & causal)[None, None, :, :].to(device),
+            packed=True,
+            logits_to_keep=torch.tensor(ends, dtype=torch.long).to(device),
         )
 
 

@@ -44,7 +44,7 @@ class EngineLimits:
     max_model_len: int
     block_size: int
     num_blocks: int
-    # Padded prompt tokens one prefill step may run (at least one sequence always runs).
+    # Prompt tokens one prefill step may run (at least one sequence always runs).
     max_num_batched_tokens: int
 
     @classmethod
@@ -275,12 +275,11 @@ class GenerationEngine:
     def _admit(self) -> list[Sequence]:
         """Move waiting sequences into the running set while seats, blocks and the prefill budget allow."""
         admitted: list[Sequence] = []
-        longest = 0
+        prefill_tokens = 0
         while self._waiting and len(self._running) < self.limits.max_num_seqs:
             sequence = self._waiting[0]
             tokens = len(sequence.token_ids)
-            padded = (len(admitted) + 1) * max(longest, tokens)
-            if admitted and padded > self.limits.max_num_batched_tokens:
+            if admitted and prefill_tokens + tokens > self.limits.max_num_batched_tokens:
                 break
             # Room for the prompt and the first generated token, so a new sequence is not preempted at once.
             if not self.blocks.can_allocate(self.blocks.blocks_for(tokens + 1)):
@@ -289,7 +288,7 @@ class GenerationEngine:
             self._waiting.popleft()
             self._running.append(sequence)
             admitted.append(sequence)
-            longest = max(longest, tokens)
+            prefill_tokens += tokens
         return admitted
 
     def _reserve_decode_blocks(self) -> None:
