@@ -141,8 +141,11 @@ def paged_attention(
     cache_key, cache_value = step.cache.key[layer], step.cache.value[layer]
     cache_key.index_copy_(0, step.write_slots, key.transpose(1, 2)[step.query_valid].to(cache_key.dtype))
     cache_value.index_copy_(0, step.write_slots, value.transpose(1, 2)[step.query_valid].to(cache_value.dtype))
-    keys = cache_key[step.read_slots].transpose(1, 2)
-    values = cache_value[step.read_slots].transpose(1, 2)
+    # index_select on the flattened slots: several times faster than indexing with the 2-D slot tensor.
+    rows, context = step.read_slots.shape
+    flat = step.read_slots.reshape(-1)
+    keys = cache_key.index_select(0, flat).view(rows, context, *cache_key.shape[1:]).transpose(1, 2)
+    values = cache_value.index_select(0, flat).view(rows, context, *cache_value.shape[1:]).transpose(1, 2)
     groups = query.shape[1] // keys.shape[1]
     if groups > 1:
         keys = keys.repeat_interleave(groups, dim=1)
