@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from backends.base import GenerativeBackend, StepBatch
@@ -72,16 +72,15 @@ class EngineLimits:
         return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched)
 
 
-_Delivery = Callable[[GenerationOutput | BaseException], None]
-
-
 @dataclass(eq=False)
 class Sequence:
     id: int
     prompt_ids: list[int]
     sampling: SamplingParams
     max_tokens: int
-    deliver: _Delivery
+    # Where its chunks go: a queue read on the event loop that asked.
+    loop: asyncio.AbstractEventLoop
+    outbox: asyncio.Queue[GenerationOutput | BaseException]
     sampler: SequenceSampler
     detokenizer: IncrementalDetokenizer
     arrival: float
@@ -114,6 +113,8 @@ class GenerationEngine:
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
         self._stopping = False
+        # Chunks produced by the step in progress, handed to their event loops in one call each when it ends.
+        self._outgoing: list[tuple[Sequence, GenerationOutput | BaseException]] = []
         self._thread = threading.Thread(target=self._loop, name=f"generate-{name}", daemon=True)
         self._thread.start()
 
@@ -170,18 +171,13 @@ class GenerationEngine:
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
 
-        def deliver(item: GenerationOutput | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(outbox.put_nowait, item)
-            except RuntimeError:  # the event loop closed while the request ran
-                pass
-
         sequence = Sequence(
             id=next(self._ids),
             prompt_ids=prompt_ids,
             sampling=request.sampling,
             max_tokens=max_tokens,
-            deliver=deliver,
+            loop=loop,
+            outbox=outbox,
             sampler=SequenceSampler(request.sampling, prompt_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             arrival=time.monotonic(),
@@ -252,11 +248,28 @@ class GenerationEngine:
                 error = exc if isinstance(exc, ModelDockError) else BackendError(f"{type(exc).__name__}: {exc}")
                 for sequence in list(self._running):
                     self._retire(sequence, error=error)
+            self._flush()
             self.stats.update_queue(len(self._running), len(self._waiting), self.blocks.usage)
         error = ModelNotReady(f"model '{self.name}' was unloaded")
         for sequence in [*self._running, *self._waiting, *self._incoming]:
             self.blocks.release(sequence.block_table)
-            sequence.deliver(error)
+            self._deliver(sequence, error)
+        self._flush()
+
+    def _deliver(self, sequence: Sequence, item: GenerationOutput | BaseException) -> None:
+        self._outgoing.append((sequence, item))
+
+    def _flush(self) -> None:
+        """Hand a step's chunks over: one wake-up of each event loop per step, not one per sequence."""
+        outgoing, self._outgoing = self._outgoing, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Sequence, GenerationOutput | BaseException]]] = {}
+        for sequence, item in outgoing:
+            by_loop.setdefault(sequence.loop, []).append((sequence, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the event loop closed while its requests ran
+                pass
 
     def _drop(self, ids: set[int]) -> None:
         for sequence in [s for s in self._running if s.id in ids]:
@@ -348,7 +361,7 @@ class GenerationEngine:
         ):
             reason = "length"
         if reason is None:
-            sequence.deliver(self._output(sequence, text, [token]))
+            self._deliver(sequence, self._output(sequence, text, [token]))
             return
         text += sequence.detokenizer.flush()
         self._retire(sequence, reason=reason, last=(text, [token]))
@@ -376,8 +389,13 @@ class GenerationEngine:
         self._running.remove(sequence)
         self.blocks.release(sequence.block_table)
         if error is not None:
-            sequence.deliver(error)
+            self._deliver(sequence, error)
         elif notify:
-            sequence.deliver(self._output(sequence, *last, reason=reason))
+            self._deliver(sequence, self._output(sequence, *last, reason=reason))
         if error is None and reason != "abort":
             self.stats.record_finished(len(sequence.output_ids))
+
+
+def _put_all(items: list[tuple[Sequence, GenerationOutput | BaseException]]) -> None:
+    for sequence, item in items:
+        sequence.outbox.put_nowait(item)
