@@ -9,9 +9,8 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.types import Receive
 
-from server.errors import ModelDockError
-from server.frontends.openai.errors import OpenAIRequestError, error_info
-from server.frontends.openai.events import SSE_DONE, EventStreamResponse, sse, started, while_connected
+from server.frontends.openai.errors import OpenAIRequestError
+from server.frontends.openai.events import EventStreamResponse, sse, started, while_connected
 from server.frontends.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -21,10 +20,9 @@ from server.frontends.openai.protocol import (
     ChatDelta,
     ChatMessage,
     ChatResponseMessage,
-    ErrorResponse,
     UsageInfo,
 )
-from server.frontends.openai.serving_engine import ChoiceTotals, ServingEngine, request_id, usage
+from server.frontends.openai.serving_engine import ServingEngine, choice_events, request_id, usage
 from server.scheduling.generation.requests import GenerationOutput
 
 
@@ -108,18 +106,12 @@ class OpenAIServingChat(ServingEngine):
             # OpenAI sends "usage": null on every chunk only when the client asked for usage at the end.
             return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
-        totals = [ChoiceTotals() for _ in range(request.n)]
+        def choice_chunk(index: int, output: GenerationOutput) -> bytes:
+            delta = ChatDelta(content=output.text) if output.text else ChatDelta()
+            return chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=output.finish_reason)])
+
         for i in range(request.n):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])
-        try:
-            async for index, output in stream:
-                totals[index].add(output)
-                if output.text or output.finished:
-                    delta = ChatDelta(content=output.text) if output.text else ChatDelta()
-                    yield chunk([ChatChunkChoice(index=index, delta=delta, finish_reason=output.finish_reason)])
-        except ModelDockError as exc:
-            yield sse(ErrorResponse(error=error_info(exc)).model_dump_json())
-        else:
-            if include_usage:
-                yield chunk([], usage(totals, request.n))
-        yield SSE_DONE
+        usage_chunk = (lambda info: chunk([], info)) if include_usage else None
+        async for event in choice_events(stream, request.n, request.n, choice_chunk, usage_chunk):
+            yield event

@@ -9,17 +9,15 @@ from typing import Any
 from fastapi.responses import Response
 from starlette.types import Receive
 
-from server.errors import ModelDockError
-from server.frontends.openai.errors import OpenAIRequestError, error_info
-from server.frontends.openai.events import SSE_DONE, EventStreamResponse, sse, started, while_connected
+from server.frontends.openai.errors import OpenAIRequestError
+from server.frontends.openai.events import EventStreamResponse, sse, started, while_connected
 from server.frontends.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    ErrorResponse,
     UsageInfo,
 )
-from server.frontends.openai.serving_engine import ChoiceTotals, ServingEngine, request_id, usage
+from server.frontends.openai.serving_engine import ServingEngine, choice_events, request_id, usage
 from server.scheduling.generation.requests import GenerationOutput
 
 
@@ -105,18 +103,12 @@ class OpenAIServingCompletion(ServingEngine):
             )
             return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
-        totals = [ChoiceTotals() for _ in range(count)]
+        def choice_chunk(index: int, output: GenerationOutput) -> bytes:
+            return chunk([CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)])
+
         if request.echo:
             for i in range(count):
                 yield chunk([CompletionChoice(index=i, text=echoes[i // request.n])])
-        try:
-            async for index, output in stream:
-                totals[index].add(output)
-                if output.text or output.finished:
-                    yield chunk([CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)])
-        except ModelDockError as exc:
-            yield sse(ErrorResponse(error=error_info(exc)).model_dump_json())
-        else:
-            if include_usage:
-                yield chunk([], usage(totals, request.n))
-        yield SSE_DONE
+        usage_chunk = (lambda info: chunk([], info)) if include_usage else None
+        async for event in choice_events(stream, count, request.n, choice_chunk, usage_chunk):
+            yield event

@@ -1,20 +1,20 @@
 """What chat and completions share: checking the model, turning OpenAI's fields into ``SamplingParams``, starting
-one engine sequence per choice, and adding up the answer and its token usage."""
+one engine sequence per choice, adding up the answer and its token usage, and the event stream's course."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
 
 from server.core import InferenceServer
-from server.errors import ModelNotFound
-from server.frontends.openai.errors import OpenAIRequestError, field_error
-from server.frontends.openai.events import merged
-from server.frontends.openai.protocol import SamplingFields, UsageInfo
+from server.errors import ModelDockError, ModelNotFound
+from server.frontends.openai.errors import OpenAIRequestError, error_info, field_error
+from server.frontends.openai.events import SSE_DONE, merged, sse
+from server.frontends.openai.protocol import ErrorResponse, SamplingFields, UsageInfo
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams
 
 _SAMPLING_FIELDS = (
@@ -58,6 +58,29 @@ def usage(choices: list[ChoiceTotals], n: int) -> UsageInfo:
     prompt = sum(choice.prompt_tokens for choice in choices[::n])
     completion = sum(choice.completion_tokens for choice in choices)
     return UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+async def choice_events(
+    stream: AsyncIterator[tuple[int, GenerationOutput]],
+    count: int,
+    n: int,
+    chunk: Callable[[int, GenerationOutput], bytes],
+    usage_chunk: Callable[[UsageInfo], bytes] | None,
+) -> AsyncIterator[bytes]:
+    """The part of a chat or completion stream after its opening chunks: one chunk per output with new text or an
+    end, an error event if the engine fails, the usage chunk when asked for, and ``[DONE]``."""
+    totals = [ChoiceTotals() for _ in range(count)]
+    try:
+        async for index, output in stream:
+            totals[index].add(output)
+            if output.text or output.finished:
+                yield chunk(index, output)
+    except ModelDockError as exc:
+        yield sse(ErrorResponse(error=error_info(exc)).model_dump_json())
+    else:
+        if usage_chunk is not None:
+            yield usage_chunk(usage(totals, n))
+    yield SSE_DONE
 
 
 class ServingEngine:
