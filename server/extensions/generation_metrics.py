@@ -64,7 +64,7 @@ class GenerationStats:
             self.time_per_output_token.observe(seconds)
             self.generation_tokens += 1
 
-    def record_finished(self, output_tokens: int) -> None:
+    def record_finished(self) -> None:
         with self._lock:
             self.finished += 1
 

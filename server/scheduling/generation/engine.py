@@ -89,6 +89,8 @@ class Sequence:
     # Tokens whose KV is in the cache; a preempted sequence drops back to 0 and is prefilled again.
     computed: int = 0
     first_token_at: float | None = None
+    # Tokens that end the sequence: its stop token ids, and the model's end-of-sequence ids unless ignored.
+    end_token_ids: frozenset[int] = frozenset()
     last_token_at: float | None = None
 
     @property
@@ -181,6 +183,9 @@ class GenerationEngine:
             sampler=SequenceSampler(request.sampling, prompt_ids),
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             arrival=time.monotonic(),
+            end_token_ids=frozenset(
+                [*request.sampling.stop_token_ids, *([] if request.sampling.ignore_eos else self.backend.eos_token_ids)]
+            ),
         )
         with self._wake:
             self._incoming.append(sequence)
@@ -335,10 +340,8 @@ class GenerationEngine:
             self._advance(sequence, logits[row], now)
 
     def _advance(self, sequence: Sequence, logits: object, now: float) -> None:
-        params = sequence.sampling
-        stops = set(params.stop_token_ids)
-        eos = [] if params.ignore_eos else self.backend.eos_token_ids
-        banned = [*eos, *stops] if len(sequence.output_ids) < params.min_tokens else []
+        ends = sequence.end_token_ids
+        banned = sorted(ends) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
         token = sequence.sampler.choose(logits, banned)  # type: ignore[arg-type]
         sequence.output_ids.append(token)
         sequence.sampler.record(token)
@@ -350,7 +353,7 @@ class GenerationEngine:
         sequence.last_token_at = now
         reason: FinishReason | None = None
         text = ""
-        if token in stops or token in eos:
+        if token in ends:
             reason = "stop"
         else:
             text, stopped = sequence.detokenizer.add(token)
@@ -393,7 +396,7 @@ class GenerationEngine:
         elif notify:
             self._deliver(sequence, self._output(sequence, *last, reason=reason))
         if error is None and reason != "abort":
-            self.stats.record_finished(len(sequence.output_ids))
+            self.stats.record_finished()
 
 
 def _put_all(items: list[tuple[Sequence, GenerationOutput | BaseException]]) -> None:
