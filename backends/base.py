@@ -84,14 +84,17 @@ class Backend(ABC):
 class StepBatch:
     """One engine step: for each sequence, the tokens whose KV is not cached yet and where its KV lives.
 
-    ``read_slots[i]`` lists the cache slots of all of sequence ``i``'s tokens so far, these new ones last;
-    ``write_slots[i]`` the slots the new tokens' KV goes to; ``start[i]`` the position of its first new token.
+    ``token_ids[i]`` are sequence ``i``'s new tokens: one for a sequence that is decoding, a prompt or a chunk of
+    one for a sequence being prefilled. ``start[i]`` is the position of the first of them (the tokens before it are
+    cached). Token ``p`` of sequence ``i`` lives in cache slot ``block_tables[i][p // block_size] * block_size + p %
+    block_size``; the backend works out the slots itself, on its own device, instead of receiving one number per
+    cached token.
     """
 
     token_ids: list[list[int]]
     start: list[int]
-    write_slots: list[list[int]]
-    read_slots: list[list[int]]
+    block_tables: list[list[int]]
+    block_size: int
 
 
 class GenerativeBackend(Backend):
@@ -129,7 +132,8 @@ class GenerativeBackend(Backend):
 
     @abstractmethod
     def forward(self, batch: StepBatch) -> Any:
-        """Run one step and return float32 logits of each sequence's last new token, shape [sequences, vocab]."""
+        """Run one step and return logits of each sequence's last new token, shape [sequences, vocab], on the
+        backend's device: the engine copies to the host only the rows it cannot choose from on the device."""
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")

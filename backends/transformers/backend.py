@@ -164,8 +164,6 @@ class TransformersBackend(GenerativeBackend):
         self._kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
         self._head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
         self._max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
-        vocab = len(self.tokenizer)
-        self._pad_id = 0 if self.tokenizer.pad_token_id != 0 else min(1, vocab - 1)
 
     # -- generation ----------------------------------------------------------------------------------------------
     @property
@@ -197,7 +195,7 @@ class TransformersBackend(GenerativeBackend):
     def forward(self, batch: StepBatch) -> Any:
         if self._cache is None:
             raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
-        step = self._paged.StepTensors.build(batch, self._cache, self._pad_id, self.torch_device)
+        step = self._paged.StepTensors.build(batch, self._cache, self.torch_device)
         with self._torch.inference_mode():
             # Logits only where the engine samples (the model's own head, so its final scaling applies).
             output = self.model(
@@ -207,9 +205,7 @@ class TransformersBackend(GenerativeBackend):
                 logits_to_keep=step.logits_to_keep,
                 **{self._paged.STEP_ARGUMENT: step},
             )
-            logits = output.logits[0] if step.packed else output.logits[:, -1, :]
-        # A clone outside inference mode: the sampler edits rows in place.
-        return logits.float().cpu().clone()
+        return output.logits[0]
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

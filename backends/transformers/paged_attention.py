@@ -6,9 +6,9 @@ values into the cache slots the engine chose, gathers every cached token of each
 that is causal per sequence and hides padding. Any model that uses the standard attention interface (GPT-2,
 Llama, Qwen, Mistral, Phi, ...) runs unchanged.
 
-A decode step runs one row per sequence (one new token each); a prefill step packs every prompt into one row, so
-prompts of mixed lengths are not padded to the longest. Either way the model returns logits only where the
-engine samples: each sequence's last new token.
+A step mixes decoding sequences (one new token each) with prompt chunks, all in one row with no padding, so a new
+prompt joins the running batch instead of pausing it. The model returns logits only where the engine samples:
+each sequence's last new token.
 """
 
 from __future__ import annotations
@@ -38,89 +38,108 @@ class PagedKVCache:
 
 @dataclass(frozen=True, slots=True)
 class StepTensors:
-    """One step's batch as tensors: what the model reads, where the attention layers write, and which positions'
-    logits the engine needs (each sequence's last new token)."""
+    """One step's batch as tensors on the model's device.
+
+    Every new token of the step sits in one row: the decoding sequences' single tokens first, then the prompt
+    chunks, so the model's dense layers run once over all of them. Attention is the only per-sequence part, and it
+    runs in two groups: the decoding tokens one per row against their own padded context, the prompt tokens packed
+    against the keys of their own sequences only (a block-diagonal causal mask), so a long context of one sequence
+    never widens another's attention.
+    """
 
     cache: PagedKVCache
-    input_ids: torch.Tensor  # [rows, width]
-    position_ids: torch.Tensor  # [rows, width]
-    query_valid: torch.Tensor  # [rows, width] bool: False on padding
-    write_slots: torch.Tensor  # [valid tokens], in row-major order of query_valid
-    read_slots: torch.Tensor  # [rows, context], padded with slot 0
-    mask: torch.Tensor  # [rows, 1, width, context] bool: True where a query may attend
-    # Whether all sequences share one row (a prefill); then ``logits_to_keep`` lists each one's last column.
-    packed: bool
-    logits_to_keep: int | torch.Tensor
+    input_ids: torch.Tensor  # [1, tokens]
+    position_ids: torch.Tensor  # [1, tokens]
+    write_slots: torch.Tensor  # [tokens]: where each new token's key and value go
+    decode_count: int  # the first ``decode_count`` tokens are decoding sequences, one token each
+    decode_slots: torch.Tensor  # [decode_count, context]: each one's cached slots, padded with slot 0
+    decode_mask: torch.Tensor  # [decode_count, 1, 1, context] bool: True on real (not padding) keys
+    prefill_slots: torch.Tensor  # [keys]: the cached slots of every prefilling sequence, one after the other
+    prefill_mask: torch.Tensor  # [1, 1, prompt tokens, keys] bool: True where a query may attend
+    # Each sequence's last new token in the row, in the batch's order: where the engine samples.
+    logits_to_keep: torch.Tensor
 
     @classmethod
-    def build(cls, batch: StepBatch, cache: PagedKVCache, pad_id: int, device: torch.device) -> StepTensors:
-        if max(len(t) for t in batch.token_ids) > 1:
-            return cls._packed(batch, cache, device)
-        return cls._rows(batch, cache, pad_id, device)
+    def build(cls, batch: StepBatch, cache: PagedKVCache, device: torch.device) -> StepTensors:
+        count = len(batch.token_ids)
+        decode = [i for i in range(count) if len(batch.token_ids[i]) == 1]
+        prefill = [i for i in range(count) if len(batch.token_ids[i]) > 1]
+        tokens: list[int] = []
+        token_sequence: list[int] = []
+        last = [0] * count
+        for i in decode + prefill:
+            tokens.extend(batch.token_ids[i])
+            token_sequence.extend([i] * len(batch.token_ids[i]))
+            last[i] = len(tokens) - 1
+        width = max(len(t) for t in batch.block_tables)
+        tables = [t + [0] * (width - len(t)) for t in batch.block_tables]
+        starts = batch.start
+        lengths = [len(t) for t in batch.token_ids]
+        # One host-to-device copy for everything the step needs; the slots and masks are worked out there.
+        parts = [tokens, token_sequence, [v for t in tables for v in t], starts, lengths, last, decode, prefill]
+        sizes = [len(part) for part in parts]
+        flat = torch.tensor([v for part in parts for v in part], dtype=torch.long)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        tokens_t, seq_t, tables_t, starts_t, lengths_t, last_t, decode_t, prefill_t = flat.split(sizes)
+        tables_t = tables_t.view(count, width)
+        size = batch.block_size
 
-    @classmethod
-    def _rows(cls, batch: StepBatch, cache: PagedKVCache, pad_id: int, device: torch.device) -> StepTensors:
-        """One row per sequence, left-padded: decode steps, where every row has one new token and no padding."""
-        rows = len(batch.token_ids)
-        width = max(len(t) for t in batch.token_ids)
-        context = max(len(s) for s in batch.read_slots)
-        input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-        positions = torch.zeros((rows, width), dtype=torch.long)
-        valid = torch.zeros((rows, width), dtype=torch.bool)
-        read = torch.zeros((rows, context), dtype=torch.long)
-        for row, (tokens, start, slots) in enumerate(zip(batch.token_ids, batch.start, batch.read_slots, strict=True)):
-            first = width - len(tokens)
-            input_ids[row, first:] = torch.tensor(tokens, dtype=torch.long)
-            positions[row, first:] = torch.arange(start, start + len(tokens))
-            valid[row, first:] = True
-            read[row, : len(slots)] = torch.tensor(slots, dtype=torch.long)
-        # A query at position p sees keys 0..p of its own sequence; padded queries see key 0 only (kept finite).
-        mask = torch.arange(context)[None, None, :] <= positions[:, :, None]
-        write = torch.tensor([slot for slots in batch.write_slots for slot in slots], dtype=torch.long)
+        def slots(sequence: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+            return tables_t[sequence, position // size] * size + position % size
+
+        # Position of each new token: its sequence's start plus its offset among that sequence's new tokens.
+        row_offsets = torch.zeros(count, dtype=torch.long, device=flat.device)
+        order = torch.cat([decode_t, prefill_t])
+        row_offsets[order] = torch.cumsum(lengths_t[order], 0) - lengths_t[order]
+        index = torch.arange(len(tokens), device=flat.device)
+        positions = starts_t[seq_t] + index - row_offsets[seq_t]
+
+        if decode:
+            context_lengths = starts_t[decode_t] + 1
+            context = max(starts[i] for i in decode) + 1
+            key_position = torch.arange(context, device=flat.device)
+            decode_slots = slots(decode_t[:, None], key_position[None, :])
+            decode_mask = (key_position[None, :] < context_lengths[:, None])[:, None, None, :]
+        else:
+            decode_slots = torch.zeros((0, 1), dtype=torch.long, device=flat.device)
+            decode_mask = torch.zeros((0, 1, 1, 1), dtype=torch.bool, device=flat.device)
+        if prefill:
+            ends = starts_t[prefill_t] + lengths_t[prefill_t]
+            total = sum(starts[i] + lengths[i] for i in prefill)
+            key_sequence = torch.repeat_interleave(prefill_t, ends, output_size=total)
+            key_first = torch.repeat_interleave(torch.cumsum(ends, 0) - ends, ends, output_size=total)
+            key_position = torch.arange(total, device=flat.device) - key_first
+            query_sequence = seq_t[len(decode) :]
+            query_position = positions[len(decode) :]
+            prefill_slots = slots(key_sequence, key_position)
+            prefill_mask = (query_sequence[:, None] == key_sequence[None, :]) & (
+                key_position[None, :] <= query_position[:, None]
+            )
+            prefill_mask = prefill_mask[None, None]
+        else:
+            prefill_slots = torch.zeros(0, dtype=torch.long, device=flat.device)
+            prefill_mask = torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=flat.device)
         return cls(
             cache=cache,
-            input_ids=input_ids.to(device),
-            position_ids=positions.to(device),
-            query_valid=valid.to(device),
-            write_slots=write.to(device),
-            read_slots=read.to(device),
-            mask=mask.unsqueeze(1).to(device),
-            packed=False,
-            logits_to_keep=1,
+            input_ids=tokens_t[None, :],
+            position_ids=positions[None, :],
+            write_slots=slots(seq_t, positions),
+            decode_count=len(decode),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            prefill_slots=prefill_slots,
+            prefill_mask=prefill_mask,
+            logits_to_keep=last_t,
         )
 
-    @classmethod
-    def _packed(cls, batch: StepBatch, cache: PagedKVCache, device: torch.device) -> StepTensors:
-        """All sequences' new tokens in one row, keys likewise, with a mask that keeps each sequence to its own
-        keys: prompts of mixed lengths then cost what their tokens cost, with no padding to the longest."""
-        tokens = [t for row in batch.token_ids for t in row]
-        positions: list[int] = []
-        query_sequence: list[int] = []
-        key_positions: list[int] = []
-        key_sequence: list[int] = []
-        ends: list[int] = []
-        for index, (row, start, slots) in enumerate(zip(batch.token_ids, batch.start, batch.read_slots, strict=True)):
-            positions.extend(range(start, start + len(row)))
-            query_sequence.extend([index] * len(row))
-            key_positions.extend(range(len(slots)))
-            key_sequence.extend([index] * len(slots))
-            ends.append(len(positions) - 1)
-        query_position = torch.tensor(positions, dtype=torch.long)
-        same = torch.tensor(query_sequence)[:, None] == torch.tensor(key_sequence)[None, :]
-        causal = torch.tensor(key_positions)[None, :] <= query_position[:, None]
-        read = torch.tensor([slot for slots in batch.read_slots for slot in slots], dtype=torch.long)
-        write = torch.tensor([slot for slots in batch.write_slots for slot in slots], dtype=torch.long)
-        return cls(
-            cache=cache,
-            input_ids=torch.tensor([tokens], dtype=torch.long).to(device),
-            position_ids=query_position[None, :].to(device),
-            query_valid=torch.ones((1, len(tokens)), dtype=torch.bool).to(device),
-            write_slots=write.to(device),
-            read_slots=read[None, :].to(device),
-            mask=(same & causal)[None, None, :, :].to(device),
-            packed=True,
-            logits_to_keep=torch.tensor(ends, dtype=torch.long).to(device),
-        )
+
+def _expand_heads(keys: torch.Tensor, values: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Grouped-query attention: each key/value head serves ``heads / kv_heads`` query heads."""
+    groups = heads // keys.shape[1]
+    if groups > 1:
+        return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
+    return keys, values
 
 
 def paged_attention(
@@ -133,25 +152,36 @@ def paged_attention(
     dropout: float = 0.0,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
-    """query [rows, heads, width, dim]; key/value [rows, kv_heads, width, dim] for the step's new tokens only."""
+    """query [1, heads, tokens, dim]; key/value [1, kv_heads, tokens, dim] for the step's new tokens only."""
     step = kwargs.get(STEP_ARGUMENT)
     if not isinstance(step, StepTensors):
         raise RuntimeError(f"the {ATTENTION_NAME} attention needs the engine's step; run the model through the engine")
     layer = module.layer_idx
     cache_key, cache_value = step.cache.key[layer], step.cache.value[layer]
-    cache_key.index_copy_(0, step.write_slots, key.transpose(1, 2)[step.query_valid].to(cache_key.dtype))
-    cache_value.index_copy_(0, step.write_slots, value.transpose(1, 2)[step.query_valid].to(cache_value.dtype))
-    # index_select on the flattened slots: several times faster than indexing with the 2-D slot tensor.
-    rows, context = step.read_slots.shape
-    flat = step.read_slots.reshape(-1)
-    keys = cache_key.index_select(0, flat).view(rows, context, *cache_key.shape[1:]).transpose(1, 2)
-    values = cache_value.index_select(0, flat).view(rows, context, *cache_value.shape[1:]).transpose(1, 2)
-    groups = query.shape[1] // keys.shape[1]
-    if groups > 1:
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
-    output = F.scaled_dot_product_attention(query, keys, values, attn_mask=step.mask, scale=scaling)
-    return output.transpose(1, 2).contiguous(), None
+    cache_key.index_copy_(0, step.write_slots, key[0].transpose(0, 1).to(cache_key.dtype))
+    cache_value.index_copy_(0, step.write_slots, value[0].transpose(0, 1).to(cache_value.dtype))
+    heads = query.shape[1]
+    decoded = step.decode_count
+    outputs = []
+    if decoded:
+        # index_select on the flattened slots: several times faster than indexing with the 2-D slot tensor.
+        rows, context = step.decode_slots.shape
+        flat = step.decode_slots.reshape(-1)
+        keys = cache_key.index_select(0, flat).view(rows, context, *cache_key.shape[1:]).transpose(1, 2)
+        values = cache_value.index_select(0, flat).view(rows, context, *cache_value.shape[1:]).transpose(1, 2)
+        keys, values = _expand_heads(keys, values, heads)
+        queries = query[0, :, :decoded].transpose(0, 1).unsqueeze(2)  # [rows, heads, 1, dim]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.decode_mask, scale=scaling)
+        outputs.append(out.squeeze(2).unsqueeze(0))  # [1, rows, heads, dim]
+    if query.shape[2] > decoded:
+        keys = cache_key.index_select(0, step.prefill_slots).transpose(0, 1).unsqueeze(0)
+        values = cache_value.index_select(0, step.prefill_slots).transpose(0, 1).unsqueeze(0)
+        keys, values = _expand_heads(keys, values, heads)
+        queries = query[:, :, decoded:]
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.prefill_mask, scale=scaling)
+        outputs.append(out.transpose(1, 2))  # [1, prompt tokens, heads, dim]
+    output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return output.contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_NAME, paged_attention)

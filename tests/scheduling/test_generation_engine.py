@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 from backends.transformers import TransformersBackend  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
-from server.devices import CPU  # noqa: E402
+from server.devices import CPU, Device  # noqa: E402
 from server.errors import ConfigError, InvalidInput  # noqa: E402
 from server.extensions.generation_metrics import GenerationStats  # noqa: E402
 from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
@@ -31,11 +31,11 @@ PROMPTS = [
 ]
 
 
-def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
+def make_engine(folder: Path, device: Device = CPU, **parameters: str) -> GenerationEngine:
     config = TransformersBackend.auto_complete_config(
         ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
     )
-    backend = TransformersBackend(config, folder, CPU)
+    backend = TransformersBackend(config, folder, device)
     return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
 
 
@@ -175,6 +175,31 @@ async def test_a_full_cache_preempts_and_every_sequence_still_matches(causal_lm_
         engine.stop()
 
 
+async def test_chunked_prompts_mixed_into_decode_steps_still_match(causal_lm_dir: Path, reference) -> None:
+    """A step budget of 6 tokens: prompts are prefilled in chunks, in the same steps as other sequences decode."""
+    engine = make_engine(causal_lm_dir, max_num_batched_tokens="6")
+    steps: list[tuple[int, int]] = []  # (decoding sequences, prompt tokens) of each step
+    forward = engine.backend.forward
+
+    def spy(batch):
+        lengths = [len(t) for t in batch.token_ids]
+        steps.append((lengths.count(1), sum(n for n in lengths if n > 1)))
+        return forward(batch)
+
+    engine.backend.forward = spy  # type: ignore[method-assign]
+    try:
+        first = asyncio.create_task(collect(engine, PROMPTS[1], greedy(30)))
+        await asyncio.sleep(0.05)
+        results = await asyncio.gather(*(collect(engine, p, greedy(12)) for p in PROMPTS))
+        assert tokens(await first) == reference(PROMPTS[1], 30)
+        for prompt, outputs in zip(PROMPTS, results, strict=True):
+            assert tokens(outputs) == reference(prompt, 12), prompt
+    finally:
+        engine.stop()
+    assert all(prompt <= max(1, 6 - decoding) for decoding, prompt in steps), steps
+    assert any(decoding and prompt for decoding, prompt in steps), "no step mixed decoding with a prompt"
+
+
 async def test_max_num_seqs_bounds_the_running_batch(causal_lm_dir: Path) -> None:
     engine = make_engine(causal_lm_dir, max_num_seqs="2")
     seen: list[int] = []
@@ -198,3 +223,27 @@ def test_engine_limits_that_cannot_hold_a_sequence_are_config_errors(causal_lm_d
         make_engine(causal_lm_dir, kv_cache_blocks="2", max_model_len="128")
     with pytest.raises(ConfigError, match="max_model_len"):
         make_engine(causal_lm_dir, max_model_len="100000")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_greedy_on_the_gpu_under_continuous_batching_equals_generate_alone(
+    causal_lm_dir: Path, reference, dtype: str
+) -> None:
+    """The engine on CUDA, mixed prompt chunks and decoding (a step budget of 16 tokens), against the CPU reference:
+    token for token in float32; in bfloat16, whose rounding may flip a close call late in a sequence, the first
+    tokens (which a wrong position or cache slot would already change) and the counts."""
+    engine = make_engine(causal_lm_dir, Device("gpu", 0), dtype=dtype, max_num_batched_tokens="16")
+    try:
+        assert engine.backend.torch_device.type == "cuda"
+        lengths = [6 + 5 * i for i in range(len(PROMPTS))]
+        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
+        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
+            expected, got = reference(prompt, n), tokens(outputs)
+            if dtype == "float32":
+                assert got == expected, prompt
+            else:
+                assert len(got) == n and got[:4] == expected[:4], prompt
+        assert engine.blocks.used_blocks == 0
+    finally:
+        engine.stop()

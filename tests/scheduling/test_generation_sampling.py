@@ -100,3 +100,30 @@ def test_text_that_may_begin_a_stop_string_is_held_until_decided() -> None:
     detokenizer = IncrementalDetokenizer(CharTokenizer(), ["END"])
     chunks, stopped = feed(detokenizer, "abEND and more")
     assert stopped and "".join(chunks) == "ab"
+
+
+def test_each_token_decodes_a_short_window_not_the_whole_completion() -> None:
+    class CountingTokenizer(CharTokenizer):
+        longest = 0
+
+        def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+            self.longest = max(self.longest, len(ids))
+            return super().decode(ids, skip_special_tokens)
+
+    tokenizer = CountingTokenizer()
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    text = "déjà vu, naïve café " * 50
+    chunks, _ = feed(detokenizer, text)
+    assert "".join(chunks) + detokenizer.flush() == text
+    assert tokenizer.longest <= 4  # a window of a few tokens, never the 1000-byte completion
+
+
+def test_streamed_text_equals_decoding_the_whole_completion(causal_lm_dir) -> None:
+    """With a real byte-level BPE tokenizer: spaces, multibyte characters, and bytes left over at the end."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(causal_lm_dir)
+    ids = tokenizer.encode("Hello world! Ünïcödé text, 2026 — ok\n  indented   spaces ✓")
+    ids += tokenizer.encode("é")[:1]  # the first byte of a character whose second byte never comes
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    streamed = "".join(detokenizer.add(i)[0] for i in ids) + detokenizer.flush()
+    assert streamed == tokenizer.decode(ids, skip_special_tokens=True)

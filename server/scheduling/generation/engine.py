@@ -1,10 +1,11 @@
 """The generation engine: continuous (iteration-level) batching over a paged KV cache.
 
-Each step either prefills newly admitted sequences or decodes one token for every running sequence, so a new
-request joins at the next step instead of waiting for a batch to finish, and a finished one leaves at once. A
-sequence is admitted only when the cache has blocks for its tokens; when a running sequence needs a block and none
-is free, the most recently admitted one is preempted (its blocks freed, its tokens recomputed when it is admitted
-again), so the oldest requests always make progress. A client that leaves aborts its sequence before the next step.
+Each step decodes one token for every running sequence and, in the same forward pass, prefills prompts (whole, or
+in chunks when they exceed the step's token budget), so a new request joins at the next step without pausing the
+running ones, and a finished one leaves at once. A sequence is admitted only when the cache has blocks for its
+tokens; when a running sequence needs a block and none is free, the most recently admitted one is preempted (its
+blocks freed, its tokens recomputed when it is admitted again), so the oldest requests always make progress. A
+client that leaves aborts its sequence before the next step.
 
 The model runs on one thread per engine; the event loop only hands requests in and takes chunks out.
 """
@@ -19,6 +20,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
@@ -44,7 +46,7 @@ class EngineLimits:
     max_model_len: int
     block_size: int
     num_blocks: int
-    # Prompt tokens one prefill step may run (at least one sequence always runs).
+    # Tokens one step may run, decoding ones included; longer prompts are prefilled in chunks over several steps.
     max_num_batched_tokens: int
 
     @classmethod
@@ -96,6 +98,17 @@ class Sequence:
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def uncomputed(self, count: int) -> list[int]:
+        """The next ``count`` tokens whose KV is not cached (without copying the whole sequence when decoding)."""
+        prompt = len(self.prompt_ids)
+        if self.computed >= prompt:
+            return self.output_ids[self.computed - prompt : self.computed - prompt + count]
+        return self.token_ids[self.computed : self.computed + count]
 
 
 class GenerationEngine:
@@ -225,9 +238,9 @@ class GenerationEngine:
         table: list[int] = []
         try:
             self.blocks.grow(table, 3)
-            slots = self.blocks.slots(table, 0, 3)
-            self.backend.forward(StepBatch([[0, 0]], [0], [slots[:2]], [slots[:2]]))
-            self.backend.forward(StepBatch([[0]], [2], [slots[2:]], [slots]))
+            size = self.blocks.block_size
+            self.backend.forward(StepBatch([[0, 0]], [0], [table], size))
+            self.backend.forward(StepBatch([[0]], [2], [table], size))
         except Exception:  # a model that cannot run fails its first request with the real error instead
             log.warning("model '%s': warm-up step failed", self.name, exc_info=True)
         finally:
@@ -283,31 +296,44 @@ class GenerationEngine:
         self.stats.record_aborted(len(ids))
 
     def _step(self) -> None:
-        admitted = self._admit()
-        if admitted:
-            self._run(admitted)
-        elif self._running:
-            self._reserve_decode_blocks()
-            self._run(self._running)
+        work = self._schedule()
+        if work:
+            self._run(work)
 
-    def _admit(self) -> list[Sequence]:
-        """Move waiting sequences into the running set while seats, blocks and the prefill budget allow."""
-        admitted: list[Sequence] = []
-        prefill_tokens = 0
-        while self._waiting and len(self._running) < self.limits.max_num_seqs:
-            sequence = self._waiting[0]
-            tokens = len(sequence.token_ids)
-            if admitted and prefill_tokens + tokens > self.limits.max_num_batched_tokens:
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """This step's work: one token for every decoding sequence, then prompt tokens within the step's budget.
+
+        Decoding sequences always run (a token each); prompts share what is left of ``max_num_batched_tokens``
+        (at least one token, so prompts always progress), running ones first, then newly admitted ones.
+        """
+        self._reserve_decode_blocks()
+        work: list[tuple[Sequence, int]] = []
+        prefilling: list[Sequence] = []
+        for sequence in self._running:
+            if sequence.length - sequence.computed == 1:
+                work.append((sequence, 1))
+            else:
+                prefilling.append(sequence)
+        budget = max(1, self.limits.max_num_batched_tokens - len(work))
+        for sequence in prefilling:
+            if budget <= 0:
                 break
+            count = min(sequence.length - sequence.computed, budget)
+            work.append((sequence, count))
+            budget -= count
+        while budget > 0 and self._waiting and len(self._running) < self.limits.max_num_seqs:
+            sequence = self._waiting[0]
+            tokens = sequence.length
             # Room for the prompt and the first generated token, so a new sequence is not preempted at once.
             if not self.blocks.can_allocate(self.blocks.blocks_for(tokens + 1)):
                 break
             self.blocks.grow(sequence.block_table, tokens)
             self._waiting.popleft()
             self._running.append(sequence)
-            admitted.append(sequence)
-            prefill_tokens += tokens
-        return admitted
+            count = min(tokens - sequence.computed, budget)
+            work.append((sequence, count))
+            budget -= count
+        return work
 
     def _reserve_decode_blocks(self) -> None:
         """Give every running sequence room for its next token, preempting the newest ones if the cache is full."""
@@ -315,7 +341,7 @@ class GenerationEngine:
         while index < len(self._running):
             sequence = self._running[index]
             try:
-                self.blocks.grow(sequence.block_table, len(sequence.token_ids))
+                self.blocks.grow(sequence.block_table, sequence.length)
             except OutOfBlocks:
                 victim = self._running.pop()
                 self.blocks.release(victim.block_table)
@@ -325,24 +351,46 @@ class GenerationEngine:
                 continue  # retry the same sequence (unless it was the victim) with the freed blocks
             index += 1
 
-    def _run(self, sequences: list[Sequence]) -> None:
+    def _run(self, work: list[tuple[Sequence, int]]) -> None:
         batch = StepBatch(
-            token_ids=[s.token_ids[s.computed :] for s in sequences],
-            start=[s.computed for s in sequences],
-            write_slots=[self.blocks.slots(s.block_table, s.computed, len(s.token_ids)) for s in sequences],
-            read_slots=[self.blocks.slots(s.block_table, 0, len(s.token_ids)) for s in sequences],
+            token_ids=[s.uncomputed(count) for s, count in work],
+            start=[s.computed for s, _ in work],
+            block_tables=[s.block_table for s, _ in work],
+            block_size=self.blocks.block_size,
         )
         logits = self.backend.forward(batch)
+        for sequence, count in work:
+            sequence.computed += count
+        # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
+        rows = [row for row, (s, _) in enumerate(work) if s.computed == s.length]
+        if not rows:
+            return
+        sequences = [work[row][0] for row in rows]
+        tokens = self._choose(sequences, logits if len(rows) == len(work) else logits[rows])
         now = time.monotonic()
-        # A copy: retiring a sequence removes it from the running list, which may be the list being stepped.
-        for row, sequence in enumerate(list(sequences)):
-            sequence.computed = len(sequence.token_ids)
-            self._advance(sequence, logits[row], now)
+        for sequence, token in zip(sequences, tokens, strict=True):
+            self._advance(sequence, token, now)
 
-    def _advance(self, sequence: Sequence, logits: object, now: float) -> None:
+    def _choose(self, sequences: list[Sequence], logits: Any) -> list[int]:
+        """Each sequence's next token. Plain greedy rows take one batched argmax on the model's device; only the
+        rows that need their own processing (sampling, penalties, a minimum length) are copied to the host."""
+        tokens: list[int] = logits.argmax(dim=-1).tolist()
+        special = [
+            k
+            for k, s in enumerate(sequences)
+            if not s.sampler.plain_greedy or len(s.output_ids) < s.sampling.min_tokens
+        ]
+        if special:
+            host = logits[special].float().cpu()
+            for row, k in enumerate(special):
+                sequence = sequences[k]
+                ends = sequence.end_token_ids
+                banned = sorted(ends) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
+                tokens[k] = sequence.sampler.choose(host[row], banned)
+        return tokens
+
+    def _advance(self, sequence: Sequence, token: int, now: float) -> None:
         ends = sequence.end_token_ids
-        banned = sorted(ends) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
-        token = sequence.sampler.choose(logits, banned)  # type: ignore[arg-type]
         sequence.output_ids.append(token)
         sequence.sampler.record(token)
         if sequence.first_token_at is None:
@@ -360,7 +408,7 @@ class GenerationEngine:
             if stopped:
                 reason = "stop"
         if reason is None and (
-            len(sequence.output_ids) >= sequence.max_tokens or len(sequence.token_ids) >= self.limits.max_model_len
+            len(sequence.output_ids) >= sequence.max_tokens or sequence.length >= self.limits.max_model_len
         ):
             reason = "length"
         if reason is None:

@@ -26,6 +26,12 @@ class SequenceSampler:
         self._prompt_tokens = set(prompt_token_ids)
         self._output_counts: Counter[int] = Counter()
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalty: the row's argmax, which the engine takes for all such rows at once."""
+        p = self.params
+        return p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+
     def record(self, token_id: int) -> None:
         self._output_counts[token_id] += 1
 
