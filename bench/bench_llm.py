@@ -15,6 +15,7 @@ would see from a FIFO server that serves one request (sequential) or one batch (
     python bench/bench_llm.py                 # levels 1,4,16,64; the baselines at 1 and 16
     python bench/bench_llm.py --quick         # shorter answers, fewer requests, levels 1 and 16
     python bench/bench_llm.py --n-layer 4     # a smaller model when the machine is slow
+    python bench/bench_llm.py --device cuda   # every system on the first GPU (bfloat16 unless --dtype says)
 
 Every answer is generated to its full length (ModelDock: ``ignore_eos``; the model folder has no end-of-text token in
 its generation config, so ``transformers`` never stops early), so all systems produce the same token counts.
@@ -205,6 +206,10 @@ async def closed_loop(
     return time.perf_counter() - start, timings, failures
 
 
+def torch_device(args: argparse.Namespace) -> str:
+    return "cuda:0" if args.device == "cuda" else "cpu"
+
+
 def thread_env(threads: int) -> dict[str, str]:
     """torch's intra-op threads for a server process, as ``torch.set_num_threads`` sets them in this one."""
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -271,10 +276,14 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
     repository = workdir / "repository"
     (repository / MODEL).mkdir(parents=True)
     os.symlink(folder, repository / MODEL / "1")
-    (repository / MODEL / "config.yaml").write_text(
+    config = (
         "backend: transformers\n"
         f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
+        f"  dtype: {args.dtype}\n"
     )
+    if args.device == "cuda":
+        config += "instance_group:\n  - {kind: KIND_GPU, gpus: [0]}\n"
+    (repository / MODEL / "config.yaml").write_text(config)
     port = free_port()
     command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
     command += ["--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", "0"]
@@ -294,7 +303,7 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
 
 
 def run_transformers_serve(
-    folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, threads: int
+    folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, args: argparse.Namespace
 ) -> list[Any]:
     executable = shutil.which("transformers", path=str(Path(sys.executable).parent)) or shutil.which("transformers")
     if executable is None:
@@ -302,10 +311,18 @@ def run_transformers_serve(
         return []
     port = free_port()
     command = [executable, "serve", str(folder), "--continuous-batching", "--host", "127.0.0.1"]
-    command += ["--port", str(port), "--device", "cpu", "--log-level", "warning"]
+    command += ["--port", str(port), "--device", torch_device(args), "--dtype", args.dtype, "--log-level", "warning"]
     base = f"http://127.0.0.1:{port}"
     return run_http_system(
-        "hf_serve_cb", threads, command, f"{base}/health", f"{base}/v1/completions", str(folder), workloads, workdir, {}
+        "hf_serve_cb",
+        args.threads,
+        command,
+        f"{base}/health",
+        f"{base}/v1/completions",
+        str(folder),
+        workloads,
+        workdir,
+        {},
     )
 
 
@@ -320,6 +337,7 @@ class FirstTokenClock:
     def put(self, value: Any) -> None:
         self.puts += 1
         if self.puts == 2 and self.first is None:
+            value.cpu()  # on a GPU, wait until the token really exists
             self.first = time.perf_counter()
 
     def end(self) -> None:
@@ -330,7 +348,7 @@ def timed_generate(model: Any, tokenizer: Any, requests: list[BenchRequest]) -> 
     """(seconds to the first new token, seconds in all) for one padded batch of ``requests``."""
     import torch
 
-    inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True)
+    inputs = tokenizer([r.prompt for r in requests], return_tensors="pt", padding=True).to(model.device)
     longest = max(r.max_tokens for r in requests)
     clock = FirstTokenClock()
     start = time.perf_counter()
@@ -374,7 +392,14 @@ def run_in_process(
 
 # -- report ---------------------------------------------------------------------------------------------------------
 def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> None:
-    table = Table(title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}")
+    where = f"{args.device} ({args.dtype})"
+    if args.device == "cuda":
+        import torch
+
+        where = f"{torch.cuda.get_device_name(0)} ({args.dtype})"
+    table = Table(
+        title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}, on {where}"
+    )
     for column in ("system", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms"):
         table.add_column(column, justify="right" if column != "system" else "left")
     for r in sorted(results, key=lambda r: (r.clients, r.system)):
@@ -447,12 +472,17 @@ def main() -> None:
         help="torch threads of every system (1 suits a small or shared machine: spinning threads on busy cores "
         "slow torch down many times over)",
     )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every system runs the model")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on the CPU, bfloat16 on a GPU"
+    )
     parser.add_argument("--target-clients", type=int, default=16, help="the level the targets are checked at")
     parser.add_argument("--skip", default="", help="comma-separated systems to leave out")
     parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.quick:
         args.output_min, args.output_max, args.prompt_max = 8, 32, 128
         args.requests_per_client, args.min_requests = 1, 4
@@ -480,9 +510,10 @@ def main() -> None:
         if "modeldock" not in skip:
             results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
         if "hf_serve_cb" not in skip:
-            results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir, args.threads)
+            results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir, args)
         if not {"hf_sequential", "hf_static"} <= skip:
-            model = AutoModelForCausalLM.from_pretrained(folder).eval()
+            dtype = getattr(torch, args.dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(torch_device(args)).eval()
             timed_generate(model, tokenizer, [BenchRequest("Hello there", 4)])  # warm-up, as for the servers
             for clients in baseline_levels:
                 if "hf_sequential" not in skip:
