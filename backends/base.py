@@ -127,8 +127,9 @@ class GenerativeBackend(Backend):
         """Cache memory one token takes across all layers, for sizing the cache from a memory budget."""
 
     @abstractmethod
-    def allocate_kv_cache(self, num_slots: int) -> None:
-        """Reserve cache memory for ``num_slots`` tokens; called once before the first step."""
+    def allocate_kv_cache(self, num_slots: int, max_num_seqs: int, max_model_len: int) -> None:
+        """Reserve cache memory for ``num_slots`` tokens; called once before the first step. The engine's limits
+        come along for what a backend prepares per batch shape (CUDA graphs, say)."""
 
     @abstractmethod
     def forward(self, batch: StepBatch) -> Any:

@@ -70,6 +70,10 @@ class BenchRequest:
     max_tokens: int
 
 
+# Requests and clients that warm each system up before its first level (longer on a GPU: see main).
+WARM_UP: list[Any] = [[BenchRequest("Hello there", 4)] * 2, 2]
+
+
 @dataclass
 class RequestTiming:
     ttft: float
@@ -257,8 +261,8 @@ def run_http_system(
     results = []
     try:
         wait_http(ready_url, process, 300, log)
-        # Warm-up: the first request pays for lazy initialisation.
-        asyncio.run(closed_loop(completions_url, model, [BenchRequest("Hello there", 4)] * 2, 2, extra))
+        # Warm-up: the first requests pay for lazy initialisation, and an idle GPU needs a moment at full clocks.
+        asyncio.run(closed_loop(completions_url, model, WARM_UP[0], WARM_UP[1], extra))
         for clients, requests in workloads.items():
             console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
             wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
@@ -483,6 +487,8 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    if args.device == "cuda":
+        WARM_UP[:] = [[BenchRequest(_TEXT, 64)] * 8, 4]
     if args.quick:
         args.output_min, args.output_max, args.prompt_max = 8, 32, 128
         args.requests_per_client, args.min_requests = 1, 4
@@ -514,7 +520,8 @@ def main() -> None:
         if not {"hf_sequential", "hf_static"} <= skip:
             dtype = getattr(torch, args.dtype)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(torch_device(args)).eval()
-            timed_generate(model, tokenizer, [BenchRequest("Hello there", 4)])  # warm-up, as for the servers
+            for request in WARM_UP[0]:  # warm-up, as for the servers
+                timed_generate(model, tokenizer, [request])
             for clients in baseline_levels:
                 if "hf_sequential" not in skip:
                     results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))

@@ -158,6 +158,8 @@ class TransformersBackend(GenerativeBackend):
             self.model.to(self.torch_device).eval()
         self._paged = paged_attention
         self._cache: Any = None
+        self._graphs: Any = None
+        self._use_cuda_graphs = config.bool_parameter("cuda_graphs", default=True)
         text_config = self.model.config.get_text_config()
         self._layers = int(text_config.num_hidden_layers)
         heads = int(text_config.num_attention_heads)
@@ -187,15 +189,26 @@ class TransformersBackend(GenerativeBackend):
         element = self._torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self._layers * self._kv_heads * self._head_dim * element
 
-    def allocate_kv_cache(self, num_slots: int) -> None:
+    def allocate_kv_cache(self, num_slots: int, max_num_seqs: int, max_model_len: int) -> None:
+        # One slot more than the engine hands out: the scratch slot that padded graph rows write to.
         self._cache = self._paged.PagedKVCache(
-            self._layers, num_slots, self._kv_heads, self._head_dim, self.dtype, self.torch_device
+            self._layers, num_slots + 1, self._kv_heads, self._head_dim, self.dtype, self.torch_device
         )
+        self._graphs = None
+        if self.torch_device.type == "cuda" and self._use_cuda_graphs:
+            from backends.transformers.cuda_graphs import DecodeGraphs
 
-    def forward(self, batch: StepBatch) -> Any:
-        if self._cache is None:
-            raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
-        step = self._paged.StepTensors.build(batch, self._cache, self.torch_device)
+            self._graphs = DecodeGraphs(
+                self._run_model,
+                self._cache,
+                scratch_slot=num_slots,
+                max_batch=max_num_seqs,
+                max_context=max_model_len,
+                device=self.torch_device,
+            )
+            self._graphs.capture_all()
+
+    def _run_model(self, step: Any) -> Any:
         with self._torch.inference_mode():
             # Logits only where the engine samples (the model's own head, so its final scaling applies).
             output = self.model(
@@ -206,6 +219,15 @@ class TransformersBackend(GenerativeBackend):
                 **{self._paged.STEP_ARGUMENT: step},
             )
         return output.logits[0]
+
+    def forward(self, batch: StepBatch) -> Any:
+        if self._cache is None:
+            raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
+        if self._graphs is not None and self._graphs.fits(batch):
+            logits = self._graphs.run(batch)
+            if logits is not None:
+                return logits
+        return self._run_model(self._paged.StepTensors.build(batch, self._cache, self.torch_device))
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -36,6 +37,11 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_NUM_SEQS = 64
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_CACHE_MB = 1024
+# The engine thread and the event loop share the GIL. CPython makes a thread that wants it wait up to the switch
+# interval (5 ms by default) while another runs Python, and the event loop gives the GIL up at every socket write:
+# with a step loop that is mostly Python (kernel launches on a GPU), each streamed chunk would then wait milliseconds,
+# and the event loop, not the model, would set the token rate. A short interval keeps those waits short.
+SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,8 +124,10 @@ class GenerationEngine:
         self.limits = limits
         self.stats = stats
         self.tokenizer = backend.tokenizer
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
         self.blocks = BlockAllocator(limits.num_blocks, limits.block_size)
-        backend.allocate_kv_cache(limits.num_blocks * limits.block_size)
+        backend.allocate_kv_cache(limits.num_blocks * limits.block_size, limits.max_num_seqs, limits.max_model_len)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -374,7 +382,8 @@ class GenerationEngine:
     def _choose(self, sequences: list[Sequence], logits: Any) -> list[int]:
         """Each sequence's next token. Plain greedy rows take one batched argmax on the model's device; only the
         rows that need their own processing (sampling, penalties, a minimum length) are copied to the host."""
-        tokens: list[int] = logits.argmax(dim=-1).tolist()
+        # ``cpu()`` lets other threads run while the device finishes the step; ``tolist`` alone would hold the GIL.
+        tokens: list[int] = logits.argmax(dim=-1).cpu().tolist()
         special = [
             k
             for k, s in enumerate(sequences)
