@@ -39,7 +39,7 @@ def context_buckets(max_context: int) -> list[int]:
 
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
+    graph: torch.cuda.CUDAGraph | None  # None off a GPU: the same padded step, run eagerly (how tests check it)
     inputs: StepTensors  # the static tensors the graph reads; each step copies its own values into them
     logits: torch.Tensor  # the static tensor the graph writes
 
@@ -61,7 +61,7 @@ class DecodeGraphs:
         self._batches = batch_buckets(max_batch)
         self._contexts = context_buckets(max_context)
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self.disabled = False
 
     @property
@@ -93,6 +93,8 @@ class DecodeGraphs:
             if graph is None:
                 return None
         self._load(graph.inputs, batch, size)
+        if graph.graph is None:
+            return self._run_model(graph.inputs)[:rows]
         graph.graph.replay()
         return graph.logits[:rows]
 
@@ -113,6 +115,8 @@ class DecodeGraphs:
         inputs.write_slots.copy_(step.write_slots)
         inputs.decode_slots[:, :width].copy_(step.decode_slots)
         inputs.decode_slots[:, width:].fill_(self._scratch)
+        if padding:  # past their one token, padding rows would read beyond the scratch slot: keep them on it
+            inputs.decode_slots[size - padding :].fill_(self._scratch)
         inputs.decode_mask[..., :width].copy_(step.decode_mask)
         inputs.decode_mask[..., width:].fill_(False)
 
@@ -131,6 +135,10 @@ class DecodeGraphs:
             logits_to_keep=torch.arange(size, device=device),
         )
         inputs.decode_mask[..., 0] = True
+        if device.type != "cuda":
+            captured = _Graph(None, inputs, self._run_model(inputs))
+            self._graphs[(size, context)] = captured
+            return captured
         try:
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))

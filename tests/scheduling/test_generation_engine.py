@@ -200,6 +200,26 @@ async def test_chunked_prompts_mixed_into_decode_steps_still_match(causal_lm_dir
     assert any(decoding and prompt for decoding, prompt in steps), "no step mixed decoding with a prompt"
 
 
+async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Path, reference) -> None:
+    """The padding and bucketing of CUDA-graph decode steps, run eagerly on the CPU: batches of 1-8 sequences padded
+    to 1, 2, 4 or 8 rows and contexts to 128 or 256 keys, the padding rows on the scratch slot."""
+    from backends.transformers.cuda_graphs import DecodeGraphs
+
+    engine = make_engine(causal_lm_dir, max_num_batched_tokens="16", max_num_seqs="8")
+    backend = engine.backend
+    scratch = backend._cache.key.shape[1] - 1
+    backend._graphs = DecodeGraphs(backend._run_model, backend._cache, scratch, 8, 256, backend.torch_device)
+    backend._graphs.capture_all()
+    try:
+        lengths = [6 + 5 * i for i in range(len(PROMPTS))]
+        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
+        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
+            assert tokens(outputs) == reference(prompt, n), prompt
+    finally:
+        engine.stop()
+    assert backend._graphs.captured == 4 * 2
+
+
 async def test_max_num_seqs_bounds_the_running_batch(causal_lm_dir: Path) -> None:
     engine = make_engine(causal_lm_dir, max_num_seqs="2")
     seen: list[int] = []
