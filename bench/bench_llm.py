@@ -70,8 +70,9 @@ class BenchRequest:
     max_tokens: int
 
 
-# Requests and clients that warm each system up before its first level (longer on a GPU: see main).
-WARM_UP: list[Any] = [[BenchRequest("Hello there", 4)] * 2, 2]
+# Requests and clients that warm each system up before its first level, repeated for at least the seconds given:
+# an idle GPU runs at a fraction of its clocks and takes seconds of steady work to reach full speed (see main).
+WARM_UP: list[Any] = [[BenchRequest("Hello there", 4)] * 2, 2, 0.0]
 
 
 @dataclass
@@ -262,7 +263,11 @@ def run_http_system(
     try:
         wait_http(ready_url, process, 300, log)
         # Warm-up: the first requests pay for lazy initialisation, and an idle GPU needs a moment at full clocks.
-        asyncio.run(closed_loop(completions_url, model, WARM_UP[0], WARM_UP[1], extra))
+        until = time.monotonic() + WARM_UP[2]
+        while True:
+            asyncio.run(closed_loop(completions_url, model, WARM_UP[0], WARM_UP[1], extra))
+            if time.monotonic() >= until:
+                break
         for clients, requests in workloads.items():
             console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
             wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
@@ -488,7 +493,7 @@ def main() -> None:
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.device == "cuda":
-        WARM_UP[:] = [[BenchRequest(_TEXT, 64)] * 8, 4]
+        WARM_UP[:] = [[BenchRequest(_TEXT, 64)] * 8, 4, args.gpu_warm_up]
     if args.quick:
         args.output_min, args.output_max, args.prompt_max = 8, 32, 128
         args.requests_per_client, args.min_requests = 1, 4
@@ -520,8 +525,12 @@ def main() -> None:
         if not {"hf_sequential", "hf_static"} <= skip:
             dtype = getattr(torch, args.dtype)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(torch_device(args)).eval()
-            for request in WARM_UP[0]:  # warm-up, as for the servers
-                timed_generate(model, tokenizer, [request])
+            until = time.monotonic() + WARM_UP[2]
+            while True:  # warm-up, as for the servers
+                for request in WARM_UP[0]:
+                    timed_generate(model, tokenizer, [request])
+                if time.monotonic() >= until:
+                    break
             for clients in baseline_levels:
                 if "hf_sequential" not in skip:
                     results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))
