@@ -481,6 +481,7 @@ def main() -> None:
         help="torch threads of every system (1 suits a small or shared machine: spinning threads on busy cores "
         "slow torch down many times over)",
     )
+    parser.add_argument("--gpu-warm-up", type=float, default=8.0, help="seconds of warm-up per system on a GPU")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every system runs the model")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: float32 on the CPU, bfloat16 on a GPU"
