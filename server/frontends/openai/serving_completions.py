@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from starlette.types import Receive
 
 from server.frontends.openai.errors import OpenAIRequestError
-from server.frontends.openai.events import EventStreamResponse, sse, started, while_connected
+from server.frontends.openai.events import EventStreamResponse, sse, sse_json, started, while_connected
 from server.frontends.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -103,8 +103,12 @@ class OpenAIServingCompletion(ServingEngine):
             )
             return sse(body.model_dump_json(exclude=None if include_usage else {"usage"}))
 
+        # The same fields, in the same order, as ``chunk`` writes: one dict per token instead of three models.
+        head = {"id": completion_id, "object": "text_completion", "created": created, "model": request.model}
+
         def choice_chunk(index: int, output: GenerationOutput) -> bytes:
-            return chunk([CompletionChoice(index=index, text=output.text, finish_reason=output.finish_reason)])
+            choice = {"index": index, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
+            return sse_json({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
 
         if request.echo:
             for i in range(count):
