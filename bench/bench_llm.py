@@ -399,8 +399,30 @@ def run_in_process(
     return LevelResult(system, clients, clock, timings)
 
 
+def decode_ceiling(model: Any, batch: int, context: int, steps: int = 5) -> float:
+    """How many times the tokens/s of a batch-1 decode step a batch-``batch`` step gives, for the bare model with its
+    own KV cache: no scheduler can batch decoding better than the model's own forward pass allows."""
+    import torch
+
+    def step_seconds(rows: int) -> float:
+        ids = torch.randint(0, 100, (rows, context), device=model.device)
+        with torch.inference_mode():
+            cache = model(ids, use_cache=True).past_key_values
+            token = ids[:, -1:]
+            timings = []
+            for _ in range(steps):
+                start = time.perf_counter()
+                model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1).tolist()
+                timings.append(time.perf_counter() - start)
+                cache.crop(-1)  # back to the same context for the next timing
+        return statistics.median(timings)
+
+    step_seconds(1)  # warm-up
+    return batch * step_seconds(1) / step_seconds(batch)
+
+
 # -- report ---------------------------------------------------------------------------------------------------------
-def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> None:
+def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, ceiling: float | None) -> None:
     where = f"{args.device} ({args.dtype})"
     if args.device == "cuda":
         import torch
@@ -437,6 +459,11 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int) -> 
     console.print(f"  transformers serve CB:  {ratio(('modeldock', level), ('hf_serve_cb', level))} (target >= 1.5x)")
     if ("modeldock", level) in by:
         console.print(f"  TTFT p99: {by[('modeldock', level)].ttft(0.99):.2f} s (target <= 1 s)")
+    if ceiling is not None:
+        console.print(
+            f"  (the model's own decode step at batch {level} gives {ceiling:.1f}x the tokens/s of batch 1 here: "
+            "the most any batching can gain on decoding)"
+        )
     console.print(
         f"Single stream, ModelDock over one-at-a-time generate: {ratio(('modeldock', 1), ('hf_sequential', 1))}"
     )
@@ -519,6 +546,7 @@ def main() -> None:
             for c in all_levels
         }
         results: list[LevelResult] = []
+        ceiling = None
         if "modeldock" not in skip:
             results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
         if "hf_serve_cb" not in skip:
@@ -537,7 +565,10 @@ def main() -> None:
                     results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))
                 if "hf_static" not in skip and clients > 1:
                     results.append(run_in_process("hf_static", model, tokenizer, workloads[clients], clients, clients))
-        report(results, args, len(tokenizer))
+            # The average context while decoding: the mean prompt and half the mean answer.
+            context = (args.prompt_min + args.prompt_max) // 2 + (args.output_min + args.output_max) // 4
+            ceiling = decode_ceiling(model, args.target_clients, context)
+        report(results, args, len(tokenizer), ceiling)
     finally:
         if args.keep:
             console.print(f"model, repository and server logs kept in {workdir}")
