@@ -14,7 +14,7 @@ import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
@@ -89,12 +89,27 @@ class StepBatch:
     cached). Token ``p`` of sequence ``i`` lives in cache slot ``block_tables[i][p // block_size] * block_size + p %
     block_size``; the backend works out the slots itself, on its own device, instead of receiving one number per
     cached token.
+
+    ``sample_rows`` are the sequences that get a next token this step (not those part-way through a prompt), and
+    ``full_rows`` those among them whose whole row of logits the engine needs (sampling, penalties); the others
+    take the row's argmax, which the backend works out where the logits are.
     """
 
     token_ids: list[list[int]]
     start: list[int]
     block_tables: list[list[int]]
     block_size: int
+    sample_rows: list[int]
+    full_rows: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """What a step gives the engine: the argmax token of each of ``sample_rows`` (in that order), and the float32
+    logits of ``full_rows`` on the host (shape [len(full_rows), vocab]; None when there are none)."""
+
+    argmax: list[int]
+    logits: Any = None
 
 
 class GenerativeBackend(Backend):
@@ -132,9 +147,8 @@ class GenerativeBackend(Backend):
         come along for what a backend prepares per batch shape (CUDA graphs, say)."""
 
     @abstractmethod
-    def forward(self, batch: StepBatch) -> Any:
-        """Run one step and return logits of each sequence's last new token, shape [sequences, vocab], on the
-        backend's device: the engine copies to the host only the rows it cannot choose from on the device."""
+    def forward(self, batch: StepBatch) -> StepResult:
+        """Run one step: the KV of every new token goes to the cache, and the sampled rows' results come back."""
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")

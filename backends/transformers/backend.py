@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import GenerativeBackend, StepBatch
+from backends.base import GenerativeBackend, StepBatch, StepResult
 from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
@@ -68,6 +68,13 @@ def detect_task(config: ModelConfig, folder: Path) -> str:
             f"{config_file}: no 'architectures' to tell the task from; set parameters.task to generate or embed"
         )
     return "generate" if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures) else "embed"
+
+
+def _model_process(config: ModelConfig, device: Device) -> bool:
+    """``parameters.model_process``: auto (a worker process on a GPU, in-process on the CPU), true or false."""
+    if config.parameters.get("model_process", "auto").strip().lower() == "auto":
+        return device.is_gpu
+    return config.bool_parameter("model_process")
 
 
 def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
@@ -139,6 +146,10 @@ class TransformersBackend(GenerativeBackend):
         self.torch_device = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
         default_dtype = "bfloat16" if self.torch_device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.parameters.get("dtype") or default_dtype)
+        self._worker: Any = None
+        if self.task == "generate" and _model_process(config, device):
+            self._start_worker(config, version_dir, device, folder)
+            return
         with _LOAD_LOCK:
             try:
                 self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -167,6 +178,23 @@ class TransformersBackend(GenerativeBackend):
         self._head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
         self._max_positions = int(getattr(text_config, "max_position_embeddings", 0) or 2048)
 
+    def _start_worker(self, config: ModelConfig, version_dir: Path, device: Device, folder: Path) -> None:
+        """The model in a worker process (see ``worker.py``); only the tokenizer is loaded here."""
+        from transformers import AutoTokenizer
+
+        from backends.transformers.worker import ModelWorker
+
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"{folder}: transformers cannot load the tokenizer: {type(exc).__name__}: {exc}"
+            ) from None
+        self._worker = ModelWorker(config, version_dir, device)
+        self.model = None
+        self._cache = None
+        self._graphs = None
+
     # -- generation ----------------------------------------------------------------------------------------------
     @property
     def generates(self) -> bool:
@@ -174,10 +202,14 @@ class TransformersBackend(GenerativeBackend):
 
     @property
     def max_model_len(self) -> int:
+        if self._worker is not None:
+            return int(self._worker.info["max_model_len"])
         return self._max_positions
 
     @property
     def eos_token_ids(self) -> list[int]:
+        if self._worker is not None:
+            return list(self._worker.info["eos_token_ids"])
         eos = self.model.generation_config.eos_token_id
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -186,10 +218,15 @@ class TransformersBackend(GenerativeBackend):
         return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
     def kv_bytes_per_token(self) -> int:
+        if self._worker is not None:
+            return int(self._worker.info["kv_bytes_per_token"])
         element = self._torch.tensor([], dtype=self.dtype).element_size()
         return 2 * self._layers * self._kv_heads * self._head_dim * element
 
     def allocate_kv_cache(self, num_slots: int, max_num_seqs: int, max_model_len: int) -> None:
+        if self._worker is not None:
+            self._worker.allocate_kv_cache(num_slots, max_num_seqs, max_model_len)
+            return
         # One slot more than the engine hands out: the scratch slot that padded graph rows write to.
         self._cache = self._paged.PagedKVCache(
             self._layers, num_slots + 1, self._kv_heads, self._head_dim, self.dtype, self.torch_device
@@ -220,14 +257,23 @@ class TransformersBackend(GenerativeBackend):
             )
         return output.logits[0]
 
-    def forward(self, batch: StepBatch) -> Any:
+    def forward(self, batch: StepBatch) -> StepResult:
+        if self._worker is not None:
+            return self._worker.forward(batch)  # type: ignore[no-any-return]
         if self._cache is None:
             raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
+        logits = None
         if self._graphs is not None and self._graphs.fits(batch):
             logits = self._graphs.run(batch)
-            if logits is not None:
-                return logits
-        return self._run_model(self._paged.StepTensors.build(batch, self._cache, self.torch_device))
+        if logits is None:
+            logits = self._run_model(self._paged.StepTensors.build(batch, self._cache, self.torch_device))
+        if not batch.sample_rows:
+            return StepResult([])
+        rows = logits if len(batch.sample_rows) == len(batch.token_ids) else logits[batch.sample_rows]
+        # ``cpu()`` lets other threads run while the device finishes the step; ``tolist`` alone would hold the GIL.
+        argmax = rows.argmax(dim=-1).cpu().tolist()
+        full = logits[batch.full_rows].float().cpu() if batch.full_rows else None
+        return StepResult(argmax, full)
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
@@ -252,6 +298,9 @@ class TransformersBackend(GenerativeBackend):
         return {"embedding": pooled.cpu().numpy(), "token_count": counts.cpu().numpy()}
 
     def unload(self) -> None:
+        if self._worker is not None:
+            self._worker.stop()
+            return
         self._cache = None
         self.model = None
         if self.torch_device.type == "cuda":

@@ -107,6 +107,7 @@ class DecodeGraphs:
             start=[*batch.start, *([0] * padding)],
             block_tables=[*batch.block_tables, *([[self._scratch // block]] * padding)],
             block_size=block,
+            sample_rows=list(range(size)),
         )
         step = StepTensors.build(padded, self._cache, self._device)
         width = step.decode_slots.shape[1]

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 from backends.transformers import TransformersBackend  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
 from server.devices import CPU, Device  # noqa: E402
-from server.errors import ConfigError, InvalidInput  # noqa: E402
+from server.errors import BackendError, ConfigError, InvalidInput  # noqa: E402
 from server.extensions.generation_metrics import GenerationStats  # noqa: E402
 from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams  # noqa: E402
@@ -218,6 +218,41 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
     finally:
         engine.stop()
     assert backend._graphs.captured == 4 * 2
+
+
+async def test_the_model_in_a_worker_process_generates_the_same_tokens(causal_lm_dir: Path, reference) -> None:
+    """parameters.model_process: the forward passes run in a child process; mixed, chunked and sampled steps."""
+    engine = make_engine(causal_lm_dir, model_process="true", max_num_batched_tokens="8")
+    try:
+        assert engine.backend._worker is not None and engine.backend.model is None
+        lengths = [6 + 5 * i for i in range(len(PROMPTS))]
+        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
+        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
+            assert tokens(outputs) == reference(prompt, n), prompt
+        seeded = SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True, repetition_penalty=1.3)
+        assert tokens(await collect(engine, "Hello", seeded)) == tokens(await collect(engine, "Hello", seeded))
+    finally:
+        engine.stop()
+        engine.backend.unload()
+    assert engine.backend._worker._process is None
+
+
+async def test_a_dead_model_process_fails_its_sequences_and_is_replaced(causal_lm_dir: Path, reference) -> None:
+    engine = make_engine(causal_lm_dir, model_process="true")
+    try:
+        worker = engine.backend._worker
+        stream = engine.generate(GenerateRequest("t", prompt="Hello world", sampling=greedy(200)))
+        await anext(stream)
+        worker._process.kill()
+        with pytest.raises(BackendError, match="model process"):
+            async for _ in stream:
+                pass
+        # The next request gets a fresh worker, with a fresh cache, and the right tokens.
+        assert tokens(await collect(engine, "Paris", greedy(10))) == reference("Paris", 10)
+        assert engine.blocks.used_blocks == 0
+    finally:
+        engine.stop()
+        engine.backend.unload()
 
 
 async def test_max_num_seqs_bounds_the_running_batch(causal_lm_dir: Path) -> None:

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
 
 from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
@@ -247,8 +246,8 @@ class GenerationEngine:
         try:
             self.blocks.grow(table, 3)
             size = self.blocks.block_size
-            self.backend.forward(StepBatch([[0, 0]], [0], [table], size))
-            self.backend.forward(StepBatch([[0]], [2], [table], size))
+            self.backend.forward(StepBatch([[0, 0]], [0], [table], size, [0], [0]))
+            self.backend.forward(StepBatch([[0]], [2], [table], size, [0]))
         except Exception:  # a model that cannot run fails its first request with the real error instead
             log.warning("model '%s': warm-up step failed", self.name, exc_info=True)
         finally:
@@ -360,43 +359,34 @@ class GenerationEngine:
             index += 1
 
     def _run(self, work: list[tuple[Sequence, int]]) -> None:
+        # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
+        rows = [row for row, (s, count) in enumerate(work) if s.computed + count == s.length]
+        full = [row for row in rows if self._needs_logits(work[row][0])]
         batch = StepBatch(
             token_ids=[s.uncomputed(count) for s, count in work],
             start=[s.computed for s, _ in work],
             block_tables=[s.block_table for s, _ in work],
             block_size=self.blocks.block_size,
+            sample_rows=rows,
+            full_rows=full,
         )
-        logits = self.backend.forward(batch)
+        result = self.backend.forward(batch)
         for sequence, count in work:
             sequence.computed += count
-        # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
-        rows = [row for row, (s, _) in enumerate(work) if s.computed == s.length]
-        if not rows:
-            return
-        sequences = [work[row][0] for row in rows]
-        tokens = self._choose(sequences, logits if len(rows) == len(work) else logits[rows])
+        tokens = dict(zip(rows, result.argmax, strict=True))
+        # Rows that need their own processing (sampling, penalties, a minimum length) choose from their logits.
+        for k, row in enumerate(full):
+            sequence = work[row][0]
+            banned = sorted(sequence.end_token_ids) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
+            tokens[row] = sequence.sampler.choose(result.logits[k], banned)
         now = time.monotonic()
-        for sequence, token in zip(sequences, tokens, strict=True):
-            self._advance(sequence, token, now)
+        for row in rows:
+            self._advance(work[row][0], tokens[row], now)
 
-    def _choose(self, sequences: list[Sequence], logits: Any) -> list[int]:
-        """Each sequence's next token. Plain greedy rows take one batched argmax on the model's device; only the
-        rows that need their own processing (sampling, penalties, a minimum length) are copied to the host."""
-        # ``cpu()`` lets other threads run while the device finishes the step; ``tolist`` alone would hold the GIL.
-        tokens: list[int] = logits.argmax(dim=-1).cpu().tolist()
-        special = [
-            k
-            for k, s in enumerate(sequences)
-            if not s.sampler.plain_greedy or len(s.output_ids) < s.sampling.min_tokens
-        ]
-        if special:
-            host = logits[special].float().cpu()
-            for row, k in enumerate(special):
-                sequence = sequences[k]
-                ends = sequence.end_token_ids
-                banned = sorted(ends) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
-                tokens[k] = sequence.sampler.choose(host[row], banned)
-        return tokens
+    @staticmethod
+    def _needs_logits(sequence: Sequence) -> bool:
+        """Plain greedy rows take the argmax the backend works out; the rest need the whole row on the host."""
+        return not sequence.sampler.plain_greedy or len(sequence.output_ids) < sequence.sampling.min_tokens
 
     def _advance(self, sequence: Sequence, token: int, now: float) -> None:
         ends = sequence.end_token_ids
