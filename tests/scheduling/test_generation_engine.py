@@ -281,19 +281,34 @@ def test_engine_limits_that_cannot_hold_a_sequence_are_config_errors(causal_lm_d
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("dtype", "graphs"), [("float32", "true"), ("float32", "false"), ("bfloat16", "true")])
+@pytest.mark.parametrize(
+    ("dtype", "graphs", "process"),
+    [
+        ("float32", "true", "false"),
+        ("float32", "false", "false"),
+        ("bfloat16", "true", "false"),
+        ("float32", "true", "auto"),
+    ],
+)
 async def test_greedy_on_the_gpu_under_continuous_batching_equals_generate_alone(
-    causal_lm_dir: Path, reference, dtype: str, graphs: str
+    causal_lm_dir: Path, reference, dtype: str, graphs: str, process: str
 ) -> None:
     """The engine on CUDA, mixed prompt chunks and decoding (a step budget of 16 tokens), against the CPU reference:
     token for token in float32; in bfloat16, whose rounding flips close calls after a few tokens, the first token
     and the counts. Decode steps replay CUDA graphs (several batch sizes pass by as sequences finish)."""
     engine = make_engine(
-        causal_lm_dir, Device("gpu", 0), dtype=dtype, max_num_batched_tokens="16", cuda_graphs=graphs, max_num_seqs="8"
+        causal_lm_dir,
+        Device("gpu", 0),
+        dtype=dtype,
+        max_num_batched_tokens="16",
+        cuda_graphs=graphs,
+        max_num_seqs="8",
+        model_process=process,
     )
     try:
         assert engine.backend.torch_device.type == "cuda"
-        if graphs == "true":  # batch sizes 1, 2, 4, 8 and the contexts up to the model's 256 positions
+        assert (engine.backend._worker is not None) == (process == "auto")  # auto: a worker process on a GPU
+        if graphs == "true" and process == "false":  # batch sizes 1, 2, 4, 8; contexts 128 and 256 (the model's)
             assert engine.backend._graphs.captured == 4 * 2 and not engine.backend._graphs.disabled
         lengths = [6 + 5 * i for i in range(len(PROMPTS))]
         results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
@@ -306,3 +321,4 @@ async def test_greedy_on_the_gpu_under_continuous_batching_equals_generate_alone
         assert engine.blocks.used_blocks == 0
     finally:
         engine.stop()
+        engine.backend.unload()
