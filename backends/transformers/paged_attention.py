@@ -58,6 +58,9 @@ class StepTensors:
     prefill_mask: torch.Tensor  # [1, 1, prompt tokens, keys] bool: True where a query may attend
     # Each sequence's last new token in the row, in the batch's order: where the engine samples.
     logits_to_keep: torch.Tensor
+    # On the CPU, each prompt attends on its own instead (see ``_prompt_attention``): (first query, queries, first
+    # key, keys, causal mask or None when the prompt starts at position 0) per prefilling sequence.
+    prefill_segments: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
 
     @classmethod
     def build(cls, batch: StepBatch, cache: PagedKVCache, device: torch.device) -> StepTensors:
@@ -104,6 +107,7 @@ class StepTensors:
         else:
             decode_slots = torch.zeros((0, 1), dtype=torch.long, device=flat.device)
             decode_mask = torch.zeros((0, 1, 1, 1), dtype=torch.bool, device=flat.device)
+        prefill_segments = None
         if prefill:
             ends = starts_t[prefill_t] + lengths_t[prefill_t]
             total = sum(starts[i] + lengths[i] for i in prefill)
@@ -117,6 +121,18 @@ class StepTensors:
                 key_position[None, :] <= query_position[:, None]
             )
             prefill_mask = prefill_mask[None, None]
+            if device.type == "cpu" and len(prefill) > 1:
+                segments = []
+                query_first = key_first_index = 0
+                for i in prefill:
+                    start, length = starts[i], lengths[i]
+                    causal = None
+                    if start:  # a later chunk of a prompt: its queries sit at positions start.. of start + length keys
+                        causal = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
+                    segments.append((query_first, length, key_first_index, start + length, causal))
+                    query_first += length
+                    key_first_index += start + length
+                prefill_segments = segments
         else:
             prefill_slots = torch.zeros(0, dtype=torch.long, device=flat.device)
             prefill_mask = torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=flat.device)
@@ -130,6 +146,7 @@ class StepTensors:
             decode_mask=decode_mask,
             prefill_slots=prefill_slots,
             prefill_mask=prefill_mask,
+            prefill_segments=prefill_segments,
             logits_to_keep=last_t,
         )
 
@@ -140,6 +157,30 @@ def _expand_heads(keys: torch.Tensor, values: torch.Tensor, heads: int) -> tuple
     if groups > 1:
         return keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
     return keys, values
+
+
+def _prompt_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    segments: list[tuple[int, int, int, int, torch.Tensor | None]],
+    scaling: float | None,
+) -> torch.Tensor:
+    """Each prompt against its own keys. The packed block-diagonal mask computes every query against every key of
+    the step: with 16 prompts that is 16 times the attention work, which a GPU absorbs but a CPU pays in full."""
+    out = torch.empty_like(queries)
+    for first, count, key_first, key_count, causal in segments:
+        segment_keys = keys[:, :, key_first : key_first + key_count]
+        segment_values = values[:, :, key_first : key_first + key_count]
+        out[:, :, first : first + count] = F.scaled_dot_product_attention(
+            queries[:, :, first : first + count],
+            segment_keys,
+            segment_values,
+            attn_mask=causal,
+            is_causal=causal is None,
+            scale=scaling,
+        )
+    return out
 
 
 def paged_attention(
@@ -178,7 +219,10 @@ def paged_attention(
         values = cache_value.index_select(0, step.prefill_slots).transpose(0, 1).unsqueeze(0)
         keys, values = _expand_heads(keys, values, heads)
         queries = query[:, :, decoded:]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.prefill_mask, scale=scaling)
+        if step.prefill_segments is None:
+            out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=step.prefill_mask, scale=scaling)
+        else:
+            out = _prompt_attention(queries, keys, values, step.prefill_segments, scaling)
         outputs.append(out.transpose(1, 2))  # [1, prompt tokens, heads, dim]
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return output.contiguous(), None
