@@ -121,6 +121,7 @@ def build_model(folder: Path, args: argparse.Namespace) -> Path:
         vocab_size=args.vocab_size,
         initializer_range=0.02,
     )
+    mute_unprintable_tokens(folder)
     # No end-of-text token in the generation config: every system generates each answer to its full length.
     for name in ("generation_config.json", "config.json"):
         path = folder / name
@@ -128,6 +129,30 @@ def build_model(folder: Path, args: argparse.Namespace) -> Path:
         config["eos_token_id"] = None
         path.write_text(json.dumps(config, indent=2))
     return folder
+
+
+def mute_unprintable_tokens(folder: Path) -> None:
+    """Zero the embeddings (and so, GPT-2's head being tied to them, the logits) of the tokens that decode to no
+    printable text: special tokens and lone bytes of multi-byte characters.
+
+    Random weights otherwise pick such tokens now and then, and a run of them streams no text until a character
+    completes, so a client would see its first token late or never (every server holds back half characters).
+    Logits of exactly 0 lose to about half of the vocabulary's, so the model writes printable text and TTFT
+    measures the first token for every system alike.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    unprintable = [
+        t
+        for t in range(len(tokenizer))
+        if t in tokenizer.all_special_ids or "\ufffd" in (text := tokenizer.decode([t])) or not text.isprintable()
+    ]
+    with torch.no_grad():
+        model.get_input_embeddings().weight[unprintable] = 0.0
+    model.save_pretrained(folder)
 
 
 def workload(tokenizer: Any, count: int, seed: int, args: argparse.Namespace) -> list[BenchRequest]:
