@@ -162,6 +162,12 @@ class ServedVersion:
             await asyncio.to_thread(self.pool.unload)
 
 
+def generates(pool: InstancePool) -> bool:
+    """Whether a version's instances generate text (its scheduler is then the generation engine)."""
+    backend = getattr(pool.instances[0], "backend", None)
+    return isinstance(backend, GenerativeBackend) and backend.generates
+
+
 def make_scheduler(
     config: ModelConfig,
     version: str,
@@ -174,8 +180,7 @@ def make_scheduler(
 
     A generating language model gets the generation engine instead, which batches at every token step.
     """
-    backend = getattr(pool.instances[0], "backend", None)
-    if isinstance(backend, GenerativeBackend) and backend.generates:
+    if generates(pool):
         from server.scheduling.generation.scheduler import GenerationScheduler  # needs torch: only when used
 
         return GenerationScheduler(config, version, pool, stats)
@@ -303,7 +308,14 @@ class ModelManager:
                 instance.model_caller = functools.partial(self.call_model, caller=instance)
             pool = InstancePool(instances)
             try:
-                new[version] = ServedVersion(config, version, backend_cls, pool, model_dir, stats, labels, cache=cache)
+                scheduler = None
+                if generates(pool):
+                    # Its engines allocate the KV cache (and on a GPU capture CUDA graphs) as they start: seconds
+                    # of work that must not hold up the event loop.
+                    scheduler = await asyncio.to_thread(make_scheduler, config, str(version), pool, stats, model_dir)
+                new[version] = ServedVersion(
+                    config, version, backend_cls, pool, model_dir, stats, labels, scheduler, cache
+                )
             except ModelDockError as exc:  # the scheduler refused the config (engine limits, initial state files)
                 await asyncio.to_thread(pool.unload)
                 failures[version] = exc.message
