@@ -315,6 +315,9 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
         f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
         f"  dtype: {args.dtype}\n"
     )
+    for item in args.parameter:
+        key, _, value = item.partition("=")
+        config += f"  {key}: {value!r}\n"
     if args.device == "cuda":
         config += "instance_group:\n  - {kind: KIND_GPU, gpus: [0]}\n"
     (repository / MODEL / "config.yaml").write_text(config)
@@ -532,6 +535,13 @@ def main() -> None:
         default=1,
         help="torch threads of every system (1 suits a small or shared machine: spinning threads on busy cores "
         "slow torch down many times over)",
+    )
+    parser.add_argument(
+        "--parameter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a model parameter for ModelDock (repeatable), e.g. model_process=true or cuda_graphs=false",
     )
     parser.add_argument("--gpu-warm-up", type=float, default=8.0, help="seconds of warm-up per system on a GPU")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where every system runs the model")
