@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 import queue
+import signal
 import threading
 from concurrent.futures import Future
-from multiprocessing.connection import Connection
+from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from server import errors
@@ -41,6 +42,40 @@ def stop_process(process: Any) -> None:
     if process.is_alive():
         process.kill()
         process.join()
+
+
+def exit_description(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"exit code {exitcode} (signal {signal.Signals(-exitcode).name})"
+        except ValueError:
+            pass
+    return f"exit code {exitcode}"
+
+
+class WorkerCrashed(Exception):
+    """The worker process ended while the parent was waiting for it."""
+
+    def __init__(self, exitcode: int | None) -> None:
+        super().__init__(exit_description(exitcode))
+        self.exitcode = exitcode
+
+
+class WorkerTimedOut(Exception):
+    """The worker process did not answer in the time it was given."""
+
+
+def receive_from_worker(conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[Any, ...]:
+    """The worker's next message; ``WorkerCrashed`` if it exits first, ``WorkerTimedOut`` after ``timeout_s``."""
+    if not wait([conn, process.sentinel], timeout_s):
+        raise WorkerTimedOut
+    try:
+        if conn.poll():
+            return conn.recv()  # type: ignore[no-any-return]
+    except (EOFError, OSError):
+        pass
+    process.join()
+    raise WorkerCrashed(process.exitcode)
 
 
 class WorkerChannel:

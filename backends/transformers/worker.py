@@ -16,7 +16,6 @@ from __future__ import annotations
 import multiprocessing
 import signal
 import threading
-import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,15 @@ from backends.base import StepBatch, StepResult
 from server.config import ModelConfig
 from server.devices import Device
 from server.errors import BackendError, ModelDockError, ModelLoadError
-from server.worker_processes import error_payload, rebuilt_error, stop_process
+from server.worker_processes import (
+    WorkerCrashed,
+    WorkerTimedOut,
+    error_payload,
+    rebuilt_error,
+    receive_from_worker,
+    stop_process,
+    worker_outputs,
+)
 
 _STOP_TIMEOUT_S = 30.0
 
@@ -105,21 +112,14 @@ class ModelWorker:
         return payload  # type: ignore[no-any-return]
 
     def _receive(self, conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[str, Any]:
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while not conn.poll(0.5):
-            if not process.is_alive():
-                raise BackendError(
-                    f"model '{self._name}': the model process ended (exit code {process.exitcode}); "
-                    "the next request starts a new one"
-                )
-            if deadline is not None and time.monotonic() > deadline:
-                raise ModelLoadError(f"model '{self._name}': the model process did not load within {timeout_s}s")
         try:
-            return conn.recv()  # type: ignore[no-any-return]
-        except (EOFError, OSError):
+            return receive_from_worker(conn, process, timeout_s)  # type: ignore[return-value]
+        except WorkerCrashed as exc:
             raise BackendError(
-                f"model '{self._name}': the model process ended; the next request starts a new one"
+                f"model '{self._name}': the model process ended ({exc}); the next request starts a new one"
             ) from None
+        except WorkerTimedOut:
+            raise ModelLoadError(f"model '{self._name}': the model process did not load within {timeout_s}s") from None
 
     def call(self, *message: Any) -> Any:
         with self._lock:  # one step at a time: each message is answered before the next is sent
@@ -138,9 +138,7 @@ class ModelWorker:
             except (BackendError, OSError) as exc:
                 self._discard()
                 raise exc if isinstance(exc, BackendError) else BackendError(str(exc)) from None
-        if kind == "error":
-            raise rebuilt_error(payload, ModelDockError) or BackendError(f"{payload[0]}: {payload[1]}")
-        return payload
+        return worker_outputs(kind, payload, self._name)
 
     def _restart(self) -> None:
         self._discard()
@@ -148,9 +146,7 @@ class ModelWorker:
         if self._allocation is not None:
             assert self._conn is not None
             self._conn.send(("allocate", *self._allocation))
-            kind, payload = self._receive(self._conn, self._process)
-            if kind == "error":
-                raise rebuilt_error(payload, ModelDockError) or BackendError(f"{payload[0]}: {payload[1]}")
+            worker_outputs(*self._receive(self._conn, self._process), self._name)
 
     def _discard(self) -> None:
         if self._conn is not None:

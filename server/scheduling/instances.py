@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -38,9 +38,13 @@ from server.protocol.types import InferRequest, RequestedOutput
 from server.scheduling.model_calls import ModelCaller
 from server.worker_processes import (
     WorkerChannel,
+    WorkerCrashed,
+    WorkerTimedOut,
     error_payload,
+    exit_description,
     install_channel,
     rebuilt_error,
+    receive_from_worker,
     stop_process,
     worker_outputs,
 )
@@ -240,27 +244,6 @@ def _worker_main(
             channel.send(("ok", outputs))
 
 
-def _exit_description(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"exit code {exitcode} (signal {signal.Signals(-exitcode).name})"
-        except ValueError:
-            pass
-    return f"exit code {exitcode}"
-
-
-class WorkerCrashed(Exception):
-    """The worker process ended while the parent was waiting for it."""
-
-    def __init__(self, exitcode: int | None) -> None:
-        super().__init__(_exit_description(exitcode))
-        self.exitcode = exitcode
-
-
-class WorkerTimedOut(Exception):
-    """The worker process did not answer in the time it was given."""
-
-
 class ProcessModelInstance(ModelInstance):
     """One backend object inside its own worker process, behind ``ModelInstance``'s interface.
 
@@ -315,10 +298,10 @@ class ProcessModelInstance(ModelInstance):
         child_conn.close()
         try:
             deadline = time.monotonic() + max(timeout_s, 0.0)
-            message = self._receive(parent_conn, process, max(timeout_s, 0.0))
+            message = receive_from_worker(parent_conn, process, max(timeout_s, 0.0))
             while message[0] == "call":  # from initialize(): other models are not served to it yet
                 self._answer_call(parent_conn, message, None)
-                message = self._receive(parent_conn, process, max(deadline - time.monotonic(), 0.0))
+                message = receive_from_worker(parent_conn, process, max(deadline - time.monotonic(), 0.0))
             status, payload = message
         except WorkerCrashed as exc:
             parent_conn.close()
@@ -343,19 +326,6 @@ class ProcessModelInstance(ModelInstance):
             type_name, message = payload
             raise ModelLoadError(f"{self._model_path}: instance {self.name}: {type_name}: {message}")
         self._process, self._conn = process, parent_conn
-
-    @staticmethod
-    def _receive(conn: Connection, process: Any, timeout_s: float | None = None) -> tuple[Any, ...]:
-        """The worker's next message; ``WorkerCrashed`` if it exits first, ``WorkerTimedOut`` after ``timeout_s``."""
-        if not wait([conn, process.sentinel], timeout_s):
-            raise WorkerTimedOut
-        try:
-            if conn.poll():
-                return conn.recv()  # type: ignore[no-any-return]
-        except (EOFError, OSError):
-            pass
-        process.join()
-        raise WorkerCrashed(process.exitcode)
 
     def _restart(self) -> None:
         try:
@@ -388,7 +358,7 @@ class ProcessModelInstance(ModelInstance):
         try:
             self._send(conn, ("execute", dict(inputs), output_names))
             while True:
-                message = self._receive(conn, self._process, timeout_s)
+                message = receive_from_worker(conn, self._process, timeout_s)
                 if message[0] != "call":
                     break
                 self._answer_call(conn, message, loop)
@@ -405,7 +375,7 @@ class ProcessModelInstance(ModelInstance):
             ) from None
         except (WorkerCrashed, BrokenPipeError, OSError) as exc:
             self._process.join()
-            description = _exit_description(self._process.exitcode)
+            description = exit_description(self._process.exitcode)
             log.error("instance %s crashed (%s); restarting", self.name, description)
             self._discard_worker()
             self._executor.submit(self._restart)
