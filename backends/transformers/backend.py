@@ -262,10 +262,9 @@ class TransformersBackend(GenerativeBackend):
             return self._worker.forward(batch)  # type: ignore[no-any-return]
         if self._cache is None:
             raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
-        logits = None
         if self._graphs is not None and self._graphs.fits(batch):
             logits = self._graphs.run(batch)
-        if logits is None:
+        else:
             logits = self._run_model(self._paged.StepTensors.build(batch, self._cache, self.torch_device))
         if not batch.sample_rows:
             return StepResult([])

@@ -117,22 +117,14 @@ class StepTensors:
             query_sequence = seq_t[len(decode) :]
             query_position = positions[len(decode) :]
             prefill_slots = slots(key_sequence, key_position)
-            prefill_mask = (query_sequence[:, None] == key_sequence[None, :]) & (
-                key_position[None, :] <= query_position[:, None]
-            )
-            prefill_mask = prefill_mask[None, None]
             if device.type == "cpu" and len(prefill) > 1:
-                segments = []
-                query_first = key_first_index = 0
-                for i in prefill:
-                    start, length = starts[i], lengths[i]
-                    causal = None
-                    if start:  # a later chunk of a prompt: its queries sit at positions start.. of start + length keys
-                        causal = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
-                    segments.append((query_first, length, key_first_index, start + length, causal))
-                    query_first += length
-                    key_first_index += start + length
-                prefill_segments = segments
+                prefill_segments = _prompt_segments([starts[i] for i in prefill], [lengths[i] for i in prefill])
+                prefill_mask = torch.zeros((1, 1, 0, 0), dtype=torch.bool)  # not used: each prompt has its own
+            else:
+                prefill_mask = (query_sequence[:, None] == key_sequence[None, :]) & (
+                    key_position[None, :] <= query_position[:, None]
+                )
+                prefill_mask = prefill_mask[None, None]
         else:
             prefill_slots = torch.zeros(0, dtype=torch.long, device=flat.device)
             prefill_mask = torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=flat.device)
@@ -149,6 +141,21 @@ class StepTensors:
             prefill_segments=prefill_segments,
             logits_to_keep=last_t,
         )
+
+
+def _prompt_segments(starts: list[int], lengths: list[int]) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
+    """Where each prompt's queries and keys sit in the step's packed rows, with the causal mask of a later chunk
+    (its queries are at positions ``start..`` of ``start + length`` keys; a whole prompt uses SDPA's own)."""
+    segments = []
+    query_first = key_first = 0
+    for start, length in zip(starts, lengths, strict=True):
+        causal = None
+        if start:
+            causal = torch.arange(start + length)[None, :] <= torch.arange(start, start + length)[:, None]
+        segments.append((query_first, length, key_first, start + length, causal))
+        query_first += length
+        key_first += start + length
+    return segments
 
 
 def _expand_heads(keys: torch.Tensor, values: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,8 +52,3 @@ class BlockAllocator:
     def release(self, table: list[int]) -> None:
         self._free.extend(reversed(table))
         table.clear()
-
-    def slots(self, table: list[int], start: int, stop: int) -> list[int]:
-        """The cache slots of tokens ``start`` to ``stop - 1`` of a sequence with block ``table``."""
-        size = self.block_size
-        return [table[i // size] * size + i % size for i in range(start, stop)]
