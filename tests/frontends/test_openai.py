@@ -492,3 +492,31 @@ def test_api_key_not_required_when_unset(llm_server: ServerProcess) -> None:
     assert httpx.get(f"{llm_server.url}/v1/models", timeout=10).status_code == 200
     with_any_key = httpx.get(f"{llm_server.url}/v1/models", headers={"Authorization": "Bearer x"}, timeout=10)
     assert with_any_key.status_code == 200
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_per_token_chunks_are_the_bytes_the_response_models_write(include_usage: bool) -> None:
+    """The streaming fast path builds chunks from dicts; clients must not see a difference."""
+    from server.frontends.openai.events import choice_event, sse
+    from server.frontends.openai.protocol import (
+        ChatChunkChoice,
+        ChatCompletionChunk,
+        ChatDelta,
+        CompletionChoice,
+        CompletionResponse,
+    )
+
+    exclude = None if include_usage else {"usage"}
+    head = {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m"}
+    completion = CompletionResponse(
+        id="cmpl-1", created=7, model="m", choices=[CompletionChoice(index=1, text='é "x"', finish_reason="stop")]
+    )
+    choice = {"index": 1, "text": 'é "x"', "logprobs": None, "finish_reason": "stop"}
+    assert choice_event(head, choice, include_usage) == sse(completion.model_dump_json(exclude=exclude))
+
+    head = {"id": "chat-1", "object": "chat.completion.chunk", "created": 7, "model": "m"}
+    chunk = ChatCompletionChunk(
+        id="chat-1", created=7, model="m", choices=[ChatChunkChoice(index=0, delta=ChatDelta(content="hi"))]
+    )
+    choice = {"index": 0, "delta": {"role": None, "content": "hi"}, "logprobs": None, "finish_reason": None}
+    assert choice_event(head, choice, include_usage) == sse(chunk.model_dump_json(exclude=exclude))

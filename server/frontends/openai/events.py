@@ -111,8 +111,13 @@ def sse(data: str) -> bytes:
     return f"data: {data}\n\n".encode()
 
 
-def sse_json(body: dict[str, Any]) -> bytes:
-    """An event from a plain dict: the per-token chunks skip model validation, which costs more than the token."""
+def choice_event(head: dict[str, Any], choice: dict[str, Any], include_usage: bool) -> bytes:
+    """A streamed chunk of one choice, from plain dicts: per-token chunks skip model validation, which costs more
+    than the token. ``head`` and ``choice`` hold the response model's fields in its order, so the bytes match what
+    the model writes; ``"usage": null`` is there only when the client asked for usage at the end, as OpenAI does."""
+    body = {**head, "choices": [choice]}
+    if include_usage:
+        body["usage"] = None
     return b"data: " + orjson.dumps(body) + b"\n\n"
 
 

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from starlette.types import Receive
 
 from server.frontends.openai.errors import OpenAIRequestError
-from server.frontends.openai.events import EventStreamResponse, sse, sse_json, started, while_connected
+from server.frontends.openai.events import EventStreamResponse, choice_event, sse, started, while_connected
 from server.frontends.openai.protocol import (
     ChatChoice,
     ChatChunkChoice,
@@ -112,7 +112,7 @@ class OpenAIServingChat(ServingEngine):
         def choice_chunk(index: int, output: GenerationOutput) -> bytes:
             delta = {"role": None, "content": output.text or None}
             choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": output.finish_reason}
-            return sse_json({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+            return choice_event(head, choice, include_usage)
 
         for i in range(request.n):
             yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content=""))])

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from starlette.types import Receive
 
 from server.frontends.openai.errors import OpenAIRequestError
-from server.frontends.openai.events import EventStreamResponse, sse, sse_json, started, while_connected
+from server.frontends.openai.events import EventStreamResponse, choice_event, sse, started, while_connected
 from server.frontends.openai.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -108,7 +108,7 @@ class OpenAIServingCompletion(ServingEngine):
 
         def choice_chunk(index: int, output: GenerationOutput) -> bytes:
             choice = {"index": index, "text": output.text, "logprobs": None, "finish_reason": output.finish_reason}
-            return sse_json({**head, "choices": [choice], **({"usage": None} if include_usage else {})})
+            return choice_event(head, choice, include_usage)
 
         if request.echo:
             for i in range(count):
