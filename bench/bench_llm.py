@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,27 @@ class BenchRequest:
     max_tokens: int
 
 
-# Requests and clients that warm each system up before its first level, repeated for at least the seconds given:
-# an idle GPU runs at a fraction of its clocks and takes seconds of steady work to reach full speed (see main).
-WARM_UP: list[Any] = [[BenchRequest("Hello there", 4)] * 2, 2, 0.0]
+@dataclass(frozen=True)
+class WarmUp:
+    """Requests and clients that warm a system up before its first level, repeated for at least ``seconds``: the
+    first requests pay for lazy initialisation, and an idle GPU runs at a fraction of its clocks until it has had
+    seconds of steady work."""
+
+    requests: list[BenchRequest]
+    clients: int
+    seconds: float
+
+    @classmethod
+    def for_args(cls, args: argparse.Namespace) -> WarmUp:
+        if args.device == "cuda":
+            return cls([BenchRequest(_TEXT, 64)] * 8, 4, args.gpu_warm_up)
+        return cls([BenchRequest("Hello there", 4)] * 2, 2, 0.0)
+
+    def run(self, once: Callable[[], object]) -> None:
+        until = time.monotonic() + self.seconds
+        once()
+        while time.monotonic() < until:
+            once()
 
 
 @dataclass
@@ -279,6 +298,7 @@ def run_http_system(
     workloads: dict[int, list[BenchRequest]],
     workdir: Path,
     extra: dict[str, Any],
+    warm_up: WarmUp,
 ) -> list[LevelResult]:
     log = workdir / f"{system}.log"
     with open(log, "wb") as out:
@@ -287,12 +307,7 @@ def run_http_system(
     results = []
     try:
         wait_http(ready_url, process, 300, log)
-        # Warm-up: the first requests pay for lazy initialisation, and an idle GPU needs a moment at full clocks.
-        until = time.monotonic() + WARM_UP[2]
-        while True:
-            asyncio.run(closed_loop(completions_url, model, WARM_UP[0], WARM_UP[1], extra))
-            if time.monotonic() >= until:
-                break
+        warm_up.run(lambda: asyncio.run(closed_loop(completions_url, model, warm_up.requests, warm_up.clients, extra)))
         for clients, requests in workloads.items():
             console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
             wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
@@ -336,6 +351,7 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
         workloads,
         workdir,
         {"ignore_eos": True},
+        WarmUp.for_args(args),
     )
 
 
@@ -360,6 +376,7 @@ def run_transformers_serve(
         workloads,
         workdir,
         {},
+        WarmUp.for_args(args),
     )
 
 
@@ -555,8 +572,6 @@ def main() -> None:
     args = parser.parse_args()
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    if args.device == "cuda":
-        WARM_UP[:] = [[BenchRequest(_TEXT, 64)] * 8, 4, args.gpu_warm_up]
     if args.quick:
         args.output_min, args.output_max, args.prompt_max = 8, 32, 128
         args.requests_per_client, args.min_requests = 1, 4
@@ -589,12 +604,8 @@ def main() -> None:
         if not {"hf_sequential", "hf_static"} <= skip:
             dtype = getattr(torch, args.dtype)
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(torch_device(args)).eval()
-            until = time.monotonic() + WARM_UP[2]
-            while True:  # warm-up, as for the servers
-                for request in WARM_UP[0]:
-                    timed_generate(model, tokenizer, [request])
-                if time.monotonic() >= until:
-                    break
+            warm_up = WarmUp.for_args(args)  # as for the servers
+            warm_up.run(lambda: [timed_generate(model, tokenizer, [request]) for request in warm_up.requests])
             for clients in baseline_levels:
                 if "hf_sequential" not in skip:
                     results.append(run_in_process("hf_sequential", model, tokenizer, workloads[clients], clients, 1))
