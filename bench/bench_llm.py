@@ -299,6 +299,7 @@ def run_http_system(
     workdir: Path,
     extra: dict[str, Any],
     warm_up: WarmUp,
+    metrics_url: str | None = None,
 ) -> list[LevelResult]:
     log = workdir / f"{system}.log"
     with open(log, "wb") as out:
@@ -310,7 +311,10 @@ def run_http_system(
         warm_up.run(lambda: asyncio.run(closed_loop(completions_url, model, warm_up.requests, warm_up.clients, extra)))
         for clients, requests in workloads.items():
             console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
+            before = step_counters(metrics_url) if metrics_url else {}
             wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
+            if metrics_url:
+                console.print(f"    {describe_steps(before, step_counters(metrics_url))}")
             for failure in failures[:3]:
                 console.print(f"[red]  {system}: request failed: {failure}[/red]")
             results.append(LevelResult(system, clients, wall, timings, failed=len(failures)))
@@ -352,7 +356,38 @@ def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdi
         workdir,
         {"ignore_eos": True},
         WarmUp.for_args(args),
+        metrics_url=f"{base}/metrics",
     )
+
+
+def step_counters(url: str) -> dict[str, float]:
+    """ModelDock's engine-step counters (``modeldock_llm_step_*`` and iteration tokens), summed over models."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(url, timeout=10).text):
+        if family.name.startswith(("modeldock_llm_step", "modeldock_llm_iteration")):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")):
+                    key = f"{sample.name}:{sample.labels.get('kind', '')}"
+                    totals[key] = totals.get(key, 0.0) + sample.value
+    return totals
+
+
+def describe_steps(before: dict[str, float], after: dict[str, float]) -> str:
+    """Where a level's time went inside the engine: steps by kind, their mean wall and forward-pass time."""
+    delta = {key: value - before.get(key, 0.0) for key, value in after.items()}
+    parts = []
+    for kind in ("decode", "mixed"):
+        steps = delta.get(f"modeldock_llm_step_seconds_count:{kind}", 0.0)
+        if steps:
+            wall = delta[f"modeldock_llm_step_seconds_sum:{kind}"] / steps * 1000
+            forward = delta[f"modeldock_llm_step_forward_seconds_sum:{kind}"] / steps * 1000
+            parts.append(f"{steps:.0f} {kind} steps of {wall:.2f} ms ({forward:.2f} ms forward)")
+    count = delta.get("modeldock_llm_iteration_tokens_count:", 0.0)
+    if count:
+        parts.append(f"{delta['modeldock_llm_iteration_tokens_sum:'] / count:.1f} tokens a step")
+    return "engine: " + (", ".join(parts) or "no steps recorded")
 
 
 def run_transformers_serve(

@@ -1,5 +1,10 @@
 """What the generation engine records for Prometheus: latency to the first token and between tokens, token
-counts, and how full the engine is.
+counts, how full the engine is, and how long its steps take.
+
+Step times are split by kind because they answer different questions: decode-only steps are the floor every
+running stream pays per token, and steps that also prefill prompts are the stalls new arrivals cause. The
+forward pass is timed apart from the whole step so that host-side work (scheduling, sampling, detokenizing)
+shows as the difference.
 
 The engine thread records and scrapes read, so every update and read takes the lock. The metric names follow
 vLLM's (under ``modeldock_llm_``), so dashboards built for vLLM need only the prefix changed.
@@ -16,6 +21,9 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0)
 TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
+STEP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5, 5.0)
+ITERATION_TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+STEP_KINDS = ("decode", "mixed")
 
 
 @dataclass
@@ -52,6 +60,9 @@ class GenerationStats:
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
+        self.step_seconds = {kind: _Histogram(STEP_BUCKETS) for kind in STEP_KINDS}
+        self.forward_seconds = {kind: _Histogram(STEP_BUCKETS) for kind in STEP_KINDS}
+        self.iteration_tokens = _Histogram(ITERATION_TOKEN_BUCKETS)
 
     def record_first_token(self, seconds: float, prompt_tokens: int) -> None:
         with self._lock:
@@ -63,6 +74,13 @@ class GenerationStats:
         with self._lock:
             self.time_per_output_token.observe(seconds)
             self.generation_tokens += 1
+
+    def record_step(self, kind: str, step_seconds: float, forward_seconds: float, tokens: int) -> None:
+        """One engine step: ``kind`` is "decode" (every row decodes one token) or "mixed" (some rows prefill)."""
+        with self._lock:
+            self.step_seconds[kind].observe(step_seconds)
+            self.forward_seconds[kind].observe(forward_seconds)
+            self.iteration_tokens.observe(tokens)
 
     def record_finished(self) -> None:
         with self._lock:
@@ -92,6 +110,19 @@ def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Itera
     tpot = HistogramMetricFamily(
         "modeldock_llm_time_per_output_token_seconds", "Time between consecutive output tokens", labels=labels
     )
+    step = HistogramMetricFamily(
+        "modeldock_llm_step_seconds",
+        "Wall time of one engine step, host work included, by kind (decode: every row decodes; mixed: some prefill)",
+        labels=[*labels, "kind"],
+    )
+    forward = HistogramMetricFamily(
+        "modeldock_llm_step_forward_seconds",
+        "Wall time of one step's forward pass on the model, by kind of step",
+        labels=[*labels, "kind"],
+    )
+    iteration = HistogramMetricFamily(
+        "modeldock_llm_iteration_tokens", "Tokens computed in one engine step (prompt and output)", labels=labels
+    )
     counters = {
         "prompt_tokens": CounterMetricFamily("modeldock_llm_prompt_tokens", "Prompt tokens prefilled", labels=labels),
         "generation_tokens": CounterMetricFamily(
@@ -118,9 +149,19 @@ def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Itera
         with stats._lock:
             ttft.add_metric([name, version], stats.time_to_first_token.buckets(), stats.time_to_first_token.total)
             tpot.add_metric([name, version], stats.time_per_output_token.buckets(), stats.time_per_output_token.total)
+            iteration.add_metric([name, version], stats.iteration_tokens.buckets(), stats.iteration_tokens.total)
+            for kind in STEP_KINDS:
+                step.add_metric(
+                    [name, version, kind], stats.step_seconds[kind].buckets(), stats.step_seconds[kind].total
+                )
+                seconds = stats.forward_seconds[kind]
+                forward.add_metric([name, version, kind], seconds.buckets(), seconds.total)
             for attribute, family in {**counters, **gauges}.items():
                 family.add_metric([name, version], float(getattr(stats, attribute)))
     yield ttft
     yield tpot
+    yield step
+    yield forward
+    yield iteration
     yield from counters.values()
     yield from gauges.values()

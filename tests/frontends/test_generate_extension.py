@@ -59,10 +59,12 @@ def sse_events(server: ServerProcess, body: dict) -> list[dict]:
     return events
 
 
-def metric(server: ServerProcess, name: str, model: str = "lm") -> float:
+def metric(server: ServerProcess, name: str, model: str = "lm", kind: str | None = None) -> float:
     text = httpx.get(f"http://127.0.0.1:{server.metrics_port}/metrics").text
     for line in text.splitlines():
-        if line.startswith(name + "{") and f'model="{model}"' in line:
+        if not line.startswith(name + "{") or f'model="{model}"' not in line:
+            continue
+        if kind is None or f'kind="{kind}"' in line:
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} for {model} not in /metrics")
 
@@ -163,9 +165,20 @@ def test_embeddings_are_normalised_and_batched(llm_server: ServerProcess) -> Non
 def test_metrics_count_tokens_and_a_disconnected_stream_is_aborted(llm_server: ServerProcess) -> None:
     generated_before = metric(llm_server, "modeldock_llm_generation_tokens_total")
     aborted_before = metric(llm_server, "modeldock_llm_requests_aborted_total")
+    prompt_before = metric(llm_server, "modeldock_llm_prompt_tokens_total")
+    decode_steps = metric(llm_server, "modeldock_llm_step_seconds_count", kind="decode")
+    mixed_steps = metric(llm_server, "modeldock_llm_step_seconds_count", kind="mixed")
+    step_tokens = metric(llm_server, "modeldock_llm_iteration_tokens_sum")
     generate(llm_server, {"text_input": PROMPT, "max_tokens": 5, "temperature": 0, "ignore_eos": True})
     assert metric(llm_server, "modeldock_llm_generation_tokens_total") == generated_before + 5
     assert metric(llm_server, "modeldock_llm_time_to_first_token_seconds_count") >= 1
+    # One step prefills the prompt (and yields the first token); four decode the rest. Each step computes the
+    # prompt or one token, and the last token is never fed back.
+    prompt_tokens = metric(llm_server, "modeldock_llm_prompt_tokens_total") - prompt_before
+    assert metric(llm_server, "modeldock_llm_step_seconds_count", kind="mixed") == mixed_steps + 1
+    assert metric(llm_server, "modeldock_llm_step_seconds_count", kind="decode") == decode_steps + 4
+    assert metric(llm_server, "modeldock_llm_step_forward_seconds_count", kind="decode") == decode_steps + 4
+    assert metric(llm_server, "modeldock_llm_iteration_tokens_sum") == step_tokens + prompt_tokens + 4
     body = {"text_input": PROMPT, "parameters": {"max_tokens": 200, "ignore_eos": True}}
     with httpx.stream("POST", f"{llm_server.url}/v2/models/lm/generate_stream", json=body, timeout=60) as response:
         for line in response.iter_lines():

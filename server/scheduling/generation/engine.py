@@ -303,9 +303,13 @@ class GenerationEngine:
         self.stats.record_aborted(len(ids))
 
     def _step(self) -> None:
+        started = time.perf_counter()
         work = self._schedule()
         if work:
-            self._run(work)
+            kind = "decode" if all(count == 1 and s.computed == s.length - 1 for s, count in work) else "mixed"
+            forward = self._run(work)
+            tokens = sum(count for _, count in work)
+            self.stats.record_step(kind, time.perf_counter() - started, forward, tokens)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """This step's work: one token for every decoding sequence, then prompt tokens within the step's budget.
@@ -358,7 +362,8 @@ class GenerationEngine:
                 continue  # retry the same sequence (unless it was the victim) with the freed blocks
             index += 1
 
-    def _run(self, work: list[tuple[Sequence, int]]) -> None:
+    def _run(self, work: list[tuple[Sequence, int]]) -> float:
+        """Run one step's work and advance its sequences; returns the seconds the forward pass took."""
         # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
         rows = [row for row, (s, count) in enumerate(work) if s.computed + count == s.length]
         full = [row for row in rows if self._needs_logits(work[row][0])]
@@ -370,7 +375,9 @@ class GenerationEngine:
             sample_rows=rows,
             full_rows=full,
         )
+        started = time.perf_counter()
         result = self.backend.forward(batch)
+        forward = time.perf_counter() - started
         for sequence, count in work:
             sequence.computed += count
         tokens = dict(zip(rows, result.argmax, strict=True))
@@ -382,6 +389,7 @@ class GenerationEngine:
         now = time.monotonic()
         for row in rows:
             self._advance(work[row][0], tokens[row], now)
+        return forward
 
     @staticmethod
     def _needs_logits(sequence: Sequence) -> bool:
