@@ -1,4 +1,5 @@
-"""A generating model in a process of its own, so its Python does not compete with the server's for one GIL.
+"""A generating model in a process of its own: its Python does not compete with the server's for one GIL, and a crash
+or a CUDA error in it ends the worker, not the server.
 
 The engine thread and the server's event loop share a GIL. A model whose steps are mostly Python (kernel launches
 on a GPU, a small model on the CPU) holds it for most of every step, and the event loop that streams the tokens

@@ -220,6 +220,26 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
     assert backend._graphs.captured == 4 * 2
 
 
+async def test_steps_attend_without_the_cudnn_kernel(causal_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Loading a model switches PyTorch's cuDNN attention off (it builds a plan per new shape, and prompt steps
+    are new shapes: 40-500 ms a step on a GPU); every attention call of a step then runs with it off."""
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    engine = make_engine(causal_lm_dir)
+    seen: list[bool] = []
+    attend = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args: object, **kwargs: object) -> object:
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return attend(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    try:
+        assert len(tokens(await collect(engine, PROMPTS[0], greedy(3)))) == 3
+    finally:
+        engine.stop()
+    assert seen and not any(seen)
+
+
 async def test_the_model_in_a_worker_process_generates_the_same_tokens(causal_lm_dir: Path, reference) -> None:
     """parameters.model_process: the forward passes run in a child process; mixed, chunked and sampled steps."""
     engine = make_engine(causal_lm_dir, model_process="true", max_num_batched_tokens="8")
