@@ -19,6 +19,7 @@ try:  # the faster event loop from uvicorn[standard]; plain asyncio where it is 
 except ImportError:
     uvloop = None  # type: ignore[assignment]
 
+from server.allocator import tune_malloc
 from server.core import ModelControlMode
 from server.errors import ConfigError, ModelDockError
 from server.extensions.log_settings import LOG_LEVELS
@@ -202,6 +203,7 @@ def serve_command(
         Console(stderr=True).print(escape('--ray needs Ray: pip install "modeldock[ray]"'))
         raise typer.Exit(code=2)
     settings.ray_address = ray
+    tune_malloc()
     status = uvloop.run(serve(settings)) if uvloop is not None else asyncio.run(serve(settings))
     if status:
         # A drain cut short may leave a batch running on an instance thread, which a normal exit would wait for.

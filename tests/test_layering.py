@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Bottom to top.
 LAYERS: list[tuple[str, ...]] = [
-    ("server", "server.errors", "server.devices", "server.worker_processes"),
+    ("server", "server.errors", "server.devices", "server.worker_processes", "server.allocator"),
     ("server.protocol",),
     ("server.config",),
     ("server.extensions",),
