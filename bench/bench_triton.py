@@ -15,7 +15,8 @@ Targets, measured interleaved for each (model, concurrency) so load from elsewhe
 - ModelDock HTTP binary / JSON, Triton HTTP binary / JSON: ``wrk`` with a Lua script posting a fixed body;
 - ModelDock gRPC, Triton gRPC: ``h2load`` (nghttp2) posting a fixed, framed ``ModelInferRequest``; h2load cannot
   read gRPC trailers, so each server's own statistics confirm every request succeeded;
-- floors: ``raw_asgi_floor.py`` (no framework, ONNX Runtime inline) under uvicorn and granian;
+- floors: ``raw_asgi_floor.py`` (no framework, ONNX Runtime inline) under uvicorn and granian, and
+  ``raw_grpc_floor.py`` (the same for ``ModelInfer``) on grpcio's asyncio and thread-pool servers;
 - in-process ONNX Runtime rows/s at batch 1 and at the best batch (the physical limit for ``mlp``).
 
 The load generators are native programs pinned with ``taskset`` to ``--client-cpu`` so they are not the
@@ -257,7 +258,11 @@ def start_floor(work: Path, server: str, onnx_paths: dict[str, Path], threads: i
     env["FLOOR_MODELS"] = ",".join(f"{name}={path}" for name, path in onnx_paths.items())
     env["FLOOR_THREADS"] = str(threads)
     bin_dir = Path(sys.executable).parent
-    if server == "uvicorn":
+    grpc_port = 0
+    if server.startswith("grpc-"):
+        grpc_port = free_port()
+        command = [sys.executable, "raw_grpc_floor.py", server.removeprefix("grpc-"), str(grpc_port)]
+    elif server == "uvicorn":
         command = [str(bin_dir / "uvicorn"), "raw_asgi_floor:app", "--port", str(port), "--http", "httptools",
                    "--loop", "uvloop", "--no-access-log", "--log-level", "warning"]  # fmt: skip
     else:
@@ -267,13 +272,13 @@ def start_floor(work: Path, server: str, onnx_paths: dict[str, Path], threads: i
                    "--no-ws", "--log-level", "warning", app]  # fmt: skip
     command[1:1] = []
     process = subprocess.Popen(command, cwd=BENCH, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    target = Target(f"floor-{server}", process, port, log=log)
+    target = Target(f"floor-{server}", process, port, grpc_port, log=log)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{target.name} exited:\n{log.read_text()}")
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
+            if sock.connect_ex(("127.0.0.1", grpc_port or port)) == 0:
                 return target
         time.sleep(0.2)
     raise TimeoutError(f"{target.name} did not listen")
@@ -311,8 +316,26 @@ def check_answer(port: int, model: str, binary: bool) -> None:
     result = InferenceServerClient.parse_response_body(
         response.content, header_length=int(response.headers.get("Inference-Header-Content-Length", 0)) or None
     )
+    check_output(port, model, result.as_numpy("OUTPUT0"))
+
+
+def check_grpc_answer(port: int, model: str) -> None:
+    """One ``ModelInfer`` call with the benchmark's own frame, for the gRPC-only floors."""
+    import grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=lambda frame: frame,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
+        response = infer(grpc_frame(model)[5:], timeout=30)
+    shape = list(response.outputs[0].shape)
+    check_output(port, model, np.frombuffer(response.raw_output_contents[0], np.float32).reshape(shape))
+
+
+def check_output(port: int, model: str, y: np.ndarray) -> None:
     x = np.random.default_rng(1).random((1, FEATURES[model]), dtype=np.float32)
-    y = result.as_numpy("OUTPUT0")
     if model == "tiny" and not np.allclose(y, x * 2 + 1):
         raise AssertionError(f"port {port}: wrong answer for {model}")
     if y.shape != (1, output_width(model)):
@@ -514,7 +537,10 @@ def median_of(runs: list[Measurement]) -> Measurement:
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """``<server>-http-binary``, ``<server>-http-json`` or ``<server>-grpc`` as (server, protocol); floors speak binary."""
+    """``<server>-http-binary``, ``<server>-http-json`` or ``<server>-grpc`` as (server, protocol); floors speak binary
+    HTTP, or gRPC for ``floor-grpc-*``."""
+    if target.startswith("floor-grpc-"):
+        return target, "grpc"
     if target.startswith("floor-"):
         return target, "http-binary"
     if target.endswith("-grpc"):
@@ -535,7 +561,7 @@ def main() -> None:
     parser.add_argument(
         "--targets",
         default="modeldock-http-binary,triton-http-binary,modeldock-http-json,triton-http-json,modeldock-grpc,"
-        "triton-grpc,floor-uvicorn,floor-granian,floor-granian-rsgi",
+        "triton-grpc,floor-uvicorn,floor-granian,floor-granian-rsgi,floor-grpc-aio,floor-grpc-sync",
     )
     parser.add_argument(
         "--modeldock-args", default="", help="extra `modeldock serve` arguments, e.g. '--http-server granian'"
@@ -585,6 +611,9 @@ def main() -> None:
                 if not name.startswith("floor-"):
                     wait_ready(server, models)
                 for model in models:
+                    if name.startswith("floor-grpc-"):
+                        check_grpc_answer(server.grpc_port, model)
+                        continue
                     check_answer(server.http_port, model, binary=True)
                     if not name.startswith("floor-"):
                         check_answer(server.http_port, model, binary=False)
