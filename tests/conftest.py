@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_REPOSITORY = ROOT / "model_repository"
+BIND_ATTEMPTS = 3
 
 
 def free_port() -> int:
@@ -84,12 +85,22 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
     def start(
         repository: Path | list[Path], *extra_args: str, wait: bool = True, env: dict[str, str] | None = None
     ) -> ServerProcess:
-        log_path = tmp_path_factory.mktemp("server-log") / "server.log"
-        server = ServerProcess(repository, list(extra_args), log_path, env)
-        started.append(server)
-        if wait:
-            server.wait_ready()
-        return server
+        # A free port can be taken by another process between being picked and being bound; a server that lost
+        # that race is started again on new ports rather than failing the test.
+        for attempt in range(BIND_ATTEMPTS):
+            log_path = tmp_path_factory.mktemp("server-log") / "server.log"
+            server = ServerProcess(repository, list(extra_args), log_path, env)
+            started.append(server)
+            if not wait:
+                return server
+            try:
+                server.wait_ready()
+                return server
+            except RuntimeError as exc:
+                if "address already in use" not in str(exc) or attempt == BIND_ATTEMPTS - 1:
+                    raise
+                server.stop()
+        raise AssertionError("unreachable")
 
     yield start
     for server in started:
