@@ -108,7 +108,7 @@ class DecodeGraphs:
             block_size=block,
             sample_rows=list(range(size)),
         )
-        step = StepTensors.build(padded, self._cache, self._device)
+        step = StepTensors.build(padded, self._cache, self._device, padded_decode=True)
         width = step.decode_slots.shape[1]
         inputs.input_ids.copy_(step.input_ids)
         inputs.position_ids.copy_(step.position_ids)

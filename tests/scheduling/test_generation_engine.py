@@ -220,6 +220,30 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
     assert backend._graphs.captured == 4 * 2
 
 
+def test_decode_keys_read_in_place_or_gathered_give_the_same_logits(causal_lm_dir: Path) -> None:
+    """On the CPU a decoding sequence's keys are one slice of the cache when its blocks are consecutive, gathered
+    when not; both must match the padded batch that CUDA graphs use."""
+    from backends.base import StepBatch
+    from backends.transformers.paged_attention import StepTensors
+
+    engine = make_engine(causal_lm_dir, kv_block_size="4")
+    engine.stop()
+    backend = engine.backend
+    prompt = [(7 * i + 3) % 50 + 1 for i in range(10)]
+    logits = {}
+    for name, table in {"consecutive": [4, 5, 6], "scattered": [9, 1, 6]}.items():
+        backend.forward(StepBatch([prompt], [0], [table], 4, [0], [0]))
+        step = StepBatch([[prompt[-1]]], [10], [table], 4, [0], [0])
+        spans = StepTensors.build(step, backend._cache, backend.torch_device).decode_spans
+        assert spans is not None and isinstance(spans[0], tuple) == (name == "consecutive")
+        logits[name] = backend.forward(step).logits[0]
+        padded = StepTensors.build(step, backend._cache, backend.torch_device, padded_decode=True)
+        logits[f"{name} padded"] = backend._run_model(padded)[0]
+    reference = logits["consecutive padded"]
+    for name, values in logits.items():
+        assert torch.allclose(values, reference, atol=1e-5), name
+
+
 async def test_steps_attend_without_the_cudnn_kernel(causal_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a model switches PyTorch's cuDNN attention off (it builds a plan per new shape, and prompt steps
     are new shapes: 40-500 ms a step on a GPU); every attention call of a step then runs with it off."""
