@@ -9,28 +9,16 @@ models (``name=path.onnx,...``).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import orjson
+from floor_models import floor_sessions
 
 _HEADER_LENGTH = b"inference-header-content-length"
 
 
-def _sessions() -> dict[str, ort.InferenceSession]:
-    sessions = {}
-    for item in os.environ.get("FLOOR_MODELS", "").split(","):
-        if item:
-            name, path = item.split("=", 1)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = int(os.environ.get("FLOOR_THREADS", "1"))
-            sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return sessions
-
-
-SESSIONS = _sessions()
+SESSIONS = floor_sessions()
 
 
 def _answer(model: str, body: bytes, header_length: int) -> tuple[bytes, int]:

@@ -21,24 +21,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnxruntime as ort
+from floor_models import floor_sessions
 from tritonclient.grpc import service_pb2
 
 SERVICE = "inference.GRPCInferenceService"
 
 
-def _sessions() -> dict[str, ort.InferenceSession]:
-    sessions = {}
-    for item in os.environ.get("FLOOR_MODELS", "").split(","):
-        if item:
-            name, path = item.split("=", 1)
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = int(os.environ.get("FLOOR_THREADS", "1"))
-            sessions[name] = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    return sessions
-
-
-SESSIONS = _sessions()
+SESSIONS = floor_sessions()
 
 
 def _answer(request: service_pb2.ModelInferRequest) -> service_pb2.ModelInferResponse:
