@@ -3,8 +3,9 @@
 ``transformers`` lets a model's attention layers call a registered function instead of their built-in one, and
 passes extra keyword arguments of ``forward`` through to it. The function here writes the step's new keys and
 values into the cache slots the engine chose, gathers every cached token of each sequence, and attends with a mask
-that is causal per sequence and hides padding. Any model that uses the standard attention interface (GPT-2,
-Llama, Qwen, Mistral, Phi, ...) runs unchanged.
+that is causal per sequence and hides padding. On the CPU, where that gather costs more than the attention, each
+sequence attends on its own instead, reading its keys in place when its blocks are consecutive. Any model that uses
+the standard attention interface (GPT-2, Llama, Qwen, Mistral, Phi, ...) runs unchanged.
 
 A step mixes decoding sequences (one new token each) with prompt chunks, all in one row with no padding, so a new
 prompt joins the running batch instead of pausing it. The model returns logits only where the engine samples:
