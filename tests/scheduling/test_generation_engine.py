@@ -324,6 +324,18 @@ def test_engine_limits_that_cannot_hold_a_sequence_are_config_errors(causal_lm_d
         make_engine(causal_lm_dir, max_model_len="100000")
 
 
+def test_the_default_step_budget_follows_the_device(causal_lm_dir: Path) -> None:
+    """Steps of 512 tokens on the CPU, where a step costs in proportion to its tokens; 2,048 (or the model's whole
+    length) on a GPU. A budget in the config wins on either."""
+    config = TransformersBackend.auto_complete_config(ModelConfig(name="lm", backend="transformers"), causal_lm_dir)
+    backend = TransformersBackend(config, causal_lm_dir, CPU)
+    assert EngineLimits.from_config(config, backend).max_num_batched_tokens == 512
+    backend.device = Device("gpu", 0)  # the limits read only the kind of device
+    assert EngineLimits.from_config(config, backend).max_num_batched_tokens == max(2048, backend.max_model_len)
+    config.parameters["max_num_batched_tokens"] = "100"
+    assert EngineLimits.from_config(config, backend).max_num_batched_tokens == 100
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("dtype", "graphs", "process"),
