@@ -44,9 +44,9 @@ class StepTensors:
 
     Every new token of the step sits in one row: the decoding sequences' single tokens first, then the prompt
     chunks, so the model's dense layers run once over all of them. Attention is the only per-sequence part, and it
-    runs in two groups: the decoding tokens one per row against their own padded context, the prompt tokens packed
-    against the keys of their own sequences only (a block-diagonal causal mask), so a long context of one sequence
-    never widens another's attention.
+    runs in two groups: the decoding tokens one per row against their own padded context (on the CPU, one sequence
+    at a time against its keys where they lie), the prompt tokens packed against the keys of their own sequences
+    only (a block-diagonal causal mask), so a long context of one sequence never widens another's attention.
     """
 
     cache: PagedKVCache
@@ -107,22 +107,20 @@ class StepTensors:
         index = torch.arange(len(tokens), device=flat.device)
         positions = starts_t[seq_t] + index - row_offsets[seq_t]
 
-        decode_spans = None
         if padded_decode is None:
             padded_decode = device.type != "cpu"
-        if decode and not padded_decode:
-            decode_spans = [_decode_span(batch.block_tables[i], starts[i] + 1, size, i, slots) for i in decode]
-            decode_slots = torch.zeros((0, 1), dtype=torch.long)
-            decode_mask = torch.zeros((0, 1, 1, 1), dtype=torch.bool)
-        elif decode:
+        if decode and padded_decode:
             context_lengths = starts_t[decode_t] + 1
             context = max(starts[i] for i in decode) + 1
             key_position = torch.arange(context, device=flat.device)
             decode_slots = slots(decode_t[:, None], key_position[None, :])
             decode_mask = (key_position[None, :] < context_lengths[:, None])[:, None, None, :]
-        else:
+        else:  # no padded decode group
             decode_slots = torch.zeros((0, 1), dtype=torch.long, device=flat.device)
             decode_mask = torch.zeros((0, 1, 1, 1), dtype=torch.bool, device=flat.device)
+        decode_spans = None
+        if decode and not padded_decode:
+            decode_spans = [_decode_span(batch.block_tables[i], starts[i] + 1, size, i, slots) for i in decode]
         prefill_segments = None
         if prefill:
             ends = starts_t[prefill_t] + lengths_t[prefill_t]
