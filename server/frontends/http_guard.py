@@ -33,20 +33,10 @@ class HttpGuard:
             header_bytes += len(name) + len(value)
             if name == b"content-length":
                 content_length = value
-        if header_bytes > self.limits.max_header_bytes:
-            raise HeadersTooLarge(
-                f"request headers hold {header_bytes} bytes; at most {self.limits.max_header_bytes} are accepted "
-                "(--max-header-bytes)"
-            )
-        if self.restrictions:
-            missing = self.restrictions.missing_header(http_group(scope["path"]), _header_lookup(scope))
-            if missing is not None:
-                raise http_refusal(missing)
-        limit = self.limits.http_max_body_bytes
+        self.check_head(scope["path"], header_bytes, content_length, _header_lookup(scope))
         if content_length is not None:
-            if content_length.isdigit() and int(content_length) > limit:
-                raise _too_large(int(content_length), limit, declared=True)
             return receive
+        limit = self.limits.http_max_body_bytes
         received = 0
 
         async def receive_bounded() -> Message:
@@ -59,6 +49,30 @@ class HttpGuard:
             return message
 
         return receive_bounded
+
+    def check_head(
+        self,
+        path: str,
+        header_bytes: int,
+        content_length: str | bytes | None,
+        header: Callable[[str], str | bytes | None],
+    ) -> None:
+        """Refuses (raises) a request whose head breaks a limit or lacks a restricted group's header.
+
+        Each front end reads its own wire: ``header`` looks a lower-case header name up in the request.
+        """
+        if header_bytes > self.limits.max_header_bytes:
+            raise HeadersTooLarge(
+                f"request headers hold {header_bytes} bytes; at most {self.limits.max_header_bytes} are accepted "
+                "(--max-header-bytes)"
+            )
+        if self.restrictions:
+            missing = self.restrictions.missing_header(http_group(path), header)
+            if missing is not None:
+                raise http_refusal(missing)
+        limit = self.limits.http_max_body_bytes
+        if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+            raise _too_large(int(content_length), limit, declared=True)
 
 
 def _too_large(size: int, limit: int, declared: bool = False) -> PayloadTooLarge:

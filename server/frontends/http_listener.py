@@ -16,6 +16,8 @@ from typing import Protocol
 import uvicorn
 from starlette.types import ASGIApp
 
+from server.frontends.rsgi_bridge import RsgiBridge
+
 
 class HttpServerKind(str, Enum):
     UVICORN = "uvicorn"
@@ -66,18 +68,20 @@ class UvicornListener:
 
 
 class GranianListener:
-    """granian's embedded server: its Rust workers feed ASGI calls into this event loop. Like uvicorn here, it
-    leaves SIGTERM/SIGINT to the runtime, which drains before stopping it."""
+    """granian's embedded server: its Rust threads parse and write HTTP and feed RSGI calls into this event loop.
+    An application with an ``__rsgi__`` of its own (``HttpFrontEnd``) gets them as they are; any other ASGI
+    application runs through ``RsgiBridge``. Like uvicorn here, it leaves SIGTERM/SIGINT to the runtime, which
+    drains before stopping it."""
 
     def __init__(self, app: ASGIApp, host: str, port: int) -> None:
         from granian.constants import Interfaces
         from granian.server.embed import Server
 
         self._server = Server(
-            app,
+            app if hasattr(app, "__rsgi__") else RsgiBridge(app),
             address=host,
             port=port,
-            interface=Interfaces.ASGINL,  # no lifespan: the runtime starts and stops everything itself
+            interface=Interfaces.RSGI,
             websockets=False,
             # granian's logging setup would replace the server's own; its records reach the root handler instead.
             log_enabled=False,

@@ -7,7 +7,7 @@ import gzip
 import logging
 import re
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -22,6 +22,7 @@ from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
 from server.frontends.http_guard import HttpGuard
 from server.frontends.openai.app import create_openai_app
+from server.frontends.rsgi_bridge import RsgiBridge
 from server.protocol.generate_codec import decode_generate_request, encode_generate_response
 from server.protocol.http_codec import (
     decode_index_request,
@@ -127,8 +128,8 @@ class _DisconnectWatch:
     ``WATCH_DISCONNECT_AFTER_S``: quick answers never pay for it, and long waits are the ones worth dropping.
     """
 
-    def __init__(self, receive: Receive) -> None:
-        self._receive = receive
+    def __init__(self, wait_disconnect: Callable[[], Awaitable[None]]) -> None:
+        self._wait_disconnect = wait_disconnect
         self._task = asyncio.current_task()
         self._watcher: asyncio.Task[None] | None = None
         self.disconnected = False
@@ -138,8 +139,8 @@ class _DisconnectWatch:
         self._watcher = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
-        # The body has been read, so the next message is the disconnect.
-        if (await self._receive())["type"] == "http.disconnect" and self._task is not None:
+        await self._wait_disconnect()
+        if self._task is not None:
             self.disconnected = True
             self._task.cancel()
 
@@ -159,57 +160,85 @@ async def _generate_request(
 
 
 class InferHttpRequest:
-    """What the infer route reads of an HTTP request, taken straight from the ASGI scope.
+    """What the infer route reads of an HTTP request: four headers, the body, and whether the client went away.
 
-    Starlette's ``Request`` and ``Headers`` objects cost more per request than the few lookups the route needs, so
-    the headers it uses are picked out of the raw header list in one pass.
+    Built straight from the server's own request object (an ASGI scope or an RSGI scope and protocol): Starlette's
+    ``Request`` and ``Headers`` objects cost more per request than the few lookups the route needs.
     """
 
-    __slots__ = ("scope", "receive", "content_encoding", "header_length", "accept_encoding", "traceparent")
+    __slots__ = ("content_encoding", "header_length", "accept_encoding", "traceparent", "body", "wait_disconnect")
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
-        self.scope = scope
-        self.receive = receive
-        self.content_encoding: str | None = None
-        self.header_length: str | None = None
-        self.accept_encoding: str | None = None
-        self.traceparent: str | None = None
-        for key, value in scope["headers"]:
+    def __init__(
+        self,
+        headers: tuple[str | None, str | None, str | None, str | None],
+        body: Callable[[], Awaitable[bytes]],
+        wait_disconnect: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.content_encoding, self.header_length, self.accept_encoding, self.traceparent = headers
+        self.body = body
+        self.wait_disconnect = wait_disconnect
+
+    @classmethod
+    def from_asgi(cls, scope: Scope, receive: Receive) -> InferHttpRequest:
+        content_encoding = header_length = accept_encoding = traceparent = None
+        for key, value in scope["headers"]:  # one pass over the raw list
             if key == b"inference-header-content-length":
-                self.header_length = value.decode("latin-1")
+                header_length = value.decode("latin-1")
             elif key == b"content-encoding":
-                self.content_encoding = value.decode("latin-1")
+                content_encoding = value.decode("latin-1")
             elif key == b"accept-encoding":
-                self.accept_encoding = value.decode("latin-1")
+                accept_encoding = value.decode("latin-1")
             elif key == b"traceparent":
-                self.traceparent = value.decode("latin-1")
+                traceparent = value.decode("latin-1")
 
-    async def body(self) -> bytes:
-        message = await self.receive()
-        body = message.get("body", b"")
-        if not message.get("more_body", False):
-            return body  # the common case: one message, no copy
-        chunks = [body]
-        while message.get("more_body", False):
-            message = await self.receive()
-            chunks.append(message.get("body", b""))
-        return b"".join(chunks)
+        async def body() -> bytes:
+            message = await receive()
+            data = message.get("body", b"")
+            if not message.get("more_body", False):
+                return data  # the common case: one message, no copy
+            chunks = [data]
+            while message.get("more_body", False):
+                message = await receive()
+                chunks.append(message.get("body", b""))
+            return b"".join(chunks)
+
+        async def wait_disconnect() -> None:
+            # The body has been read, so the next message is the disconnect.
+            while (await receive())["type"] != "http.disconnect":
+                pass
+
+        return cls((content_encoding, header_length, accept_encoding, traceparent), body, wait_disconnect)
+
+    @classmethod
+    def from_rsgi(cls, headers: Any, protocol: Any) -> InferHttpRequest:
+        get = headers.get
+        return cls(
+            (
+                get("content-encoding"),
+                get("inference-header-content-length"),
+                get("accept-encoding"),
+                get("traceparent"),
+            ),
+            protocol,  # awaiting the protocol object reads the whole body
+            protocol.client_disconnect,
+        )
 
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
-_BINARY_HEADERS = [(b"content-type", b"application/octet-stream")]
+_JSON_HEADERS = [("content-type", "application/json")]
+_BINARY_HEADERS = [("content-type", "application/octet-stream")]
+
+# An answer as the route hands it to the HTTP server: status, headers, body.
+Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-async def _infer(
-    core: InferenceServer, request: InferHttpRequest, model: str, version: str
-) -> tuple[bytes, list[tuple[bytes, bytes]]] | None:
-    """The response body and headers of an inference request, or None when the client disconnected first."""
+async def _infer(core: InferenceServer, request: InferHttpRequest, model: str, version: str) -> Answer | None:
+    """The answer to an inference request, or None when the client disconnected first."""
     body = _decompressed(await request.body(), request.content_encoding)
     length = parse_header_length(request.header_length)
     infer_request = decode_request(body, length, model, version, core.shared_memory)
     if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
         infer_request.trace_parent = request.traceparent
-    watch = _DisconnectWatch(request.receive)
+    watch = _DisconnectWatch(request.wait_disconnect)
     try:
         response = await core.infer(infer_request)
     except asyncio.CancelledError:
@@ -224,54 +253,62 @@ async def _infer(
     headers = list(_JSON_HEADERS if json_length is None else _BINARY_HEADERS)
     if request.accept_encoding is not None:
         payload, extra = _compressed(payload, _response_encoding(request.accept_encoding))
-        headers.extend((name.lower().encode(), value.encode()) for name, value in extra.items())
+        headers.extend((name.lower(), value) for name, value in extra.items())
     if json_length is not None:
-        headers.append((b"inference-header-content-length", str(json_length).encode()))
-    headers.append((b"content-length", str(len(payload)).encode()))
-    return payload, headers
+        headers.append(("inference-header-content-length", str(json_length)))
+    return 200, headers, payload
+
+
+async def _answer_infer(core: InferenceServer, request: InferHttpRequest, match: re.Match[str]) -> Answer | None:
+    """``_infer``, with a failure answered in the protocol's error shape (as FastAPI's handlers below do)."""
+    try:
+        return await _infer(core, request, match[1], match[2] or "")
+    except ModelDockError as exc:
+        return _error_answer(exc)
+    except Exception as exc:  # a server bug: answer it as one, keep the connection usable
+        log.exception("inference request failed")
+        return 500, list(_JSON_HEADERS), orjson.dumps({"error": f"internal error: {type(exc).__name__}: {exc}"})
+
+
+def _error_answer(exc: ModelDockError) -> Answer:
+    if exc.http_status >= 500:
+        log.warning("request failed: %s", exc.message)
+    return exc.http_status, list(_JSON_HEADERS), orjson.dumps({"error": exc.message})
 
 
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
 class HttpFrontEnd:
-    """The ASGI application: ``POST .../infer`` is answered here, every other route by FastAPI.
+    """The application, for either HTTP server: ``POST .../infer`` is answered here, every other route by FastAPI.
 
     Inference is the one hot route. FastAPI's middleware stack and parameter machinery, and even Starlette's
     request and response objects, cost more CPU per request than decoding and encoding a small request's tensors,
-    so the infer path is matched before that stack and answers with raw ASGI messages; the error mapping is the
-    same as FastAPI's handlers below.
+    so the infer path is matched before that stack and answers in the server's own terms: two ASGI messages under
+    uvicorn; under granian (RSGI) one call with the whole response, the request's head read from granian's own
+    object, no ASGI scope built at all. Everything else reaches FastAPI as ASGI (through ``RsgiBridge`` under
+    granian). The error mapping is the same as FastAPI's handlers below.
     """
 
     def __init__(self, core: InferenceServer, api: FastAPI, guard: HttpGuard | None = None) -> None:
         self.core = core
         self.api = api
         self.guard = guard or HttpGuard()
+        self._bridge = RsgiBridge(self)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             try:
                 receive = self.guard.admit(scope, receive)
             except ModelDockError as exc:
-                await _error_response(exc)(scope, receive, send)
+                await _send_answer(send, _error_answer(exc))
                 return
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
-                error: Response | None = None
-                try:
-                    answer = await _infer(self.core, InferHttpRequest(scope, receive), match[1], match[2] or "")
-                except ModelDockError as exc:
-                    error = _error_response(exc)
-                except Exception as exc:  # a server bug: answer it as one, keep the connection usable
-                    log.exception("inference request failed")
-                    error = _error(500, f"internal error: {type(exc).__name__}: {exc}")
-                if error is not None:
-                    await error(scope, receive, send)
-                elif answer is not None:
-                    payload, headers = answer
-                    await send({"type": "http.response.start", "status": 200, "headers": headers})
-                    await send({"type": "http.response.body", "body": payload})
+                answer = await _answer_infer(self.core, InferHttpRequest.from_asgi(scope, receive), match)
+                if answer is not None:
+                    await _send_answer(send, answer)
                 return
         try:
             await self.api(scope, receive, send)
@@ -280,11 +317,40 @@ class HttpFrontEnd:
                 raise
             # Already answered and logged by ``_server_error``; Starlette re-raises it only for servers to log.
 
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        path = scope.path
+        if scope.method == "POST" and "%" not in path and scope.proto == "http":
+            match = _INFER_PATH.fullmatch(path)
+            headers = scope.headers
+            content_length = headers.get("content-length")
+            # A chunked body is counted against the size limit as it arrives: the bridge's ASGI path does that.
+            if match is not None and content_length is not None:
+                try:
+                    header_bytes = sum(len(name) + len(value) for name, value in headers.items())
+                    self.guard.check_head(path, header_bytes, content_length, headers.get)
+                except ModelDockError as exc:
+                    answer: Answer | None = _error_answer(exc)
+                else:
+                    answer = await _answer_infer(self.core, InferHttpRequest.from_rsgi(headers, protocol), match)
+                if answer is None:  # the client went away
+                    protocol.response_empty(499, [])
+                else:
+                    protocol.response_bytes(*answer)
+                return
+        await self._bridge.__rsgi__(scope, protocol)
+
+
+async def _send_answer(send: Send, answer: Answer) -> None:
+    status, headers, payload = answer
+    raw_headers = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+    raw_headers.append((b"content-length", str(len(payload)).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": payload})
+
 
 def _error_response(exc: ModelDockError) -> Response:
-    if exc.http_status >= 500:
-        log.warning("request failed: %s", exc.message)
-    return _error(exc.http_status, exc.message)
+    status, _, body = _error_answer(exc)
+    return Response(body, status_code=status, media_type="application/json")
 
 
 def create_app(
