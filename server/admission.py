@@ -30,16 +30,24 @@ class Admission:
     @contextmanager
     def admit(self) -> Iterator[None]:
         """Hold one request for as long as the block runs; refused at once once admission has closed."""
-        if not self.open:
-            raise ServerShuttingDown("the server is shutting down and accepts no new inference requests")
-        self._active += 1
-        self._idle.clear()
+        self.enter()
         try:
             yield
         finally:
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
+            self.leave()
+
+    def enter(self) -> None:
+        """Hold one request (``leave`` lets it go); refused at once once admission has closed."""
+        if not self.open:
+            raise ServerShuttingDown("the server is shutting down and accepts no new inference requests")
+        self._active += 1
+        if self._active == 1:
+            self._idle.clear()
+
+    def leave(self) -> None:
+        self._active -= 1
+        if not self._active:
+            self._idle.set()
 
     def close(self) -> None:
         self.open = False

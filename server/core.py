@@ -20,7 +20,7 @@ from server.extensions.metrics import ServerMetrics
 from server.extensions.tracing import RequestTracing
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
-from server.repository.model_manager import ModelManager
+from server.repository.model_manager import ModelManager, ServedVersion
 from server.scheduling.deadlines import request_deadline, timed_out_message
 from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
 from server.scheduling.validation import expected_shape
@@ -127,7 +127,10 @@ class InferenceServer:
 
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
-        with self.admission.admit():
+        # The admission is held with enter/leave, not its context manager: this is every request's path.
+        admission = self.admission
+        admission.enter()
+        try:
             if self.logging.json:
                 REQUEST_ID.set(request.id or uuid.uuid4().hex)
             span = self.tracing.start(request) if self.tracing.active else None
@@ -140,20 +143,21 @@ class InferenceServer:
                 raise
             self.tracing.finish(request, span)
             return response
+        finally:
+            admission.leave()
 
     async def _bounded_infer(self, request: InferRequest) -> InferResponse:
-        config = self.models.get(request.model_name, request.model_version).config
-        timeout_s = request_deadline(request, self.request_timeout_s, config)
+        served = self.models.get(request.model_name, request.model_version)
+        timeout_s = request_deadline(request, self.request_timeout_s, served.config)
         if timeout_s is None:
-            return await self._infer(request)
+            return await self._infer(request, served)
         try:
             async with asyncio.timeout(timeout_s):
-                return await self._infer(request)
+                return await self._infer(request, served)
         except TimeoutError:
             raise DeadlineExceeded(timed_out_message(request, timeout_s)) from None
 
-    async def _infer(self, request: InferRequest) -> InferResponse:
-        served = self.models.get(request.model_name, request.model_version)
+    async def _infer(self, request: InferRequest, served: ServedVersion) -> InferResponse:
         try:
             return await served.infer(request)
         except VersionRetired:

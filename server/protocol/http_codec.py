@@ -36,7 +36,7 @@ from server.protocol.types import InferRequest, InferResponse, RequestedOutput
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
 
-def _load_json(data: bytes) -> Any:
+def _load_json(data: bytes | memoryview) -> Any:
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -70,7 +70,7 @@ def decode_request(
         if header_length < 0 or header_length > len(body):
             raise InvalidInput(f"{HEADER_LENGTH} is {header_length} but the body holds only {len(body)} bytes")
         view = memoryview(body)
-        header, binary = _load_json(bytes(view[:header_length])), view[header_length:]
+        header, binary = _load_json(view[:header_length]), view[header_length:]
     if not isinstance(header, dict):
         raise InvalidInput("request body must be a JSON object")
     inputs = header.get("inputs")

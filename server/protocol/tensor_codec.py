@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 import struct
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from server.errors import InvalidInput
-from server.protocol.datatypes import element_size, numpy_dtype
+from server.protocol.datatypes import WIRE_TO_NUMPY, element_size, numpy_dtype
 from server.protocol.limits import LIMITS
 from server.protocol.shared_memory import BYTE_SIZE, REGION, SharedMemoryRegistry, TensorPlacement
 
@@ -24,6 +25,11 @@ _LENGTH = struct.Struct("<I")
 _MAX_DIMS = 64
 _MAX_BYTES = 2**63 - 1
 _LARGEST_ELEMENT = 8
+# The wire's byte order (little-endian) for each fixed-size datatype, made once rather than per tensor.
+_WIRE_ORDER = {name: dtype.newbyteorder("<") for name, dtype in WIRE_TO_NUMPY.items() if name != "BYTES"}
+# numpy's byte-order marks that already mean little-endian here: explicit, "not applicable" (one-byte types), and
+# native on a little-endian machine.
+_WIRE_BYTE_ORDERS = frozenset("<|=" if sys.byteorder == "little" else "<|")
 
 
 def element_count(shape: Sequence[int]) -> int:
@@ -32,16 +38,24 @@ def element_count(shape: Sequence[int]) -> int:
 
 def check_shape(shape: Any, name: str) -> list[int]:
     """A shape numpy can hold, checked before any data is read so a bad one is a client error, not a crash."""
-    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int for d in shape):
+        if not isinstance(shape, (list, tuple)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) for d in shape
+        ):
+            raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
+        shape = [int(d) for d in shape]  # int subclasses (numpy integers) as plain ints
     if len(shape) > _MAX_DIMS:
         raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions; at most {_MAX_DIMS} are supported")
-    if math.prod(d for d in shape if d) * _LARGEST_ELEMENT > _MAX_BYTES:
+    if min(shape, default=0) < 0:
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    count = math.prod(shape)
+    if count == 0:
+        if math.prod(d for d in shape if d) * _LARGEST_ELEMENT > _MAX_BYTES:
+            raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
+    elif count * _LARGEST_ELEMENT > _MAX_BYTES:
         raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
-    checked = [int(d) for d in shape]
-    LIMITS.check_elements(name, checked, element_count(checked))
+    checked = list(shape)
+    LIMITS.check_elements(name, checked, count)
     return checked
 
 
@@ -83,19 +97,24 @@ def deserialize_raw(datatype: str, shape: Sequence[int], buffer: bytes | memoryv
     """A raw buffer as a numpy array, checking that its size matches ``shape``."""
     if datatype == "BYTES":
         return deserialize_bytes_tensor(buffer, shape, name)
-    dtype = numpy_dtype(datatype, name)
+    dtype = _WIRE_ORDER.get(datatype)
+    if dtype is None:
+        numpy_dtype(datatype, name)  # raises the unsupported-datatype error
     expected = element_count(shape) * element_size(datatype)
     if len(buffer) != expected:
         raise InvalidInput(
             f"input '{name}': {datatype} shape {list(shape)} needs {expected} bytes of data, got {len(buffer)}"
         )
-    return np.frombuffer(buffer, dtype=dtype.newbyteorder("<")).reshape(shape)
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
 def serialize_raw(array: np.ndarray) -> bytes:
-    if array.dtype == np.object_ or array.dtype.kind in ("S", "U"):
+    dtype = array.dtype
+    if dtype == np.object_ or dtype.kind in ("S", "U"):
         return serialize_bytes_tensor(array)
-    return np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    if dtype.byteorder in _WIRE_BYTE_ORDERS:
+        return array.tobytes()  # already little-endian: one C-order copy
+    return np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")).tobytes()
 
 
 def shared_memory_input(

@@ -443,11 +443,15 @@ class ModelManager:
                 raise ModelNotReady(f"version {version} of model '{name}' is {entry.state.value}: {entry.reason}")
             served = entry.served
         else:
-            ready = [v for v in record.versions.values() if v.state == ModelState.READY and v.served is not None]
-            if not ready:
+            newest = None
+            for entry in record.versions.values():  # every request's path: no list, no key function
+                if entry.state == ModelState.READY and entry.served is not None:
+                    if newest is None or entry.version > newest.version:
+                        newest = entry
+            if newest is None:
                 detail = f": {record.reason}" if record.reason else ""
                 raise ModelNotReady(f"model '{name}' is not ready{detail}")
-            served = max(ready, key=lambda v: v.version).served  # type: ignore[assignment]
+            served = newest.served
         assert served is not None
         if served.config.is_ensemble:
             check_steps_ready(self, served.config)
