@@ -120,34 +120,58 @@ def _compressed(payload: bytes, encoding: str | None) -> tuple[bytes, dict[str, 
 WATCH_DISCONNECT_AFTER_S = 0.05
 
 
-class _DisconnectWatch:
+class _Watch:
+    __slots__ = ("task", "wait_disconnect", "since", "watcher", "disconnected")
+
+    def __init__(self, task: asyncio.Task[Any] | None, wait_disconnect: Callable[[], Awaitable[None]], since: float):
+        self.task = task
+        self.wait_disconnect = wait_disconnect
+        self.since = since
+        self.watcher: asyncio.Task[None] | None = None
+        self.disconnected = False
+
+    async def run(self) -> None:
+        await self.wait_disconnect()
+        if self.task is not None:
+            self.disconnected = True
+            self.task.cancel()
+
+
+class DisconnectWatches:
     """Cancels the task serving a request when its client disconnects, so a request still queued is dropped
     (as for a cancelled gRPC call) instead of taking a place in a batch for nobody.
 
     Watching costs a task per request, so it starts only once the request has waited
     ``WATCH_DISCONNECT_AFTER_S``: quick answers never pay for it, and long waits are the ones worth dropping.
+    One timer for all requests finds those (a timer per request cost more than the rest of its HTTP handling
+    on small requests); requests are kept in arrival order, so it stops at the first that has not waited long.
     """
 
-    def __init__(self, wait_disconnect: Callable[[], Awaitable[None]]) -> None:
-        self._wait_disconnect = wait_disconnect
-        self._task = asyncio.current_task()
-        self._watcher: asyncio.Task[None] | None = None
-        self.disconnected = False
-        self._timer = asyncio.get_running_loop().call_later(WATCH_DISCONNECT_AFTER_S, self._start)
+    def __init__(self) -> None:
+        self._waiting: dict[_Watch, None] = {}
+        self._timer: asyncio.TimerHandle | None = None
 
-    def _start(self) -> None:
-        self._watcher = asyncio.ensure_future(self._watch())
+    def start(self, wait_disconnect: Callable[[], Awaitable[None]]) -> _Watch:
+        loop = asyncio.get_running_loop()
+        watch = _Watch(asyncio.current_task(), wait_disconnect, loop.time())
+        self._waiting[watch] = None
+        if self._timer is None:
+            self._timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, self._sweep, loop)
+        return watch
 
-    async def _watch(self) -> None:
-        await self._wait_disconnect()
-        if self._task is not None:
-            self.disconnected = True
-            self._task.cancel()
+    def stop(self, watch: _Watch) -> None:
+        del self._waiting[watch]
+        if watch.watcher is not None:
+            watch.watcher.cancel()
 
-    def stop(self) -> None:
-        self._timer.cancel()
-        if self._watcher is not None:
-            self._watcher.cancel()
+    def _sweep(self, loop: asyncio.AbstractEventLoop) -> None:
+        due = loop.time() - WATCH_DISCONNECT_AFTER_S
+        for watch in self._waiting:
+            if watch.since > due:
+                break
+            if watch.watcher is None:
+                watch.watcher = loop.create_task(watch.run())
+        self._timer = loop.call_later(WATCH_DISCONNECT_AFTER_S, self._sweep, loop) if self._waiting else None
 
 
 async def _generate_request(
@@ -231,24 +255,25 @@ _BINARY_HEADERS = [("content-type", "application/octet-stream")]
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-async def _infer(core: InferenceServer, request: InferHttpRequest, model: str, version: str) -> Answer | None:
+async def _infer(
+    core: InferenceServer, watches: DisconnectWatches, request: InferHttpRequest, model: str, version: str
+) -> Answer | None:
     """The answer to an inference request, or None when the client disconnected first."""
     body = _decompressed(await request.body(), request.content_encoding)
     length = parse_header_length(request.header_length)
     infer_request = decode_request(body, length, model, version, core.shared_memory)
     if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
         infer_request.trace_parent = request.traceparent
-    watch = _DisconnectWatch(request.wait_disconnect)
+    watch = watches.start(request.wait_disconnect)
     try:
         response = await core.infer(infer_request)
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if not watch.disconnected or task is None:
+        if not watch.disconnected or watch.task is None:
             raise
-        task.uncancel()
+        watch.task.uncancel()
         return None
     finally:
-        watch.stop()
+        watches.stop(watch)
     payload, json_length = encode_response(response, infer_request)
     headers = list(_JSON_HEADERS if json_length is None else _BINARY_HEADERS)
     if request.accept_encoding is not None:
@@ -259,10 +284,12 @@ async def _infer(core: InferenceServer, request: InferHttpRequest, model: str, v
     return 200, headers, payload
 
 
-async def _answer_infer(core: InferenceServer, request: InferHttpRequest, match: re.Match[str]) -> Answer | None:
+async def _answer_infer(
+    core: InferenceServer, watches: DisconnectWatches, request: InferHttpRequest, match: re.Match[str]
+) -> Answer | None:
     """``_infer``, with a failure answered in the protocol's error shape (as FastAPI's handlers below do)."""
     try:
-        return await _infer(core, request, match[1], match[2] or "")
+        return await _infer(core, watches, request, match[1], match[2] or "")
     except ModelDockError as exc:
         return _error_answer(exc)
     except Exception as exc:  # a server bug: answer it as one, keep the connection usable
@@ -295,6 +322,7 @@ class HttpFrontEnd:
         self.api = api
         self.guard = guard or HttpGuard()
         self._bridge = RsgiBridge(self)
+        self._watches = DisconnectWatches()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -306,7 +334,9 @@ class HttpFrontEnd:
         if scope["type"] == "http" and scope["method"] == "POST":
             match = _INFER_PATH.fullmatch(scope["path"])
             if match is not None:
-                answer = await _answer_infer(self.core, InferHttpRequest.from_asgi(scope, receive), match)
+                answer = await _answer_infer(
+                    self.core, self._watches, InferHttpRequest.from_asgi(scope, receive), match
+                )
                 if answer is not None:
                     await _send_answer(send, answer)
                 return
@@ -331,7 +361,9 @@ class HttpFrontEnd:
                 except ModelDockError as exc:
                     answer: Answer | None = _error_answer(exc)
                 else:
-                    answer = await _answer_infer(self.core, InferHttpRequest.from_rsgi(headers, protocol), match)
+                    answer = await _answer_infer(
+                        self.core, self._watches, InferHttpRequest.from_rsgi(headers, protocol), match
+                    )
                 if answer is None:  # the client went away
                     protocol.response_empty(499, [])
                 else:

@@ -147,9 +147,11 @@ class ServedVersion:
             finally:
                 # Reached unanswered only when the caller stopped waiting (cancelled, disconnected).
                 self.scheduler.cancel(pending)
-            if last is not None and request.outputs:
-                if any(classification.PARAMETER in o.parameters for o in request.outputs):
-                    classification.classify_response(self.config, request, last, self.labels)
+            if last is not None:
+                for output in request.outputs:  # a loop, not any(): no generator on every request's path
+                    if classification.PARAMETER in output.parameters:
+                        classification.classify_response(self.config, request, last, self.labels)
+                        break
         if last is None:
             raise ModelNotReady(f"model '{self.config.name}' returned no response")
         return last

@@ -88,7 +88,7 @@ class DynamicBatcher(Scheduler):
             # Triton lets a request shorten the configured timeout, never lengthen it.
             timeout_us = min(timeout_us, request.timeout_us) if timeout_us else request.timeout_us
         deadline = pending.arrival_ns + timeout_us * 1000 if timeout_us else None
-        rows = request.batch_size
+        rows = pending.rows
         queue.append(QueuedRequest(pending, level, self._signature(request), rows, deadline, timeout_us))
         self._queued += 1
         self._queued_rows += rows

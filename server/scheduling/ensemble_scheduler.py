@@ -210,7 +210,7 @@ class EnsembleScheduler:
         if pending.done:
             return
         pending.send(response)
-        rows = pending.request.batch_size if self.config.batching else 1
+        rows = pending.rows if self.config.batching else 1
         # The ensemble has no queue of its own: its whole time is the pipeline's time, counted as compute.
         start, end = pending.arrival_ns, time.monotonic_ns()
         self.stats.record_batch([RequestTiming(pending.arrival_ns, rows)], start, start, end, end)

@@ -33,11 +33,14 @@ class PendingRequest:
     request costs several objects and loop look-ups that nothing here needs.
     """
 
-    __slots__ = ("request", "arrival_ns", "_items", "_waiter", "_done")
+    __slots__ = ("request", "arrival_ns", "rows", "_items", "_waiter", "_done")
 
     def __init__(self, request: InferRequest) -> None:
         self.request = request
         self.arrival_ns = time.monotonic_ns()
+        # The request's batch size (its leading dimension), read by the batcher, the split and the statistics:
+        # looked up once. Meaningful only for batching models.
+        self.rows = request.batch_size
         self._items: deque[object] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._done = False
@@ -193,7 +196,7 @@ class Scheduler(ABC):
             if pending.request.trace is not None:
                 pending.request.marks_ns = (pending.arrival_ns, *outcome.marks_ns, len(batch))
             pending.send(response)
-        timings = [RequestTiming(p.arrival_ns, p.request.batch_size if self.config.batching else 1) for p in batch]
+        timings = [RequestTiming(p.arrival_ns, p.rows if self.config.batching else 1) for p in batch]
         self.stats.record_batch(timings, *outcome.marks_ns)
 
     def _fail_batch(self, batch: list[PendingRequest], error: ModelDockError) -> None:
@@ -310,7 +313,7 @@ def check_output(config: ModelConfig, tensor: TensorConfig, array: np.ndarray, b
 def split_outputs(
     config: ModelConfig, version: str, batch: list[PendingRequest], outputs: dict[str, np.ndarray]
 ) -> list[InferResponse]:
-    sizes = [p.request.batch_size for p in batch] if config.batching else [1]
+    sizes = [p.rows for p in batch] if config.batching else [1]
     total = sum(sizes)
     # Checked once per batch, not once per request.
     checked: dict[str, tuple[np.ndarray, TensorConfig]] = {}
