@@ -138,9 +138,9 @@ def serve_command(
         typer.Option(
             "--http-server",
             envvar="MODELDOCK_HTTP_SERVER",
-            help="HTTP server running the front end: uvicorn (Python) or granian (Rust).",
+            help="HTTP server running the front end: granian (Rust, the faster) or uvicorn (Python).",
         ),
-    ] = HttpServerKind.UVICORN,
+    ] = HttpServerKind.GRANIAN,
     ray: Annotated[
         str | None,
         typer.Option(

@@ -66,7 +66,7 @@ class ServeSettings:
     cors_origins: list[str] = field(default_factory=list)
     trace_config: TraceConfig = field(default_factory=TraceConfig)
     log_format: str = "default"
-    http_server: HttpServerKind = HttpServerKind.UVICORN
+    http_server: HttpServerKind = HttpServerKind.GRANIAN
     # On SIGTERM/SIGINT: how long requests in flight (executing or queued) get to finish before the server exits.
     shutdown_timeout_s: float = 30.0
     # ``--ray``: None keeps model instances in this process; "" lets Ray choose the cluster; else its address.

@@ -1,13 +1,15 @@
-"""The HTTP server program that runs the ASGI application in the server's event loop: uvicorn or granian.
+"""The HTTP server program that runs the front end in the server's event loop: granian (the default) or uvicorn.
 
-Both run ``HttpFrontEnd`` unchanged, in the same event loop as the gRPC front end and the schedulers. uvicorn
-parses HTTP and writes responses in Python (httptools underneath); granian does both in Rust threads and hands the
-event loop only the ASGI calls, which leaves more of the loop's one core to inference on small requests
+Both run ``HttpFrontEnd`` in the same event loop as the gRPC front end and the schedulers. granian parses HTTP and
+writes responses in Rust threads and hands the event loop each request through its RSGI interface, which
+``HttpFrontEnd`` answers itself on the infer route; uvicorn parses and writes in the event loop (httptools
+underneath) and speaks ASGI. On small requests granian leaves more of the loop's one core to inference
 (``bench/README.md`` has the numbers). ``--http-server`` picks one.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import Iterator
 from enum import Enum
@@ -86,12 +88,23 @@ class GranianListener:
             # granian's logging setup would replace the server's own; its records reach the root handler instead.
             log_enabled=False,
         )
+        self._forced = False
 
     async def serve(self) -> None:
-        await self._server.serve()
+        try:
+            await self._server.serve()
+        except asyncio.CancelledError:
+            if not self._forced:
+                raise
 
     def stop(self, force: bool = False) -> None:
         self._server.stop()
+        if force:
+            # granian's stop waits for every open request; cut short, its worker is cancelled instead, and the
+            # connections still waiting close with the process.
+            self._forced = True
+            for worker in self._server.wrks:
+                worker.kill()
 
 
 def create_http_listener(kind: HttpServerKind, app: ASGIApp, host: str, port: int, log_level: str) -> HttpListener:

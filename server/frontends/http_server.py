@@ -236,13 +236,12 @@ class InferHttpRequest:
     @classmethod
     def from_rsgi(cls, headers: Any, protocol: Any) -> InferHttpRequest:
         get = headers.get
+        header_length = get("inference-header-content-length")
+        if header_length is None and "inference-header-content-length" in headers:
+            # granian hands over only values that are visible ASCII; this one is there, but not as text.
+            header_length = "(a value that is not ASCII text)"
         return cls(
-            (
-                get("content-encoding"),
-                get("inference-header-content-length"),
-                get("accept-encoding"),
-                get("traceparent"),
-            ),
+            (get("content-encoding"), header_length, get("accept-encoding"), get("traceparent")),
             protocol,  # awaiting the protocol object reads the whole body
             protocol.client_disconnect,
         )

@@ -7,7 +7,8 @@ over in one call, and the HTTP parsing and writing stay on granian's Rust thread
 between that interface and ASGI in the fewest steps an ASGI application allows, so ``HttpFrontEnd`` (and the
 FastAPI routes behind it) run unchanged: a one-message body is read with one call, and a response whose body comes
 in one message is written with one call. Bodies sent in chunks and streamed responses (server-sent events) travel
-chunk by chunk.
+chunk by chunk. granian passes on only header values that are visible ASCII text, so the ASGI scope holds only
+those.
 """
 
 from __future__ import annotations

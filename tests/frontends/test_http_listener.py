@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 
@@ -45,6 +46,22 @@ def test_http_server_choice_serves_the_same_protocol(start_server: Callable[...,
     assert client.get_model_metadata("simple")["name"] == "simple"
     missing = httpx.get(f"{server.url}/v2/nowhere")
     assert missing.status_code == 404 and "error" in missing.json()
+    # Paths reach the routes percent-decoded.
+    unknown = httpx.get(f"{server.url}/v2/models/no%20such%20model")
+    assert unknown.status_code in (400, 404) and "'no such model'" in unknown.json()["error"]
+    # A chunked body (no Content-Length) is read chunk by chunk, and answers like any other.
+    request = {
+        "inputs": [
+            {"name": "INPUT0", "shape": [1, 16], "datatype": "FP32", "data": a[0].tolist()},
+            {"name": "INPUT1", "shape": [1, 16], "datatype": "FP32", "data": b[0].tolist()},
+        ]
+    }
+    encoded = json.dumps(request).encode()
+    chunks = (encoded[i : i + 64] for i in range(0, len(encoded), 64))
+    chunked = httpx.post(f"{server.url}/v2/models/simple/infer", content=chunks)
+    assert chunked.status_code == 200, chunked.text
+    outputs = {o["name"]: o["data"] for o in chunked.json()["outputs"]}
+    np.testing.assert_array_equal(outputs["OUTPUT0"], (a[0] + b[0]).tolist())
     # SIGTERM stops it, with its models unloaded on the way out.
     server.process.send_signal(signal.SIGTERM)
     assert server.process.wait(timeout=30) in (0, -signal.SIGTERM)

@@ -310,3 +310,20 @@ async def test_request_whose_client_left_leaves_the_queue(
         followers = asyncio.create_task(check_cancelled_request_was_dropped(client, model))
         assert (await running).status_code == 200
         await followers
+
+
+async def test_http_client_that_left_leaves_the_queue_under_uvicorn(
+    start_server: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
+    """The same as above for the other HTTP server: its infer route watches the connection through ASGI."""
+    config = sleepy_config(1000, max_batch_size=1, default_queue_policy={"max_queue_size": 1})
+    write_model(tmp_path, "sleepy_http_close", config)
+    server = start_server(tmp_path, "--http-server", "uvicorn")
+    data = np.ones((1, 4), dtype=np.float32)
+    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+        running = asyncio.create_task(client.post("/v2/models/sleepy_http_close/infer", json=body(data)))
+        await asyncio.sleep(0.1)
+        await abandon_http_request(server, client, "sleepy_http_close")
+        followers = asyncio.create_task(check_cancelled_request_was_dropped(client, "sleepy_http_close"))
+        assert (await running).status_code == 200
+        await followers
