@@ -21,6 +21,8 @@ _OUTPUT_FLAGS = ("binary_data",)
 
 
 def check_request_parameters(parameters: Mapping[str, Any]) -> None:
+    if not parameters:
+        return
     for key in _NON_NEGATIVE_INTEGERS:
         if key in parameters:
             value = parameters[key]
@@ -42,10 +44,12 @@ def check_sequence_id(value: Any) -> None:
 
 
 def check_output_parameters(parameters: Mapping[str, Any], name: str) -> None:
-    _check_flags(parameters, _OUTPUT_FLAGS, f"output '{name}': parameter")
+    if parameters:
+        _check_flags(parameters, _OUTPUT_FLAGS, "output '{name}': parameter", name)
 
 
-def _check_flags(parameters: Mapping[str, Any], keys: tuple[str, ...], owner: str) -> None:
+def _check_flags(parameters: Mapping[str, Any], keys: tuple[str, ...], owner: str, name: str = "") -> None:
+    """``owner`` names the parameters' owner in the error; its ``{name}`` is filled in only then."""
     for key in keys:
         if key in parameters and not isinstance(parameters[key], bool):
-            raise InvalidInput(f"{owner} '{key}' must be true or false, got {parameters[key]!r}")
+            raise InvalidInput(f"{owner.format(name=name)} '{key}' must be true or false, got {parameters[key]!r}")

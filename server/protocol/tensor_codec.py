@@ -38,6 +38,20 @@ def element_count(shape: Sequence[int]) -> int:
 
 def check_shape(shape: Any, name: str) -> list[int]:
     """A shape numpy can hold, checked before any data is read so a bad one is a client error, not a crash."""
+    if type(shape) is list and len(shape) <= _MAX_DIMS:
+        # Every request's path: plain non-negative ints and a size within every limit pass in one loop.
+        for d in shape:
+            if type(d) is not int or d < 0:
+                break
+        else:
+            count = math.prod(shape)
+            if 0 < count <= LIMITS.max_tensor_elements and count * _LARGEST_ELEMENT <= _MAX_BYTES:
+                return list(shape)
+    return _checked_shape(shape, name)
+
+
+def _checked_shape(shape: Any, name: str) -> list[int]:
+    """``check_shape`` for every other case: the error that names what is wrong, or the shape."""
     if not isinstance(shape, (list, tuple)) or not all(type(d) is int for d in shape):
         if not isinstance(shape, (list, tuple)) or not all(
             isinstance(d, int) and not isinstance(d, bool) for d in shape
@@ -99,13 +113,14 @@ def deserialize_raw(datatype: str, shape: Sequence[int], buffer: bytes | memoryv
         return deserialize_bytes_tensor(buffer, shape, name)
     dtype = _WIRE_ORDER.get(datatype)
     if dtype is None:
-        numpy_dtype(datatype, name)  # raises the unsupported-datatype error
-    expected = element_count(shape) * element_size(datatype)
+        dtype = numpy_dtype(datatype, name)  # not a wire datatype: raises the error that says so
+    expected = element_count(shape) * dtype.itemsize
     if len(buffer) != expected:
         raise InvalidInput(
             f"input '{name}': {datatype} shape {list(shape)} needs {expected} bytes of data, got {len(buffer)}"
         )
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+    # The array is a view of the buffer (no copy), made in one call rather than frombuffer + reshape.
+    return np.ndarray(shape, dtype, buffer)
 
 
 def serialize_raw(array: np.ndarray) -> bytes:

@@ -27,16 +27,8 @@ def expected_shape(config: ModelConfig, tensor: TensorConfig) -> list[int]:
 
 def validate_request(config: ModelConfig, request: InferRequest) -> None:
     known = {t.name for t in config.input}
-    unexpected = sorted(set(request.inputs) - known)
-    sequence = config.sequence_batching
-    server_filled = sorted(set(unexpected) & set(sequence.server_inputs)) if sequence is not None else []
-    if server_filled:
-        raise InvalidInput(
-            f"input '{server_filled[0]}' of model '{config.name}' is a sequence control or state input that the "
-            "server fills in; clients do not send it"
-        )
-    if unexpected:
-        raise InvalidInput(f"unexpected input '{unexpected[0]}' for model '{config.name}'; it expects {sorted(known)}")
+    if not known.issuperset(request.inputs):
+        _refuse_unexpected_inputs(config, request, known)
     batch_size: int | None = None
     for tensor in config.input:
         array = request.inputs.get(tensor.name)
@@ -78,8 +70,20 @@ def validate_request(config: ModelConfig, request: InferRequest) -> None:
             raise InvalidInput(
                 f"unknown output '{requested.name}' requested from model '{config.name}'; it has {sorted(outputs)}"
             )
-        if not class_count(config, requested.name, requested.parameters) and requested.shared_memory is not None:
+        if requested.shared_memory is not None and not class_count(config, requested.name, requested.parameters):
             _check_region_fits(config, requested.name, requested.shared_memory.byte_size, batch_size or 1)
+
+
+def _refuse_unexpected_inputs(config: ModelConfig, request: InferRequest, known: set[str]) -> None:
+    unexpected = sorted(set(request.inputs) - known)
+    sequence = config.sequence_batching
+    server_filled = sorted(set(unexpected) & set(sequence.server_inputs)) if sequence is not None else []
+    if server_filled:
+        raise InvalidInput(
+            f"input '{server_filled[0]}' of model '{config.name}' is a sequence control or state input that the "
+            "server fills in; clients do not send it"
+        )
+    raise InvalidInput(f"unexpected input '{unexpected[0]}' for model '{config.name}'; it expects {sorted(known)}")
 
 
 def _check_region_fits(config: ModelConfig, name: str, byte_size: int, batch_size: int) -> None:
