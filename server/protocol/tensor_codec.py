@@ -180,6 +180,11 @@ def _flatten(data: Any, name: str) -> list[Any]:
     return level
 
 
+# Up to this many elements, a range check in Python costs less than numpy's (see ``from_list``).
+_FEW_ELEMENTS = 256
+# The largest finite value of FP16 and FP32, by item size.
+_FLOAT_MAX = {2: float(np.finfo(np.float16).max), 4: float(np.finfo(np.float32).max)}
+
 # JSON numbers and gRPC's typed contents arrive as these; ``bool`` is its own type here, so true/false is refused.
 _NUMBER_TYPES = frozenset({int, float})
 
@@ -208,6 +213,12 @@ def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.n
     elif dtype.kind in ("i", "u") and float in types and not all(x.is_integer() for x in flat if type(x) is float):
         raise InvalidInput(f"input '{name}': {datatype} data must be integers")
     try:
+        if dtype.kind == "f" and len(flat) <= _FEW_ELEMENTS:
+            largest = _FLOAT_MAX.get(dtype.itemsize)
+            # A value within the type's range cannot overflow it: a small array needs neither numpy's error state
+            # nor the infinity pass below (together 2 µs, more than the conversion). FP64 takes any float.
+            if largest is None or not flat or max(map(abs, flat)) <= largest:
+                return np.array(flat, dtype=dtype).reshape(shape)
         with np.errstate(over="ignore"):
             array = np.array(flat, dtype=dtype)
     except (OverflowError, ValueError, TypeError) as exc:

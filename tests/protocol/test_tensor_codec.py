@@ -73,6 +73,8 @@ def test_bytes_wire_form_is_length_prefixed() -> None:
         (lambda: from_list("FP32", [2, 2], [1.0, [2.0, 3.0, 4.0]], "f"), "input 'f': data is nested unevenly"),
         (lambda: from_list("FP32", [2], [[1.0], 2.0], "f"), "input 'f': data is nested unevenly"),
         (lambda: from_list("FP16", [1], [1e10], "h"), "input 'h': data does not fit FP16"),
+        (lambda: from_list("FP32", [300], [1.0] * 299 + [1e39], "big"), "input 'big': data does not fit FP32"),
+        (lambda: from_list("FP64", [1], [10**400], "d"), "input 'd': data does not fit FP64"),
         (lambda: check_shape([1] * 65, "x"), "input 'x': shape has 65 dimensions; at most 64"),
         (lambda: check_shape([2**62, 2**62, 0], "x"), "input 'x': shape [4611686018427387904"),
         (lambda: check_shape([2**64, 1], "x"), "is too large for any tensor"),
@@ -82,6 +84,21 @@ def test_codec_errors_name_the_tensor(call, message: str) -> None:
     with pytest.raises(InvalidInput) as info:
         call()
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("count", [4, 300])  # the small-array path and numpy's
+def test_float_data_at_the_edge_of_its_range(count: int) -> None:
+    largest = float(np.finfo(np.float32).max)
+    assert from_list("FP32", [count], [largest] * count, "f")[0] == np.float32(largest)
+    with pytest.raises(InvalidInput, match="data does not fit FP32"):
+        from_list("FP32", [count], [-1e39] * count, "f")
+    assert from_list("FP16", [count], [-65504.0] * count, "h")[0] == np.float16(-65504.0)
+    with pytest.raises(InvalidInput, match="data does not fit FP16"):
+        from_list("FP16", [count], [70000.0] * count, "h")
+    # gRPC's typed contents can carry infinities and NaN: they are data, not an overflow.
+    special = from_list("FP32", [count], [float("inf"), float("nan")] * (count // 2), "f")
+    assert np.isinf(special[0]) and np.isnan(special[1])
+    assert from_list("FP64", [count], [1e300] * count, "d")[0] == 1e300
 
 
 def _binary_body(header: dict, *chunks: bytes) -> tuple[bytes, int]:
