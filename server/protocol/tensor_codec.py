@@ -166,18 +166,21 @@ def write_shared_memory_output(placement: TensorPlacement, array: np.ndarray, na
     return placement.response_parameters(len(raw))
 
 
-def _flatten(data: Any, name: str) -> list[Any]:
-    """Row-major elements of flat or nested ``data``; nesting must be rectangular, so no element is misplaced."""
+def _flatten(data: Any, name: str) -> tuple[list[Any], set[type]]:
+    """Row-major elements of flat or nested ``data`` and their types; nesting must be rectangular, so no element is
+    misplaced. The types are collected in one pass at C speed (``map``): per-element checks cost more than the
+    conversion, and a list among them is uneven nesting."""
     if not isinstance(data, list):
-        return [data]
+        return [data], {type(data)}
     level = data
     while level and isinstance(level[0], list):
         if not all(isinstance(item, list) and len(item) == len(level[0]) for item in level):
             raise InvalidInput(f"input '{name}': data is nested unevenly; nested lists must form a rectangular array")
         level = [element for item in level for element in item]
-    if list in map(type, level):  # a list among scalars; ``map`` keeps this pass cheap for large flat data
+    types = set(map(type, level))
+    if list in types:
         raise InvalidInput(f"input '{name}': data is nested unevenly; nested lists must form a rectangular array")
-    return level
+    return level, types
 
 
 # Up to this many elements, a range check in Python costs less than numpy's (see ``from_list``).
@@ -191,7 +194,7 @@ _NUMBER_TYPES = frozenset({int, float})
 
 def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.ndarray:
     """JSON ``data`` (flat or nested) or gRPC typed contents as a numpy array of ``shape``."""
-    flat = _flatten(data, name)
+    flat, types = _flatten(data, name)
     expected = element_count(shape)
     if len(flat) != expected:
         raise InvalidInput(f"input '{name}': shape {list(shape)} needs {expected} elements, got {len(flat)}")
@@ -203,8 +206,6 @@ def from_list(datatype: str, shape: Sequence[int], data: Any, name: str) -> np.n
             raise InvalidInput(f"input '{name}': BYTES data must be strings") from None
         return out.reshape(shape)
     dtype = numpy_dtype(datatype, name)
-    # The element types, collected at C speed: per-element ``isinstance`` checks cost more than the conversion.
-    types = set(map(type, flat))
     if dtype.kind == "b":
         if not types <= {bool}:
             raise InvalidInput(f"input '{name}': BOOL data must be true/false")
