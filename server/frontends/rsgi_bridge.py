@@ -13,7 +13,6 @@ those.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 from urllib.parse import unquote
 
@@ -135,11 +134,9 @@ class RsgiBridge:
         if scope.proto != "http":
             return
         asgi = asgi_scope(scope)
-        exchange = _Exchange(protocol, chunked=not any(name == b"content-length" for name, _ in asgi["headers"]))
+        exchange = _Exchange(protocol, chunked=scope.headers.get("content-length") is None)
         try:
             await self.app(asgi, exchange.receive, exchange.send)
-        except asyncio.CancelledError:
-            raise
         finally:
             if not exchange.done and exchange.stream is None:
                 # The app returned without a response (or failed before one): the client still gets an answer.

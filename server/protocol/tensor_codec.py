@@ -52,12 +52,9 @@ def check_shape(shape: Any, name: str) -> list[int]:
 
 def _checked_shape(shape: Any, name: str) -> list[int]:
     """``check_shape`` for every other case: the error that names what is wrong, or the shape."""
-    if not isinstance(shape, (list, tuple)) or not all(type(d) is int for d in shape):
-        if not isinstance(shape, (list, tuple)) or not all(
-            isinstance(d, int) and not isinstance(d, bool) for d in shape
-        ):
-            raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
-        shape = [int(d) for d in shape]  # int subclasses (numpy integers) as plain ints
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidInput(f"input '{name}': shape must be a list of integers, got {shape!r}")
+    shape = [int(d) for d in shape]  # int subclasses (numpy integers) as plain ints
     if len(shape) > _MAX_DIMS:
         raise InvalidInput(f"input '{name}': shape has {len(shape)} dimensions; at most {_MAX_DIMS} are supported")
     if min(shape, default=0) < 0:
@@ -68,9 +65,8 @@ def _checked_shape(shape: Any, name: str) -> list[int]:
             raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
     elif count * _LARGEST_ELEMENT > _MAX_BYTES:
         raise InvalidInput(f"input '{name}': shape {list(shape)} is too large for any tensor")
-    checked = list(shape)
-    LIMITS.check_elements(name, checked, count)
-    return checked
+    LIMITS.check_elements(name, shape, count)
+    return shape
 
 
 def serialize_bytes_tensor(array: np.ndarray) -> bytes:
