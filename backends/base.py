@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import sys
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -25,6 +25,8 @@ import numpy as np
 from server.config import ModelConfig
 from server.devices import Device
 from server.errors import ModelLoadError
+from server.extensions.generation_metrics import GenerationStats
+from server.protocol.generation import GenerateRequest, GenerationOutput
 
 ENTRY_POINT_GROUP = "modeldock.backends"
 
@@ -152,6 +154,45 @@ class GenerativeBackend(Backend):
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")
+
+
+class EngineBackend(Backend):
+    """A language model served by a library that runs its own generation loop (vLLM, llama.cpp).
+
+    Such a library schedules, batches and caches by itself, so it gets whole requests instead of engine steps: the
+    backend turns a ``GenerateRequest`` into the library's call and the library's results into ``GenerationOutput``
+    chunks. Everything above it (the OpenAI routes, the generate extension, gRPC streaming, metrics) treats it as it
+    treats ModelDock's own engine. ``execute`` is not used for generation.
+    """
+
+    #: The model's tokenizer where the library exposes one (``encode``, ``decode``, ``apply_chat_template``).
+    tokenizer: Any = None
+    #: Where the backend records time to first token, tokens and queue sizes; set by the scheduler before use.
+    stats: GenerationStats | None = None
+
+    @property
+    def generates(self) -> bool:
+        return True
+
+    @property
+    @abstractmethod
+    def max_model_len(self) -> int:
+        """The longest sequence (prompt plus output) the model can attend over."""
+
+    @property
+    @abstractmethod
+    def load(self) -> int:
+        """Requests in flight, for choosing the least busy instance of a model."""
+
+    @abstractmethod
+    def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
+        """Chunks of the completion as they are produced (an async generator); closing it aborts the request."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook: called once every stream has ended, before unload
+        """Stop taking requests and end the library's loop; called from a worker thread."""
+
+    def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through its engine")
 
 
 def backend_class(name: str) -> type[Backend]:

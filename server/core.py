@@ -22,7 +22,7 @@ from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager, ServedVersion
 from server.scheduling.deadlines import request_deadline, timed_out_message
-from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
+from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.scheduling.validation import expected_shape
 
 SERVER_NAME = "modeldock"

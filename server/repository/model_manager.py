@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, GenerativeBackend, backend_class
+from backends.base import Backend, EngineBackend, GenerativeBackend, backend_class
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.errors import (
     ConfigError,
@@ -38,7 +38,7 @@ from server.repository.uploads import discard_staged, stage_model_files
 from server.repository.warmup import create_warm_instances
 from server.scheduling.dynamic_batcher import DynamicBatcher
 from server.scheduling.ensemble_scheduler import EnsembleScheduler
-from server.scheduling.generation.requests import GenerateRequest, GenerationOutput
+from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.scheduling.instances import InstancePool, ModelInstance
 from server.scheduling.response_cache import ResponseCache, VersionCache
 from server.scheduling.scheduler import DirectScheduler, Scheduler
@@ -167,7 +167,7 @@ class ServedVersion:
 def generates(pool: InstancePool) -> bool:
     """Whether a version's instances generate text (its scheduler is then the generation engine)."""
     backend = getattr(pool.instances[0], "backend", None)
-    return isinstance(backend, GenerativeBackend) and backend.generates
+    return isinstance(backend, (GenerativeBackend, EngineBackend)) and backend.generates
 
 
 def make_scheduler(

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 
 from server.errors import InvalidInput  # noqa: E402
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer  # noqa: E402
-from server.scheduling.generation.requests import SamplingParams  # noqa: E402
+from server.protocol.generation import SamplingParams  # noqa: E402
 from server.scheduling.generation.sampling import SequenceSampler  # noqa: E402
 
 

@@ -16,7 +16,7 @@ import orjson
 from fastapi.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from server.scheduling.generation.requests import GenerationOutput
+from server.protocol.generation import GenerationOutput
 
 T = TypeVar("T")
 _DONE = object()

@@ -23,7 +23,7 @@ from server.frontends.openai.protocol import (
     UsageInfo,
 )
 from server.frontends.openai.serving_engine import ServingEngine, choice_events, request_id, usage
-from server.scheduling.generation.requests import GenerationOutput
+from server.protocol.generation import GenerationOutput
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:

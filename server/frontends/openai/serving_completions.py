@@ -18,7 +18,7 @@ from server.frontends.openai.protocol import (
     UsageInfo,
 )
 from server.frontends.openai.serving_engine import ServingEngine, choice_events, request_id, usage
-from server.scheduling.generation.requests import GenerationOutput
+from server.protocol.generation import GenerationOutput
 
 
 def prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[dict[str, Any]]:

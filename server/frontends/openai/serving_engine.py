@@ -15,7 +15,7 @@ from server.errors import ModelDockError, ModelNotFound
 from server.frontends.openai.errors import OpenAIRequestError, error_info, field_error
 from server.frontends.openai.events import SSE_DONE, merged, sse
 from server.frontends.openai.protocol import ErrorResponse, SamplingFields, UsageInfo
-from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams
+from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
 
 _SAMPLING_FIELDS = (
     "temperature",

@@ -28,7 +28,7 @@ from server.errors import BackendError, ConfigError, InvalidInput, ModelDockErro
 from server.extensions.generation_metrics import GenerationStats
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
-from server.scheduling.generation.requests import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
+from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
 from server.scheduling.generation.sampling import SequenceSampler
 
 log = logging.getLogger(__name__)

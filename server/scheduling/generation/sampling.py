@@ -11,7 +11,7 @@ from collections import Counter
 
 import torch
 
-from server.scheduling.generation.requests import SamplingParams
+from server.protocol.generation import SamplingParams
 
 
 class SequenceSampler:

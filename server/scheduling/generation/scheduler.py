@@ -19,14 +19,14 @@ from typing import Any
 import numpy as np
 import orjson
 
-from backends.base import GenerativeBackend
+from backends.base import EngineBackend, GenerativeBackend
 from server.config import ModelConfig
 from server.errors import InvalidInput, ModelDockError, ModelNotReady
 from server.extensions.generation_metrics import GenerationStats
 from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
 from server.protocol.types import InferRequest, InferResponse
 from server.scheduling.generation.engine import EngineLimits, GenerationEngine
-from server.scheduling.generation.requests import GenerateRequest, GenerationOutput, SamplingParams
+from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
 from server.scheduling.instances import InstancePool
 from server.scheduling.scheduler import PendingRequest, Scheduler
 
@@ -38,9 +38,14 @@ class GenerationScheduler(Scheduler):
     def __init__(self, config: ModelConfig, version: str, pool: InstancePool, stats: ModelStats | None = None) -> None:
         super().__init__(config, version, pool, stats)
         self.stats.generation = GenerationStats()
-        self.engines: list[GenerationEngine] = []
+        # ModelDock's own engine drives a step-level backend; a library with its own loop is its own engine.
+        self.engines: list[GenerationEngine | EngineBackend] = []
         for instance in pool.instances:
             backend = instance.backend
+            if isinstance(backend, EngineBackend):
+                backend.stats = self.stats.generation
+                self.engines.append(backend)
+                continue
             if not isinstance(backend, GenerativeBackend):
                 raise InvalidInput(f"model '{config.name}': backend {type(backend).__name__} does not generate text")
             limits = EngineLimits.from_config(config, backend)

@@ -16,6 +16,26 @@ from server.errors import InvalidInput
 FinishReason = Literal["stop", "length", "abort"]
 
 
+class StructuredOutputsParams(BaseModel):
+    """What the generated text must match; exactly one field is set. The names are vLLM's, so a client of vLLM's
+    ``structured_outputs`` needs no translation and ``backend: vllm`` passes them on as they are.
+
+    ``json`` is a JSON schema (a dict, or its text); ``json_object`` any JSON object; ``regex`` a regular expression;
+    ``choice`` one of the given strings; ``grammar`` an EBNF grammar (GBNF, as xgrammar and llama.cpp read it);
+    ``structural_tag`` an xgrammar structural tag (JSON text), which tool calls use for free text with constrained
+    calls inside.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    structural_tag: str | None = None
+
+
 class SamplingParams(BaseModel):
     """Per-request sampling; the names follow vLLM and OpenAI so clients of either need no translation."""
 
@@ -34,6 +54,12 @@ class SamplingParams(BaseModel):
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     ignore_eos: bool = False
+    # Token id -> bias added to its logit before sampling (OpenAI's -100..100).
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+    # How many most likely alternatives to return with each chosen token's log-probability (None: no logprobs).
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)
+    structured_outputs: StructuredOutputsParams | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -72,7 +98,9 @@ class SamplingParams(BaseModel):
 class GenerateRequest:
     """One prompt to complete. Exactly one of ``prompt``, ``prompt_token_ids`` and ``messages`` is set.
 
-    ``messages`` (OpenAI chat messages) are rendered with the tokenizer's chat template, generation prompt added.
+    ``messages`` (OpenAI chat messages) are rendered with the tokenizer's chat template, generation prompt added;
+    ``tools`` (OpenAI function tools) and ``chat_template_kwargs`` go to the template with them, so a model sees
+    its tools the way it was trained to. ``adapter`` names a LoRA adapter of an engine that serves them.
     """
 
     request_id: str
@@ -80,6 +108,26 @@ class GenerateRequest:
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    adapter: str | None = None
+
+
+@dataclass(slots=True)
+class Logprob:
+    """One token's log-probability under the model, with the token's text as decoded on its own."""
+
+    token_id: int
+    token: str
+    logprob: float
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """The chosen token of one position and the most likely alternatives there (most likely first)."""
+
+    chosen: Logprob
+    top: list[Logprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -87,7 +135,8 @@ class GenerationOutput:
     """A chunk of a request's completion: what is new since the previous chunk, and the totals so far.
 
     ``text`` may be empty while bytes of a character or a possible stop string are held back; the final chunk
-    (``finished``) carries the reason and whatever text was still held.
+    (``finished``) carries the reason and whatever text was still held. ``logprobs`` has one entry per token of
+    ``token_ids`` when the request asked for them; ``prompt_logprobs`` comes once, in the first chunk.
     """
 
     text: str
@@ -96,3 +145,5 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
