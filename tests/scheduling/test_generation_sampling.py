@@ -127,3 +127,48 @@ def test_streamed_text_equals_decoding_the_whole_completion(causal_lm_dir) -> No
     detokenizer = IncrementalDetokenizer(tokenizer, [])
     streamed = "".join(detokenizer.add(i)[0] for i in ids) + detokenizer.flush()
     assert streamed == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_bytes_that_never_form_utf8_are_sent_as_replacement_characters_without_stalling() -> None:
+    """Stray continuation bytes, a lead byte cut short by ASCII, a byte that is never valid: every token's text goes
+    out by the next token at the latest, and the held text is never more than one (incomplete) character."""
+    data = bytes([0x41, 0xE2, 0x82, 0x42, 0x80, 0x80, 0x43, 0xFF, 0xF0, 0x9F, 0x98, 0x80, 0xC3, 0x44] * 20)
+    detokenizer = IncrementalDetokenizer(CharTokenizer(), [])
+    streamed = ""
+    for count, byte in enumerate(data, start=1):
+        chunk, _ = detokenizer.add(byte)
+        streamed += chunk
+        whole = data[:count].decode("utf-8", errors="replace")
+        assert whole.startswith(streamed)
+        assert len(whole) - len(streamed) <= 1, f"after {count} bytes {whole[len(streamed):]!r} is held back"
+    assert streamed + detokenizer.flush() == data.decode("utf-8", errors="replace")
+
+
+def test_a_byte_level_bpe_completion_of_invalid_utf8_streams_as_it_goes(causal_lm_dir) -> None:
+    """The real tokenizer's single-byte tokens, in an order that is not UTF-8: text arrives with each token."""
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(causal_lm_dir)
+    alphabet = {char: byte for byte, char in _byte_level_alphabet().items()}
+    vocab = tokenizer.get_vocab()
+    byte_ids = {alphabet[token]: i for token, i in vocab.items() if len(token) == 1 and token in alphabet}
+    pattern = [0xE2, 0x82, 0x20, 0xA9, 0x61, 0xF0, 0x9F, 0x98, 0x62, 0xC3, 0xA9, 0x80]
+    ids = [byte_ids[b] for b in pattern * 10]
+    detokenizer = IncrementalDetokenizer(tokenizer, [])
+    streamed = ""
+    for count, token in enumerate(ids, start=1):
+        streamed += detokenizer.add(token)[0]
+        whole = tokenizer.decode(ids[:count], skip_special_tokens=True)
+        assert whole.startswith(streamed) and len(whole) - len(streamed) <= 1
+    assert streamed + detokenizer.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's byte-to-character table, which byte-level BPE vocabularies are written in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
