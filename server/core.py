@@ -229,6 +229,19 @@ class InferenceServer:
             async for output in stream:
                 yield output
 
+    def language_model(self, name: str, version: str = "") -> tuple[Any, int]:
+        """A ready language model's tokenizer and the most tokens (prompt and output) it attends over, for the
+        routes that tokenize without generating (``/v1/tokenize``)."""
+        served = self.models.get(name, version)
+        backend = getattr(served.pool.instances[0], "backend", None) if served.pool and served.pool.instances else None
+        tokenizer = getattr(backend, "tokenizer", None)
+        if tokenizer is None:
+            raise InvalidInput(f"model '{name}' has no tokenizer (it is not a language model)")
+        engines = getattr(served.scheduler, "engines", None) or []
+        limits = getattr(engines[0], "limits", None) if engines else None
+        max_model_len = limits.max_model_len if limits is not None else int(getattr(backend, "max_model_len", 0))
+        return tokenizer, max_model_len
+
     def model_task(self, name: str, version: str = "") -> str:
         """``generate`` or ``embed`` for a ready language model, "" for any other ready model."""
         return self.models.get(name, version).task

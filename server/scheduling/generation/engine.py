@@ -7,6 +7,11 @@ tokens; when a running sequence needs a block and none is free, the most recentl
 blocks freed, its tokens recomputed when it is admitted again), so the oldest requests always make progress. A
 client that leaves aborts its sequence before the next step.
 
+With prefix caching (on unless ``parameters.enable_prefix_caching`` is false), a sequence is admitted with the
+cached blocks of its longest cached start already computed (see ``kv_blocks``), so a shared system prompt is
+prefilled once, and a preempted sequence gets back what no one else needed meanwhile; each block a step fills is
+named for the sequences after it.
+
 The model runs on one thread per engine; the event loop only hands requests in and takes chunks out.
 """
 
@@ -28,6 +33,7 @@ from server.errors import BackendError, ConfigError, InvalidInput, ModelDockErro
 from server.extensions.generation_metrics import GenerationStats
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
+from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
 from server.scheduling.generation.sampling import SequenceSampler
 
@@ -60,6 +66,7 @@ class EngineLimits:
     num_blocks: int
     # Tokens one step may run, decoding ones included; longer prompts are prefilled in chunks over several steps.
     max_num_batched_tokens: int
+    enable_prefix_caching: bool = True
 
     @classmethod
     def from_config(cls, config: ModelConfig, backend: GenerativeBackend) -> EngineLimits:
@@ -85,7 +92,8 @@ class EngineLimits:
         batched = config.int_parameter("max_num_batched_tokens", minimum=1) or (
             max(DEFAULT_GPU_BATCHED_TOKENS, max_model_len) if backend.device.is_gpu else DEFAULT_CPU_BATCHED_TOKENS
         )
-        return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched)
+        caching = config.bool_parameter("enable_prefix_caching", default=True)
+        return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched, caching)
 
 
 @dataclass(eq=False)
@@ -108,6 +116,9 @@ class Sequence:
     # Tokens that end the sequence: its stop token ids, and the model's end-of-sequence ids unless ignored.
     end_token_ids: frozenset[int] = frozenset()
     last_token_at: float | None = None
+    # Prefix caching: the names of its full blocks so far, and how many of its blocks are named in the cache.
+    block_hashes: list[int] = field(default_factory=list)
+    named_blocks: int = 0
 
     @property
     def token_ids(self) -> list[int]:
@@ -134,7 +145,7 @@ class GenerationEngine:
         self.tokenizer = backend.tokenizer
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)
-        self.blocks = BlockAllocator(limits.num_blocks, limits.block_size)
+        self.blocks = BlockAllocator(limits.num_blocks, limits.block_size, limits.enable_prefix_caching)
         backend.allocate_kv_cache(limits.num_blocks * limits.block_size, limits.max_num_seqs, limits.max_model_len)
         self._ids = itertools.count()
         self._lock = threading.Lock()
@@ -164,12 +175,9 @@ class GenerationEngine:
                 raise InvalidInput(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
             return list(request.prompt_token_ids)
         if request.messages is not None:
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidInput(f"model '{self.name}' has no chat template; use a completion prompt instead")
-            try:
-                text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # a template error is the messages' fault (roles, content shapes)
-                raise InvalidInput(f"messages cannot be rendered with the chat template: {exc}") from None
+            text = render_chat(
+                self.tokenizer, request.messages, request.tools, request.chat_template_kwargs, model=self.name
+            )
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         return list(self.tokenizer.encode(request.prompt or ""))
 
@@ -344,16 +352,46 @@ class GenerationEngine:
         while budget > 0 and self._waiting and len(self._running) < self.limits.max_num_seqs:
             sequence = self._waiting[0]
             tokens = sequence.length
+            cached = self._cached_prefix(sequence)
             # Room for the prompt and the first generated token, so a new sequence is not preempted at once.
-            if not self.blocks.can_allocate(self.blocks.blocks_for(tokens + 1)):
+            needed = self.blocks.blocks_for(tokens + 1) - len(cached) + self.blocks.cost(cached)
+            if not self.blocks.can_allocate(needed):
                 break
+            self.blocks.share(sequence.block_table, cached)
             self.blocks.grow(sequence.block_table, tokens)
+            sequence.computed = sequence.named_blocks = len(cached)
+            sequence.computed *= self.blocks.block_size
+            if self.blocks.enable_prefix_caching:
+                self.stats.record_prefix_cache(tokens, sequence.computed)
             self._waiting.popleft()
             self._running.append(sequence)
             count = min(tokens - sequence.computed, budget)
             work.append((sequence, count))
             budget -= count
         return work
+
+    def _cached_prefix(self, sequence: Sequence) -> list[int]:
+        """The cached blocks a sequence may start with: its longest cached start, short of its last token, which
+        must run to give the logits of its next one."""
+        if not self.blocks.enable_prefix_caching:
+            return []
+        tokens = sequence.token_ids
+        hashes = self.blocks.full_block_hashes(tokens, sequence.block_hashes)
+        return self.blocks.cached_prefix(tokens, hashes[: (len(tokens) - 1) // self.blocks.block_size])
+
+    def _name_full_blocks(self, sequence: Sequence) -> None:
+        """Name the blocks this step filled, so later sequences with the same start can share them."""
+        full = sequence.computed // self.blocks.block_size
+        if full <= sequence.named_blocks:
+            return
+        size = self.blocks.block_size
+        tokens = sequence.token_ids
+        hashes = self.blocks.full_block_hashes(tokens[: full * size], sequence.block_hashes)
+        for index in range(sequence.named_blocks, full):
+            parent = hashes[index - 1] if index else None
+            block_tokens = tuple(tokens[index * size : (index + 1) * size])
+            self.blocks.register(sequence.block_table[index], hashes[index], parent, block_tokens)
+        sequence.named_blocks = full
 
     def _reserve_decode_blocks(self) -> None:
         """Give every running sequence room for its next token, preempting the newest ones if the cache is full."""
@@ -387,8 +425,11 @@ class GenerationEngine:
         started = time.perf_counter()
         result = self.backend.forward(batch)
         forward = time.perf_counter() - started
+        naming = self.blocks.enable_prefix_caching
         for sequence, count in work:
             sequence.computed += count
+            if naming:
+                self._name_full_blocks(sequence)
         tokens = dict(zip(rows, result.argmax, strict=True))
         # Rows that need their own processing (sampling, penalties, a minimum length) choose from their logits.
         for k, row in enumerate(full):
