@@ -57,6 +57,9 @@ class GenerationStats:
         self.finished = 0
         self.aborted = 0
         self.preempted = 0
+        # Prefix caching, in tokens as vLLM counts them: prompt tokens looked up, and those found cached.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
@@ -93,6 +96,17 @@ class GenerationStats:
     def record_preempted(self) -> None:
         with self._lock:
             self.preempted += 1
+
+    def record_prefix_cache(self, queried_tokens: int, hit_tokens: int) -> None:
+        with self._lock:
+            self.prefix_cache_queries += queried_tokens
+            self.prefix_cache_hits += hit_tokens
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of looked-up prompt tokens that were cached (0 before any lookup)."""
+        with self._lock:
+            return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
     def update_queue(self, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
         with self._lock:
@@ -134,6 +148,14 @@ def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Itera
         ),
         "preempted": CounterMetricFamily(
             "modeldock_llm_preemptions", "Sequences preempted for lack of KV cache blocks", labels=labels
+        ),
+        "prefix_cache_queries": CounterMetricFamily(
+            "modeldock_llm_prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache (hit rate: prefix_cache_hits / prefix_cache_queries)",
+            labels=labels,
+        ),
+        "prefix_cache_hits": CounterMetricFamily(
+            "modeldock_llm_prefix_cache_hits", "Prompt tokens found in the prefix cache, not computed", labels=labels
         ),
     }
     gauges = {

@@ -1,0 +1,188 @@
+"""Automatic prefix caching: shared starts are computed once, and what a sequence generates does not change."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.scheduling.generation.kv_blocks import BlockAllocator, block_hash
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from backends.transformers import TransformersBackend  # noqa: E402
+from server.config import ModelConfig  # noqa: E402
+from server.devices import CPU  # noqa: E402
+from server.extensions.generation_metrics import GenerationStats, generation_families  # noqa: E402
+from server.protocol.generation import GenerateRequest, SamplingParams  # noqa: E402
+from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+
+QUESTIONS = ["What is the capital of France?", "Tell me a story", "1 2 3", "Hello world!", "def main():"]
+
+
+# -- the allocator ---------------------------------------------------------------------------------------------------
+def named_table(blocks: BlockAllocator, tokens: list[int]) -> tuple[list[int], list[int]]:
+    """A sequence's blocks for ``tokens``, every full one named as the engine names them."""
+    table: list[int] = []
+    blocks.grow(table, len(tokens))
+    hashes = blocks.full_block_hashes(tokens, [])
+    for index, name in enumerate(hashes):
+        parent = hashes[index - 1] if index else None
+        blocks.register(table[index], name, parent, tuple(tokens[index * 4 : (index + 1) * 4]))
+    return table, hashes
+
+
+def test_a_shared_start_is_found_block_by_block_and_reference_counted() -> None:
+    blocks = BlockAllocator(num_blocks=16, block_size=4, enable_prefix_caching=True)
+    first, _ = named_table(blocks, list(range(10)))  # blocks 0-3, 4-7 named; 8-9 partial
+    other = [0, 1, 2, 3, 4, 5, 6, 99, 8, 9]
+    cached = blocks.cached_prefix(other, blocks.full_block_hashes(other, []))
+    assert cached == first[:1]  # the second block differs in one token, and so does everything after it
+    same = list(range(12))
+    cached = blocks.cached_prefix(same, blocks.full_block_hashes(same, []))
+    assert cached == first[:2]
+    second: list[int] = []
+    blocks.share(second, cached)
+    blocks.grow(second, 12)
+    assert second[:2] == first[:2] and blocks.used_blocks == 4  # 3 of the first, 1 new
+    blocks.release(first)
+    assert blocks.used_blocks == 3  # the shared blocks are still held by the second sequence
+    blocks.release(second)
+    assert blocks.used_blocks == 0 and blocks.free_blocks == 16
+
+
+def test_released_blocks_stay_cached_until_needed_and_go_least_recently_used_first() -> None:
+    blocks = BlockAllocator(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    old, old_hashes = named_table(blocks, [1] * 8)
+    new, new_hashes = named_table(blocks, [2] * 8)
+    old_blocks, new_blocks = list(old), list(new)
+    blocks.release(old)
+    blocks.release(new)
+    assert blocks.free_blocks == 4
+    taken: list[int] = []
+    blocks.grow(taken, 4)  # no empty block: one cached block is evicted, the older sequence's last one first
+    assert taken == [old_blocks[1]] and blocks.evictions == 1
+    assert blocks.cached_prefix([1] * 8, old_hashes) == old_blocks[:1]
+    assert blocks.cached_prefix([2] * 8, new_hashes) == new_blocks
+
+
+def test_a_hash_collision_is_not_a_hit() -> None:
+    blocks = BlockAllocator(num_blocks=4, block_size=2, enable_prefix_caching=True)
+    table: list[int] = []
+    blocks.grow(table, 2)
+    blocks.register(table[0], block_hash(None, (5, 6)), None, (7, 8))  # a name that does not match its tokens
+    assert blocks.cached_prefix([5, 6, 1], [block_hash(None, (5, 6))]) == []
+
+
+def test_without_prefix_caching_nothing_is_named_or_found() -> None:
+    blocks = BlockAllocator(num_blocks=8, block_size=4)
+    table, hashes = named_table(blocks, list(range(8)))
+    blocks.release(table)
+    assert blocks.cached_prefix(list(range(8)), hashes) == [] and blocks.free_blocks == 8
+
+
+# -- the engine ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def long_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test GPT-2 with room for a ~500-token system prompt."""
+    from tests.conftest import _language_models
+
+    return _language_models().build_causal_lm(tmp_path_factory.mktemp("long-lm") / "model", n_positions=1024)
+
+
+def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
+    config = TransformersBackend.auto_complete_config(
+        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
+    )
+    backend = TransformersBackend(config, folder, CPU)
+    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
+
+
+@pytest.fixture(scope="module")
+def system_prompt(long_lm_dir: Path) -> str:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(long_lm_dir)
+    words = "ModelDock serves models from a folder over HTTP and gRPC; the quick brown fox jumps over the lazy dog. "
+    text = ""
+    while len(tokenizer.encode(text)) < 500:
+        text += words
+    return text
+
+
+@pytest.fixture(scope="module")
+def reference(long_lm_dir: Path):
+    model = transformers.AutoModelForCausalLM.from_pretrained(long_lm_dir).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(long_lm_dir)
+
+    def generate_alone(prompt: str, max_new_tokens: int) -> list[int]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return out[0, ids.shape[1] :].tolist()
+
+    return generate_alone
+
+
+async def run(engine: GenerationEngine, prompt: str, max_tokens: int) -> list[int]:
+    sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    return [t async for o in engine.generate(GenerateRequest("t", prompt=prompt, sampling=sampling)) for t in o.token_ids]
+
+
+@pytest.fixture(scope="module")
+def cached_engine(long_lm_dir: Path) -> Iterator[GenerationEngine]:
+    engine = make_engine(long_lm_dir)
+    yield engine
+    engine.stop()
+
+
+async def test_a_shared_system_prompt_is_prefilled_once_and_answers_match_generate(
+    cached_engine: GenerationEngine, system_prompt: str, reference
+) -> None:
+    first = await run(cached_engine, system_prompt + QUESTIONS[0], 12)
+    assert first == reference(system_prompt + QUESTIONS[0], 12)
+    stats = cached_engine.stats
+    hits_before = stats.prefix_cache_hits
+    answers = await asyncio.gather(*(run(cached_engine, system_prompt + q, 12 + 3 * i) for i, q in enumerate(QUESTIONS)))
+    block = cached_engine.blocks.block_size
+    shared_blocks = len(cached_engine.tokenizer.encode(system_prompt)) // block - 1
+    # Every concurrent request found the system prompt's blocks (less one at most, where the question's first
+    # token may merge with its last word).
+    assert stats.prefix_cache_hits - hits_before >= len(QUESTIONS) * shared_blocks * block
+    for i, (question, answer) in enumerate(zip(QUESTIONS, answers, strict=True)):
+        assert answer == reference(system_prompt + question, 12 + 3 * i), question
+    assert 0 < stats.prefix_cache_hit_rate < 1
+    families = {f.name: f for f in generation_families([("lm", "1", stats)])}
+    assert families["modeldock_llm_prefix_cache_hits"].samples[0].value == stats.prefix_cache_hits
+
+
+async def test_greedy_answers_are_the_same_with_prefix_caching_off(
+    long_lm_dir: Path, cached_engine: GenerationEngine, system_prompt: str
+) -> None:
+    plain = make_engine(long_lm_dir, enable_prefix_caching="false")
+    try:
+        prompts = [system_prompt + q for q in QUESTIONS] + [system_prompt[:300] + q for q in QUESTIONS[:2]]
+        with_cache = await asyncio.gather(*(run(cached_engine, p, 16) for p in prompts))
+        without = await asyncio.gather(*(run(plain, p, 16) for p in prompts))
+        assert with_cache == without
+        assert plain.stats.prefix_cache_queries == 0 and plain.blocks.evictions == 0
+    finally:
+        plain.stop()
+
+
+async def test_preempted_sequences_with_shared_blocks_still_match(long_lm_dir: Path, reference) -> None:
+    """Eight sequences with a common 64-token start in a cache too small for all of them: blocks are shared,
+    evicted and preempted, and every answer is still transformers' own."""
+    engine = make_engine(long_lm_dir, kv_cache_blocks="24", kv_block_size="8", max_model_len="160")
+    tokenizer = engine.tokenizer
+    start = tokenizer.decode(tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 8)[:64])
+    prompts = [start + q for q in QUESTIONS + ["Paris", "seven, eight", "sunny"]]
+    try:
+        answers = await asyncio.gather(*(run(engine, p, 40) for p in prompts))
+        assert engine.stats.preempted > 0 and engine.stats.prefix_cache_hits > 0
+        for prompt, answer in zip(prompts, answers, strict=True):
+            assert answer == reference(prompt, 40), prompt
+        assert engine.blocks.used_blocks == 0
+    finally:
+        engine.stop()
