@@ -150,6 +150,10 @@ def serve_command(
             "for Ray's own choice (RAY_ADDRESS, this machine's cluster, else a new local one). Needs modeldock[ray].",
         ),
     ] = None,
+    console: Annotated[
+        bool,
+        typer.Option("--console/--no-console", help="Serve the web console at /console on the HTTP port."),
+    ] = True,
     shutdown_timeout: Annotated[
         float,
         typer.Option(
@@ -199,6 +203,7 @@ def serve_command(
         raise typer.BadParameter(f"--trace-config: {exc.message}") from None
     settings.http_server = http_server
     settings.shutdown_timeout_s = shutdown_timeout
+    settings.console = console
     if ray is not None and importlib.util.find_spec("ray") is None:
         Console(stderr=True).print(escape('--ray needs Ray: pip install "modeldock[ray]"'))
         raise typer.Exit(code=2)

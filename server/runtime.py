@@ -71,6 +71,8 @@ class ServeSettings:
     shutdown_timeout_s: float = 30.0
     # ``--ray``: None keeps model instances in this process; "" lets Ray choose the cluster; else its address.
     ray_address: str | None = None
+    # The web console at /console on the HTTP port (``--no-console`` turns it off).
+    console: bool = True
 
 
 def print_banner(core: InferenceServer, settings: ServeSettings, console: Console | None = None) -> None:
@@ -89,6 +91,8 @@ def print_banner(core: InferenceServer, settings: ServeSettings, console: Consol
     console.print(f"HTTP  KServe v2 endpoint: http://{settings.host}:{settings.http_port}/v2")
     console.print(f"gRPC  KServe v2 endpoint: {settings.host}:{settings.grpc_port}")
     console.print(f"HTTP  OpenAI endpoint:    http://{settings.host}:{settings.http_port}/v1")
+    if settings.console:
+        console.print(f"Web console:             http://{settings.host}:{settings.http_port}/console")
 
 
 async def load_initial_models(manager: ModelManager, settings: ServeSettings) -> None:
@@ -148,7 +152,9 @@ async def serve(settings: ServeSettings) -> int:
     core = InferenceServer(manager, settings.model_control_mode, server_logging, tracing)
     core.request_timeout_s = settings.request_timeout_s
     watcher: asyncio.Task[None] | None = None
-    app: ASGIApp = create_app(core, HttpGuard(settings.http_restrictions, settings.limits), settings.openai_api_key)
+    app: ASGIApp = create_app(
+        core, HttpGuard(settings.http_restrictions, settings.limits), settings.openai_api_key, settings.console
+    )
     if settings.cors_origins:
         app = CORSMiddleware(app, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"])
     if settings.metrics_port:

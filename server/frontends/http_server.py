@@ -14,12 +14,14 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from server.core import InferenceServer
 from server.errors import InvalidInput, ModelDockError, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
+from server.frontends.console.app import ConsoleSettings, console_app, console_redirect, restricted_headers
 from server.frontends.http_guard import HttpGuard
 from server.frontends.openai.app import create_openai_app
 from server.frontends.rsgi_bridge import RsgiBridge
@@ -391,11 +393,26 @@ def _error_response(exc: ModelDockError) -> Response:
 
 
 def create_app(
-    core: InferenceServer, guard: HttpGuard | None = None, openai_api_key: str | None = None
+    core: InferenceServer,
+    guard: HttpGuard | None = None,
+    openai_api_key: str | None = None,
+    console: bool = True,
 ) -> HttpFrontEnd:
+    """The HTTP application; ``console`` serves the web console at ``/console`` (``--no-console`` turns it off)."""
+    guard = guard or HttpGuard()
     app = FastAPI(title="ModelDock", version=core.server_metadata()["version"], docs_url="/docs", redoc_url=None)
     app.state.core = core
-    app.mount("/v1", create_openai_app(core, openai_api_key))
+    openai_app = create_openai_app(core, openai_api_key)
+    app.mount("/v1", openai_app)
+    if console:
+        settings = ConsoleSettings(
+            model_control_mode=core.control_mode.value,
+            restricted=restricted_headers(guard.restrictions),
+            openai_key_required=openai_api_key is not None,
+            openai_routes=sorted({"/v1" + r.path for r in openai_app.routes if isinstance(r, APIRoute)}),
+        )
+        app.add_route("/console", console_redirect, include_in_schema=False)
+        app.mount("/console", console_app(settings))
 
     @app.exception_handler(ModelDockError)
     async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:

@@ -1,0 +1,228 @@
+"""The web console in a real browser: Debian's Chromium driven by Playwright against the real server.
+
+The server runs the bundled repository in explicit mode, so the console can unload and load; what the page shows
+is checked against the server's own APIs, the streamed chat against transformers' greedy ``generate`` and the tensor
+form's answer against ONNX Runtime on the model file. The screenshots the documentation shows (docs/images/) are
+taken here, so they always show the console as it is.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.conftest import BUNDLED_REPOSITORY, ROOT, ServerProcess
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SCREENSHOTS = ROOT / "docs" / "images"
+TIMEOUT_MS = 60_000
+ADMIN_HEADER = "admin-key"
+ADMIN_KEY = "s3cret"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not CHROMIUM.exists(), reason="needs Debian's chromium (apt-get install chromium; .ci/run installs it)"
+    ),
+]
+
+
+def wait_all_ready(server: ServerProcess, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = httpx.post(f"{server.url}/v2/repository/index", json={}).json()
+        if rows and all(row["state"] == "READY" for row in rows):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"models not ready: {rows}\n{server.log()}")
+
+
+@pytest.fixture(scope="module")
+def console_server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
+    server = start_server(bundled_repository, "--model-control-mode", "explicit", "--load-model", "*")
+    wait_all_ready(server)
+    return server
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    context = browser.new_context(viewport={"width": 1440, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    yield page
+    context.close()
+
+
+def open_console(page: Any, server: ServerProcess) -> None:
+    page.goto(f"{server.url}/console")
+    page.wait_for_selector("body[data-ready=true]")
+
+
+def state_badge(page: Any, model: str) -> Any:
+    return page.locator(f'tr[data-model="{model}"] [data-state]')
+
+
+def screenshot(page: Any, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOTS / name))
+
+
+def test_console_lists_every_model_with_its_state(page: Any, console_server: ServerProcess) -> None:
+    open_console(page, console_server)
+    index = httpx.post(f"{console_server.url}/v2/repository/index", json={}).json()
+    assert len(index) >= 10
+    for row in index:
+        assert state_badge(page, row["name"]).get_attribute("data-state") == row["state"]
+        cells = page.locator(f'tr[data-model="{row["name"]}"] td')
+        assert cells.nth(1).inner_text() == row["version"]
+    # Backend and instances come from each model's config.
+    simple = httpx.get(f"{console_server.url}/v2/models/simple/config").json()
+    cells = page.locator('tr[data-model="simple"] td')
+    assert cells.nth(2).inner_text() == simple["backend"] == "onnxruntime"
+    assert cells.nth(4).inner_text() == "1 × CPU"
+    assert cells.nth(5).inner_text() == "0"
+    assert page.locator("#access").inner_text() == "explicit mode: can load and unload"
+    screenshot(page, "console-models.png")
+
+
+def test_unload_and_load_from_the_console(page: Any, console_server: ServerProcess) -> None:
+    open_console(page, console_server)
+    ready_url = f"{console_server.url}/v2/models/mlp_classifier/ready"
+    assert httpx.get(ready_url).status_code == 200
+    page.locator('tr[data-model="mlp_classifier"] button', has_text="Unload").click()
+    page.wait_for_selector('tr[data-model="mlp_classifier"] [data-state="UNAVAILABLE"]')
+    assert httpx.get(ready_url).status_code == 400
+    page.locator('tr[data-model="mlp_classifier"] button', has_text="Load").click()
+    page.wait_for_selector('tr[data-model="mlp_classifier"] [data-state="READY"]')
+    assert httpx.get(ready_url).status_code == 200
+
+
+def test_tensor_form_built_from_metadata_infers(page: Any, console_server: ServerProcess) -> None:
+    import onnxruntime
+
+    open_console(page, console_server)
+    page.locator('tr[data-model="simple"]').click()
+    page.locator('.tabs button[data-tab="playground"]').click()
+    first = np.linspace(-1, 1, 16, dtype=np.float32)
+    second = np.arange(16, dtype=np.float32)
+    # The form has a shape and a data box per input of the metadata, with the batch dimension set to 1.
+    assert page.locator('[data-input="INPUT0"][data-role="shape"]').input_value() == "1,16"
+    page.locator('[data-input="INPUT0"][data-role="data"]').fill(json.dumps(first.tolist()))
+    page.locator('[data-input="INPUT1"][data-role="data"]').fill(json.dumps(second.tolist()))
+    page.locator("#infer-run").click()
+    page.wait_for_selector("#infer-outputs")
+    session = onnxruntime.InferenceSession(str(BUNDLED_REPOSITORY / "simple" / "1" / "model.onnx"))
+    expected = session.run(None, {"INPUT0": first[None], "INPUT1": second[None]})
+    for name, want in zip(("OUTPUT0", "OUTPUT1"), expected, strict=True):
+        shown = json.loads(page.locator(f'tr[data-output="{name}"] td.values').inner_text())
+        np.testing.assert_allclose(shown, want.ravel(), rtol=1e-5, atol=1e-5)
+    screenshot(page, "console-tensor-playground.png")
+
+
+def test_streamed_chat_matches_transformers(page: Any, console_server: ServerProcess) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    open_console(page, console_server)
+    page.locator('tr[data-model="tiny_gpt"]').click()
+    page.locator('.tabs button[data-tab="playground"]').click()
+    prompt = "Tell me about the sea."
+    page.locator("#chat-max-tokens").fill("12")
+    page.locator("#chat-temperature").fill("0")
+    page.locator("#chat-input").fill(prompt)
+    page.locator("#chat-send").click()
+    page.wait_for_selector(".message.assistant[data-done=true]")
+    shown = page.locator(".message.assistant .text").inner_text()
+    status = page.locator("#chat-status").inner_text()
+    assert "chunks" in status, shown
+    assert int(status.split(" chunks")[0].rsplit(" ", 1)[1]) > 1, status  # it streamed
+
+    folder = BUNDLED_REPOSITORY / "tiny_gpt" / "1"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    out = model.generate(ids, max_new_tokens=12, do_sample=False)
+    expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert shown == expected
+
+    # The overview's charts are fed from /metrics: the chat's tokens show up as tokens per second.
+    page.locator('.tabs button[data-tab="overview"]').click()
+    page.wait_for_selector('[data-chart="tokens"]')
+    page.wait_for_timeout(4500)  # two scrapes after the chat
+    metrics = httpx.get(f"{console_server.url}/metrics").text
+    assert 'modeldock_llm_generation_tokens_total{model="tiny_gpt"' in metrics
+    screenshot(page, "console-overview.png")
+    page.locator('.tabs button[data-tab="playground"]').click()
+    screenshot(page, "console-chat.png")
+
+
+@pytest.fixture(scope="module")
+def restricted_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    repository = tmp_path_factory.mktemp("console-restricted") / "models"
+    shutil.copytree(BUNDLED_REPOSITORY / "simple", repository / "simple")
+    server = start_server(
+        repository,
+        "--model-control-mode",
+        "explicit",
+        "--load-model",
+        "simple",
+        "--http-restricted-api",
+        f"model-repository:{ADMIN_HEADER}={ADMIN_KEY}",
+    )
+    wait_all_ready(server)
+    return server
+
+
+def test_without_the_key_the_console_sees_but_cannot_change(page: Any, restricted_server: ServerProcess) -> None:
+    open_console(page, restricted_server)
+    settings = httpx.get(f"{restricted_server.url}/console/settings.json").json()
+    assert settings["restricted"] == {"model-repository": ADMIN_HEADER}
+    assert ADMIN_KEY not in json.dumps(settings)
+    unload = page.locator('tr[data-model="simple"] button', has_text="Unload")
+    assert state_badge(page, "simple").get_attribute("data-state") == "READY"
+    assert unload.is_disabled()
+    assert "read only" in page.locator("#access").inner_text()
+    # With the key typed in, the same button works.
+    page.locator("#credentials-button").click()
+    page.locator(f"#credential-{ADMIN_HEADER}").fill(ADMIN_KEY)
+    page.locator("#credentials-save").click()
+    page.wait_for_function("!document.querySelector('tr[data-model=\"simple\"] button[data-action=unload]').disabled")
+    page.locator('tr[data-model="simple"] button', has_text="Unload").click()
+    page.wait_for_selector('tr[data-model="simple"] [data-state="UNAVAILABLE"]')
+    assert httpx.get(f"{restricted_server.url}/v2/models/simple/ready").status_code == 400
+
+
+def test_no_console_flag(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> None:
+    repository = tmp_path_factory.mktemp("no-console") / "models"
+    shutil.copytree(BUNDLED_REPOSITORY / "simple", repository / "simple")
+    server = start_server(repository, "--no-console")
+    assert httpx.get(f"{server.url}/console/").status_code == 404
+    assert httpx.get(f"{server.url}/v2/models/simple/ready").status_code == 200
