@@ -174,6 +174,7 @@ def build(out: Path = HERE) -> list[Path]:
     else:
         print(f"note: torch is not installed; {torch_path} not rebuilt (pip install 'modeldock[torch]')")
     written += build_language_models(out)
+    written += build_diffusion_models(out)
     return written
 
 
@@ -193,6 +194,22 @@ def build_language_models(out: Path) -> list[Path]:
 
     folders = [build_causal_lm(out / "tiny_gpt" / "1"), build_encoder(out / "tiny_embedder" / "1")]
     return sorted(path for folder in folders for path in folder.iterdir())
+
+
+def build_diffusion_models(out: Path) -> list[Path]:
+    """``tiny_diffusion``: a random-weight Stable Diffusion pipeline folder (see ``diffusion_models.py``).
+
+    Needs the diffusers extra; without it the committed folder is left alone.
+    """
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print("note: diffusers is not installed; tiny_diffusion not rebuilt (pip install 'modeldock[diffusers]')")
+        return []
+    from model_repository.diffusion_models import build_text_to_image_pipeline
+
+    folder = build_text_to_image_pipeline(out / "tiny_diffusion" / "1")
+    return sorted(path for path in folder.rglob("*") if path.is_file())
 
 
 if __name__ == "__main__":

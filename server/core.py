@@ -16,6 +16,7 @@ from server import __version__
 from server.admission import Admission
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
 from server.extensions.log_settings import REQUEST_ID, ServerLogging
+from server.extensions.diffusion_metrics import DenoisingCollector
 from server.extensions.metrics import ServerMetrics
 from server.extensions.tracing import RequestTracing
 from server.protocol.shared_memory import SharedMemoryRegistry
@@ -61,6 +62,8 @@ class InferenceServer:
         self.logging = server_logging or ServerLogging()
         self.tracing = tracing or RequestTracing()
         self.metrics = ServerMetrics(models.statistics)
+        # Image-generation models time their denoising steps in the backend, below the statistics' reach.
+        self.metrics.registry.register(DenoisingCollector())
         # Regions clients registered; the codecs resolve tensors' shared memory parameters against it.
         self.shared_memory = SharedMemoryRegistry()
         self.live = True
