@@ -95,7 +95,8 @@ class StepBatch:
 
     ``sample_rows`` are the sequences that get a next token this step (not those part-way through a prompt), and
     ``full_rows`` those among them whose whole row of logits the engine needs (sampling, penalties); the others
-    take the row's argmax, which the backend works out where the logits are.
+    take the row's argmax, which the backend works out where the logits are. ``prompt_logit_rows`` are sequences
+    whose logits the engine needs at every new token, not only the last (a request's prompt log-probabilities).
     """
 
     token_ids: list[list[int]]
@@ -104,15 +105,18 @@ class StepBatch:
     block_size: int
     sample_rows: list[int]
     full_rows: list[int] = field(default_factory=list)
+    prompt_logit_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """What a step gives the engine: the argmax token of each of ``sample_rows`` (in that order), and the float32
-    logits of ``full_rows`` on the host (shape [len(full_rows), vocab]; None when there are none)."""
+    logits of ``full_rows`` on the host (shape [len(full_rows), vocab]; None when there are none), and for each
+    of ``prompt_logit_rows`` the float32 logits of all its new tokens on the host (shape [tokens, vocab])."""
 
     argmax: list[int]
     logits: Any = None
+    prompt_logits: list[Any] = field(default_factory=list)
 
 
 class GenerativeBackend(Backend):
@@ -139,6 +143,12 @@ class GenerativeBackend(Backend):
     @abstractmethod
     def eos_token_ids(self) -> list[int]:
         """Tokens that end a sequence unless a request says to ignore them."""
+
+    @property
+    def vocab_size(self) -> int:
+        """The width of a logits row, which may exceed the tokenizer's vocabulary (padded embeddings); grammar
+        masks and ``logit_bias`` checks use it."""
+        return len(self.tokenizer)
 
     @abstractmethod
     def kv_bytes_per_token(self) -> int:

@@ -22,10 +22,41 @@ def main(): print("hello") # code, too. {"key": "value", "list": [1, 2, 3]}
 """
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
+# Plain messages render as before tools came; with tools the system turn lists them and asks for calls in Hermes'
+# (and Qwen's) format, an assistant's earlier calls are written back in it and tool results come as the user's
+# ``<tool_response>``, so ``parameters.tool_call_parser: hermes`` reads what the model writes.
+CHAT_TEMPLATE = """\
+{%- if tools %}<|system|>{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}
+
+{% endif %}# Tools
+
+You may call one or more functions to assist with the user query.
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{% for tool in tools %}{{ tool | tojson }}
+{% endfor %}</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML \
+tags:
+<tool_call>
+{"name": <function-name>, "arguments": <args-json-object>}
+</tool_call>
+{% endif %}
+{%- for message in messages %}
+{%- if message['role'] == 'system' and tools and loop.first %}
+{%- elif message['role'] == 'assistant' and message.get('tool_calls') %}<|assistant|>{{ message['content'] or '' }}
+{%- for call in message['tool_calls'] %}<tool_call>
+{"name": {{ call['function']['name'] | tojson }}, "arguments": {{ call['function']['arguments'] | tojson }}}
+</tool_call>
+{% endfor %}
+{%- elif message['role'] == 'tool' %}<|user|><tool_response>
+{{ message['content'] }}
+</tool_response>
+{% else %}<|{{ message['role'] }}|>{{ message['content'] }}
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|assistant|>{% endif %}"""
 
 
 def build_tokenizer(vocab_size: int = 512):

@@ -20,6 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("server.protocol",),
     ("server.config",),
     ("server.extensions",),
+    ("server.structured_output",),
     ("backends",),
     ("server.scheduling",),
     ("server.repository",),

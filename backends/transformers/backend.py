@@ -232,6 +232,12 @@ class TransformersBackend(GenerativeBackend):
             return []
         return list(eos) if isinstance(eos, (list, tuple)) else [int(eos)]
 
+    @property
+    def vocab_size(self) -> int:
+        if self._worker is not None:
+            return int(self._worker.info.get("vocab_size") or len(self.tokenizer))
+        return int(self.model.config.get_text_config().vocab_size)
+
     def kv_bytes_per_token(self) -> int:
         if self._worker is not None:
             return int(self._worker.info["kv_bytes_per_token"])
@@ -277,17 +283,37 @@ class TransformersBackend(GenerativeBackend):
             return self._worker.forward(batch)  # type: ignore[no-any-return]
         if self._cache is None:
             raise BackendError(f"model '{self.config.name}': the KV cache was not allocated")
-        if self._graphs is not None and self._graphs.fits(batch):
+        prompt_logits: list[Any] = []
+        if batch.prompt_logit_rows:
+            logits, prompt_logits = self._run_keeping_prompt_logits(batch)
+        elif self._graphs is not None and self._graphs.fits(batch):
             logits = self._graphs.run(batch)
         else:
             logits = self._run_model(self._paged.StepTensors.build(batch, self._cache, self.torch_device))
         if not batch.sample_rows:
-            return StepResult([])
+            return StepResult([], prompt_logits=prompt_logits)
         rows = logits if len(batch.sample_rows) == len(batch.token_ids) else logits[batch.sample_rows]
         # ``cpu()`` lets other threads run while the device finishes the step; ``tolist`` alone would hold the GIL.
         argmax = rows.argmax(dim=-1).cpu().tolist()
         full = logits[batch.full_rows].float().cpu() if batch.full_rows else None
-        return StepResult(argmax, full)
+        return StepResult(argmax, full, prompt_logits)
+
+    def _run_keeping_prompt_logits(self, batch: StepBatch) -> tuple[Any, list[Any]]:
+        """A step that keeps the logits of every new token (the head runs over all of them, not only the last of
+        each sequence): the usual last-token rows, and each of ``prompt_logit_rows``' rows on the host."""
+        import dataclasses
+
+        step = self._paged.StepTensors.build(batch, self._cache, self.torch_device)
+        last = step.logits_to_keep
+        every = self._run_model(
+            dataclasses.replace(step, logits_to_keep=self._torch.arange(step.input_ids.shape[1], device=last.device))
+        )
+        ends = last.tolist()
+        prompt = [
+            every[ends[row] - len(batch.token_ids[row]) + 1 : ends[row] + 1].float().cpu()
+            for row in batch.prompt_logit_rows
+        ]
+        return every[last], prompt
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

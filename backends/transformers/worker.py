@@ -51,6 +51,7 @@ def _worker_main(conn: Connection, config_json: str, version_dir: str, device_ki
             "max_model_len": backend.max_model_len,
             "eos_token_ids": backend.eos_token_ids,
             "kv_bytes_per_token": backend.kv_bytes_per_token(),
+            "vocab_size": backend.vocab_size,
         }
     except BaseException as exc:
         conn.send(("error", error_payload(exc)))
@@ -65,7 +66,7 @@ def _worker_main(conn: Connection, config_json: str, version_dir: str, device_ki
             if message[0] == "forward":
                 result = backend.forward(message[1])
                 logits = None if result.logits is None else result.logits.numpy()
-                conn.send(("ok", (result.argmax, logits)))
+                conn.send(("ok", (result.argmax, logits, [t.numpy() for t in result.prompt_logits])))
             elif message[0] == "allocate":
                 backend.allocate_kv_cache(*message[1:])
                 conn.send(("ok", None))
@@ -163,8 +164,10 @@ class ModelWorker:
     def forward(self, batch: StepBatch) -> StepResult:
         import torch
 
-        argmax, logits = self.call("forward", batch)
-        return StepResult(argmax, None if logits is None else torch.from_numpy(logits))
+        argmax, logits, prompt_logits = self.call("forward", batch)
+        return StepResult(
+            argmax, None if logits is None else torch.from_numpy(logits), [torch.from_numpy(a) for a in prompt_logits]
+        )
 
     def stop(self) -> None:
         with self._lock:

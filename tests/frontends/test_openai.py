@@ -326,7 +326,7 @@ def test_unknown_model_is_404_in_openai_shape(client: openai.OpenAI, llm_server:
         ("/v1/completions", {"prompt": []}, "prompt"),
         ("/v1/completions", {"prompt": 5}, "prompt"),
         ("/v1/completions", {"stop": [""]}, "stop"),
-        ("/v1/completions", {"logprobs": 2}, "logprobs"),
+        ("/v1/completions", {"logprobs": 21}, "logprobs"),
         ("/v1/chat/completions", {"max_completion_tokens": -5}, "max_completion_tokens"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"content": "no role"}]}, "messages.0.role"),

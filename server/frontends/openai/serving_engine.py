@@ -10,12 +10,21 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from starlette.types import Receive
+
 from server.core import InferenceServer
-from server.errors import ModelDockError, ModelNotFound
+from server.errors import InvalidInput, ModelDockError, ModelNotFound
+from server.frontends.openai.answer_format import AnswerFormat, logit_bias
 from server.frontends.openai.errors import OpenAIRequestError, error_info, field_error
-from server.frontends.openai.events import SSE_DONE, merged, sse
+from server.frontends.openai.events import SSE_DONE, merged, sse, started, while_connected
 from server.frontends.openai.protocol import ErrorResponse, SamplingFields, UsageInfo
-from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
+from server.protocol.generation import (
+    GenerateRequest,
+    GenerationOutput,
+    SamplingParams,
+    StructuredOutputsParams,
+    TokenLogprobs,
+)
 
 _SAMPLING_FIELDS = (
     "temperature",
@@ -38,17 +47,23 @@ def request_id(prefix: str) -> str:
 
 @dataclass
 class ChoiceTotals:
-    """One choice's answer so far: its text, why it ended, and the engine's token counts."""
+    """One choice's answer so far: its text, why it ended, the engine's token counts and any logprobs."""
 
     text: list[str] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     def add(self, output: GenerationOutput) -> None:
         self.text.append(output.text)
         self.prompt_tokens = output.prompt_tokens
         self.completion_tokens = output.completion_tokens
+        if output.logprobs:
+            self.logprobs.extend(output.logprobs)
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
         if output.finished:
             self.finish_reason = output.finish_reason
 
@@ -67,14 +82,17 @@ async def choice_events(
     chunk: Callable[[int, GenerationOutput], bytes],
     usage_chunk: Callable[[UsageInfo], bytes] | None,
 ) -> AsyncIterator[bytes]:
-    """The part of a chat or completion stream after its opening chunks: one chunk per output with new text or an
-    end, an error event if the engine fails, the usage chunk when asked for, and ``[DONE]``."""
+    """The part of a chat or completion stream after its opening chunks: one chunk per output with new text,
+    logprobs or an end (``chunk`` may still send nothing while a parser holds text back), an error event if the
+    engine fails, the usage chunk when asked for, and ``[DONE]``."""
     totals = [ChoiceTotals() for _ in range(count)]
     try:
         async for index, output in stream:
             totals[index].add(output)
-            if output.text or output.finished:
-                yield chunk(index, output)
+            if output.text or output.finished or output.logprobs:
+                event = chunk(index, output)
+                if event:
+                    yield event
     except ModelDockError as exc:
         yield sse(ErrorResponse(error=error_info(exc)).model_dump_json())
     else:
@@ -100,17 +118,47 @@ class ServingEngine:
             kind = "an embedding model" if task == "embed" else "not a language model"
             raise OpenAIRequestError(f"model '{model}' does not support {self.route} ({kind})", "model")
 
+    def parameters(self, model: str) -> dict[str, str]:
+        """The model configuration's ``parameters`` (``tool_call_parser``, ``reasoning_parser``) as plain strings."""
+        found = self.core.model_config(model).get("parameters", {})
+        return {key: str(value.get("string_value", "")) for key, value in found.items()}
+
     @staticmethod
-    def sampling(request: SamplingFields, max_tokens: int | None, max_tokens_field: str) -> SamplingParams:
+    def sampling(
+        request: SamplingFields,
+        max_tokens: int | None,
+        max_tokens_field: str,
+        *,
+        logprobs: int | None = None,
+        logprobs_field: str = "logprobs",
+        structured: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
         values: dict[str, Any] = {
             name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None
         }
         if max_tokens is not None:
             values["max_tokens"] = max_tokens
+        values["logit_bias"] = logit_bias(request.logit_bias)
+        values["logprobs"] = logprobs
+        values["prompt_logprobs"] = request.prompt_logprobs
+        values["structured_outputs"] = structured
         try:
             return SamplingParams.model_validate(values)
         except ValidationError as exc:
-            raise field_error(exc, {"max_tokens": max_tokens_field}) from None
+            raise field_error(exc, {"max_tokens": max_tokens_field, "logprobs": logprobs_field}) from None
+
+    @staticmethod
+    async def start(
+        receive: Receive, stream: AsyncIterator[tuple[int, GenerationOutput]], answer_format: AnswerFormat | None
+    ) -> AsyncIterator[tuple[int, GenerationOutput]] | None:
+        """The stream once its first output is in (None if the client left first); a grammar the engine cannot
+        compile is refused under the request field it came from."""
+        try:
+            return await while_connected(receive, started(stream))
+        except InvalidInput as exc:
+            if answer_format is None:
+                raise
+            raise answer_format.client_error(exc) from None
 
     def generate(
         self, model: str, request_prefix: str, prompts: list[dict[str, Any]], sampling: SamplingParams, n: int

@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
@@ -34,8 +35,8 @@ from server.extensions.generation_metrics import GenerationStats
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
 from server.protocol.chat_templates import render_chat
-from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
-from server.scheduling.generation.sampling import SequenceSampler
+from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams, TokenLogprobs
+from server.scheduling.generation.sampling import SequenceSampler, StepSampler, TokenTexts, prompt_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class Sequence:
     # Prefix caching: the names of its full blocks so far, and how many of its blocks are named in the cache.
     block_hashes: list[int] = field(default_factory=list)
     named_blocks: int = 0
+    # Log-probabilities: the prompt's (filled while it is prefilled, sent with the first token), the last token's.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    token_logprobs: TokenLogprobs | None = None
 
     @property
     def token_ids(self) -> list[int]:
@@ -157,6 +161,10 @@ class GenerationEngine:
         self._stopping = False
         # Chunks produced by the step in progress, handed to their event loops in one call each when it ends.
         self._outgoing: list[tuple[Sequence, GenerationOutput | BaseException]] = []
+        self.token_texts = TokenTexts(self.tokenizer)
+        self._sampler = StepSampler(backend.vocab_size, self.token_texts)
+        # Structured outputs' grammar compiler (``server.structured_output``), made by the first request needing it.
+        self._grammars: Any = None
         self._thread = threading.Thread(target=self._loop, name=f"generate-{name}", daemon=True)
         self._thread.start()
 
@@ -209,6 +217,13 @@ class GenerationEngine:
         max_tokens = self.check_lengths(prompt_ids, request.sampling)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
+        sampling = request.sampling
+        eos = [] if sampling.ignore_eos else self.backend.eos_token_ids
+        end_token_ids = frozenset([*sampling.stop_token_ids, *eos])
+        grammar = None
+        if sampling.structured_outputs is not None:
+            grammar = await self._grammar(sampling, end_token_ids)
+        sampler = SequenceSampler(sampling, prompt_ids, self.backend.vocab_size, end_token_ids, grammar)
 
         sequence = Sequence(
             id=next(self._ids),
@@ -217,12 +232,10 @@ class GenerationEngine:
             max_tokens=max_tokens,
             loop=loop,
             outbox=outbox,
-            sampler=SequenceSampler(request.sampling, prompt_ids),
+            sampler=sampler,
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             arrival=time.monotonic(),
-            end_token_ids=frozenset(
-                [*request.sampling.stop_token_ids, *([] if request.sampling.ignore_eos else self.backend.eos_token_ids)]
-            ),
+            end_token_ids=end_token_ids,
         )
         with self._wake:
             self._incoming.append(sequence)
@@ -242,6 +255,22 @@ class GenerationEngine:
         finally:
             if not finished:
                 self.abort(sequence.id)
+
+    async def _grammar(self, sampling: SamplingParams, end_token_ids: frozenset[int]) -> Any:
+        """The sequence's grammar matcher. Compiling runs in the structured-output thread pool (cached by spec),
+        so neither this event loop nor the engine thread waits on it, and a spec that does not compile is the
+        request's ``InvalidInput`` before it joins the engine."""
+        if self._grammars is None:
+            try:
+                from server.structured_output.compiler import StructuredOutputCompiler
+            except ImportError:
+                raise InvalidInput(
+                    "structured_outputs: this server lacks xgrammar; install it with pip install 'modeldock[llm]'"
+                ) from None
+            self._grammars = StructuredOutputCompiler(self.tokenizer, self.backend.vocab_size)
+        assert sampling.structured_outputs is not None
+        compiled = await asyncio.wrap_future(self._grammars.compile(sampling.structured_outputs))
+        return self._grammars.matcher(compiled, end_token_ids)
 
     def abort(self, sequence_id: int) -> None:
         with self._wake:
@@ -375,6 +404,8 @@ class GenerationEngine:
         must run to give the logits of its next one."""
         if not self.blocks.enable_prefix_caching:
             return []
+        if sequence.sampling.prompt_logprobs is not None and sequence.first_token_at is None:
+            return []  # its prompt's logits are wanted, so all of it runs (as vLLM does)
         tokens = sequence.token_ids
         hashes = self.blocks.full_block_hashes(tokens, sequence.block_hashes)
         return self.blocks.cached_prefix(tokens, hashes[: (len(tokens) - 1) // self.blocks.block_size])
@@ -414,6 +445,12 @@ class GenerationEngine:
         # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
         rows = [row for row, (s, count) in enumerate(work) if s.computed + count == s.length]
         full = [row for row in rows if self._needs_logits(work[row][0])]
+        # Sequences whose prompt log-probabilities are being worked out, chunk by chunk, until the first token.
+        prompt_rows = [
+            row
+            for row, (s, _) in enumerate(work)
+            if s.sampling.prompt_logprobs is not None and s.first_token_at is None and s.computed < len(s.prompt_ids)
+        ]
         batch = StepBatch(
             token_ids=[s.uncomputed(count) for s, count in work],
             start=[s.computed for s, _ in work],
@@ -421,21 +458,25 @@ class GenerationEngine:
             block_size=self.blocks.block_size,
             sample_rows=rows,
             full_rows=full,
+            prompt_logit_rows=prompt_rows,
         )
         started = time.perf_counter()
         result = self.backend.forward(batch)
         forward = time.perf_counter() - started
+        for row, logits in zip(prompt_rows, result.prompt_logits, strict=True):
+            self._add_prompt_logprobs(work[row][0], logits)
         naming = self.blocks.enable_prefix_caching
         for sequence, count in work:
             sequence.computed += count
             if naming:
                 self._name_full_blocks(sequence)
         tokens = dict(zip(rows, result.argmax, strict=True))
-        # Rows that need their own processing (sampling, penalties, a minimum length) choose from their logits.
-        for k, row in enumerate(full):
-            sequence = work[row][0]
-            banned = sorted(sequence.end_token_ids) if len(sequence.output_ids) < sequence.sampling.min_tokens else []
-            tokens[row] = sequence.sampler.choose(result.logits[k], banned)
+        # Rows that need their own processing (sampling, penalties, grammars, logprobs...) choose from their logits.
+        if full:
+            chosen = self._sampler.choose([work[row][0].sampler for row in full], result.logits)
+            for row, (token, logprobs) in zip(full, chosen, strict=True):
+                tokens[row] = token
+                work[row][0].token_logprobs = logprobs
         now = time.monotonic()
         for row in rows:
             self._advance(work[row][0], tokens[row], now)
@@ -444,12 +485,26 @@ class GenerationEngine:
     @staticmethod
     def _needs_logits(sequence: Sequence) -> bool:
         """Plain greedy rows take the argmax the backend works out; the rest need the whole row on the host."""
-        return not sequence.sampler.plain_greedy or len(sequence.output_ids) < sequence.sampling.min_tokens
+        return not sequence.sampler.plain_greedy
+
+    def _add_prompt_logprobs(self, sequence: Sequence, logits: Any) -> None:
+        """The prompt log-probabilities of one chunk: the logits at positions ``start..`` predict the tokens after
+        them (the last chunk's last row predicts the first generated token, which is sampled instead)."""
+        start = sequence.computed
+        if start == 0 or sequence.prompt_logprobs is None:
+            sequence.prompt_logprobs = [None]  # the first token has nothing before it
+        top = sequence.sampling.prompt_logprobs or 0
+        following = sequence.prompt_ids[start + 1 : start + 1 + len(logits)]
+        sequence.prompt_logprobs.extend(prompt_logprobs(logits, following, top, self.token_texts))
 
     def _advance(self, sequence: Sequence, token: int, now: float) -> None:
         ends = sequence.end_token_ids
         sequence.output_ids.append(token)
         sequence.sampler.record(token)
+        grammar = sequence.sampler.grammar
+        if grammar is not None and not grammar.accept(token):
+            self._retire(sequence, error=BackendError(f"token {token} broke the request's structured-output grammar"))
+            return
         if sequence.first_token_at is None:
             sequence.first_token_at = now
             self.stats.record_first_token(now - sequence.arrival, len(sequence.prompt_ids))
@@ -462,7 +517,7 @@ class GenerationEngine:
             reason = "stop"
         else:
             text, stopped = sequence.detokenizer.add(token)
-            if stopped:
+            if stopped or (grammar is not None and grammar.terminated):
                 reason = "stop"
         if reason is None and (
             len(sequence.output_ids) >= sequence.max_tokens or sequence.length >= self.limits.max_model_len
@@ -477,6 +532,11 @@ class GenerationEngine:
     def _output(
         self, sequence: Sequence, text: str, tokens: list[int], reason: FinishReason | None = None
     ) -> GenerationOutput:
+        sampling = sequence.sampling
+        logprobs = None
+        if sampling.logprobs is not None:
+            logprobs = [sequence.token_logprobs] if tokens and sequence.token_logprobs is not None else []
+        first = bool(tokens) and len(sequence.output_ids) == len(tokens)
         return GenerationOutput(
             text=text,
             token_ids=tokens,
@@ -484,6 +544,8 @@ class GenerationEngine:
             finish_reason=reason,
             prompt_tokens=len(sequence.prompt_ids),
             completion_tokens=len(sequence.output_ids),
+            logprobs=logprobs,
+            prompt_logprobs=sequence.prompt_logprobs if first and sampling.prompt_logprobs is not None else None,
         )
 
     def _retire(
