@@ -6,6 +6,7 @@ import hmac
 import time
 from typing import TypeVar
 
+import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
@@ -22,14 +23,19 @@ from server.frontends.openai.errors import (
 from server.frontends.openai.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     EmbeddingRequest,
     ModelCard,
     ModelList,
+    ResponsesRequest,
+    TokenizeRequest,
 )
 from server.frontends.openai.serving_chat import OpenAIServingChat
 from server.frontends.openai.serving_completions import OpenAIServingCompletion
 from server.frontends.openai.serving_embeddings import OpenAIServingEmbedding
 from server.frontends.openai.serving_engine import ModelNotFoundError
+from server.frontends.openai.serving_responses import OpenAIServingResponses
+from server.frontends.openai.serving_tokenization import OpenAIServingTokenization
 
 API_KEY_ENV = "MODELDOCK_OPENAI_API_KEY"
 LANGUAGE_TASKS = ("generate", "embed")
@@ -52,6 +58,8 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     chat = OpenAIServingChat(core)
     completions = OpenAIServingCompletion(core)
     embeddings = OpenAIServingEmbedding(core)
+    responses = OpenAIServingResponses(core)
+    tokenization = OpenAIServingTokenization(core)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -81,6 +89,29 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     @app.post("/embeddings")
     async def create_embeddings(request: Request) -> Response:
         return await embeddings.create(await _body(request, EmbeddingRequest))
+
+    @app.post("/responses")
+    async def create_response(request: Request) -> Response:
+        return await responses.create(await _body(request, ResponsesRequest), request.receive)
+
+    @app.get("/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> Response:
+        return Response(responses.retrieve(response_id).model_dump_json(), media_type="application/json")
+
+    @app.delete("/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        responses.delete(response_id)
+        body = {"id": response_id, "object": "response", "deleted": True}
+        return Response(orjson.dumps(body), media_type="application/json")
+
+    # vLLM's tokenizer routes (vLLM serves them beside /v1; here they are under it, with the rest of the API).
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> Response:
+        return await tokenization.tokenize(await _body(request, TokenizeRequest))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        return await tokenization.detokenize(await _body(request, DetokenizeRequest))
 
     def card(name: str) -> ModelCard | None:
         try:
