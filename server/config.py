@@ -7,6 +7,7 @@ is the kind of mistake that costs an afternoon.
 
 from __future__ import annotations
 
+import json
 import re
 from enum import Enum
 from pathlib import Path
@@ -497,13 +498,16 @@ class ModelConfig(_Strict):
     @field_validator("parameters", mode="before")
     @classmethod
     def _flatten_parameters(cls, value: Any) -> Any:
-        """Accept Triton's ``{key: {string_value: "1"}}`` as well as plain ``{key: 1}``."""
+        """Accept Triton's ``{key: {string_value: "1"}}`` as well as plain ``{key: 1}``; a nested mapping or list
+        (``speculative: {method: ngram, ...}``) is kept as its JSON text, for the backend or engine that reads it."""
         if not isinstance(value, dict):
             return value
         flat: dict[str, Any] = {}
         for key, item in value.items():
             if isinstance(item, dict) and set(item) == {"string_value"}:
                 item = item["string_value"]
+            elif isinstance(item, (dict, list)):
+                item = json.dumps(item)
             if isinstance(item, bool):
                 item = "true" if item else "false"
             if isinstance(item, (int, float)):

@@ -60,6 +60,9 @@ class GenerationStats:
         # Prefix caching, in tokens as vLLM counts them: prompt tokens looked up, and those found cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
+        # Speculative decoding: draft tokens proposed and those the model confirmed (vLLM's spec_decode counters).
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
         self.running = 0
         self.waiting = 0
         self.kv_cache_usage = 0.0
@@ -101,6 +104,11 @@ class GenerationStats:
         with self._lock:
             self.prefix_cache_queries += queried_tokens
             self.prefix_cache_hits += hit_tokens
+
+    def record_speculation(self, drafts: int, accepted: int) -> None:
+        with self._lock:
+            self.spec_draft_tokens += drafts
+            self.spec_accepted_tokens += accepted
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -156,6 +164,12 @@ def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Itera
         ),
         "prefix_cache_hits": CounterMetricFamily(
             "modeldock_llm_prefix_cache_hits", "Prompt tokens found in the prefix cache, not computed", labels=labels
+        ),
+        "spec_draft_tokens": CounterMetricFamily(
+            "modeldock_llm_spec_decode_num_draft_tokens", "Draft tokens proposed by n-gram speculation", labels=labels
+        ),
+        "spec_accepted_tokens": CounterMetricFamily(
+            "modeldock_llm_spec_decode_num_accepted_tokens", "Draft tokens the model confirmed", labels=labels
         ),
     }
     gauges = {
