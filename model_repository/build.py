@@ -174,6 +174,9 @@ def build(out: Path = HERE) -> list[Path]:
     else:
         print(f"note: torch is not installed; {torch_path} not rebuilt (pip install 'modeldock[torch]')")
     written += build_language_models(out)
+    from model_repository.gguf_models import build_gguf_models
+
+    written += build_gguf_models(out)
     written += build_diffusion_models(out)
     return written
 
