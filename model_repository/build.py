@@ -195,7 +195,11 @@ def build_language_models(out: Path) -> list[Path]:
         return []
     from model_repository.language_models import build_causal_lm, build_encoder
 
-    folders = [build_causal_lm(out / "tiny_gpt" / "1"), build_encoder(out / "tiny_embedder" / "1")]
+    # tiny_gpt's 256 drawn positions grown to 1,024 (same weights otherwise), room for a prompt that lists tools.
+    folders = [
+        build_causal_lm(out / "tiny_gpt" / "1", n_positions=1024, drawn_positions=256),
+        build_encoder(out / "tiny_embedder" / "1"),
+    ]
     return sorted(path for folder in folders for path in folder.iterdir())
 
 

@@ -95,11 +95,14 @@ def build_causal_lm(
     n_positions: int = 256,
     vocab_size: int = 512,
     initializer_range: float = 0.2,
+    drawn_positions: int | None = None,
 ) -> Path:
     """A GPT-2 model folder (config, safetensors weights, tokenizer, generation config) at ``out``.
 
     The wide ``initializer_range`` spreads the logits, so greedy decoding has clear winners and the same prompt
-    decodes to the same tokens whether it runs alone or in a batch.
+    decodes to the same tokens whether it runs alone or in a batch. With ``drawn_positions`` the model is drawn
+    with that many positions and the rest of its ``n_positions`` are appended from a seed of their own: a model
+    grown that way keeps every weight it had, so its answers to short prompts do not change.
     """
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -111,13 +114,21 @@ def build_causal_lm(
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=n_head,
-        n_positions=n_positions,
+        n_positions=drawn_positions or n_positions,
         initializer_range=initializer_range,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(config).eval()
+    if drawn_positions is not None and n_positions > drawn_positions:
+        generator = torch.Generator().manual_seed(seed + 1)
+        extra = torch.normal(0.0, initializer_range, (n_positions - drawn_positions, n_embd), generator=generator)
+        grown = torch.nn.Embedding(n_positions, n_embd)
+        with torch.no_grad():
+            grown.weight.copy_(torch.cat([model.transformer.wpe.weight, extra]))
+        model.transformer.wpe = grown
+        model.config.n_positions = n_positions
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
