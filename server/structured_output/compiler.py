@@ -106,7 +106,7 @@ def _spec(params: StructuredOutputsParams) -> tuple[str, str]:
             )
         return field, json.dumps(choices, ensure_ascii=False)
     value = getattr(params, name)
-    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
     if len(text) > MAX_SPEC_CHARS:
         raise InvalidGrammar(field, kind, f"is too large: {len(text)} characters, at most {MAX_SPEC_CHARS}")
     if not text.strip():
@@ -126,7 +126,8 @@ def _spec(params: StructuredOutputsParams) -> tuple[str, str]:
                 raise InvalidGrammar(
                     field, kind, f"is invalid{' at ' + where if where else ''}: {exc.message}"
                 ) from None
-            text = json.dumps(parsed, sort_keys=True, ensure_ascii=False)
+            # Whitespace aside, the text as given: the order of properties is the order they are generated in.
+            text = json.dumps(parsed, ensure_ascii=False)
     return field, text
 
 

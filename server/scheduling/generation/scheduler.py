@@ -3,7 +3,9 @@
 A request carries ``text_input`` (BYTES), optionally ``stream`` (BOOL), ``sampling_parameters`` (BYTES, JSON) and
 ``exclude_input_in_output`` (BOOL); sampling fields may also come as request parameters, as Triton's vLLM backend
 takes them. With ``stream`` true each chunk is one response (decoupled: the last one is marked final); otherwise
-one response carries the whole text, the prompt first unless ``exclude_input_in_output`` is set.
+one response carries the whole text, the prompt first unless ``exclude_input_in_output`` is set. Every field of
+``SamplingParams`` travels in ``sampling_parameters`` (``structured_outputs``, ``logit_bias``, ``min_tokens``...),
+except log-probabilities, which this text-only convention cannot carry and so refuses.
 
 Each model instance gets its own engine; a request goes to the engine holding the fewest sequences.
 """
@@ -171,4 +173,12 @@ def parse_infer_request(request: InferRequest) -> tuple[str, bool, bool, Samplin
         if not isinstance(decoded, dict):
             raise InvalidInput("input 'sampling_parameters' must be a JSON object")
         sampling.update(decoded)
-    return _text(prompt, "text_input"), stream, exclude, SamplingParams.parse(sampling, "sampling_parameters")
+    params = SamplingParams.parse(sampling, "sampling_parameters")
+    # Triton's LLM convention has no place for log-probabilities in ``text_output``: refused, not dropped.
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(params, name) is not None:
+            raise InvalidInput(
+                f"sampling_parameters: field '{name}': the generate extension and infer return text only; "
+                "ask /v1/completions or /v1/chat/completions for log-probabilities"
+            )
+    return _text(prompt, "text_input"), stream, exclude, params
