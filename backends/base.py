@@ -97,6 +97,8 @@ class StepBatch:
     ``full_rows`` those among them whose whole row of logits the engine needs (sampling, penalties); the others
     take the row's argmax, which the backend works out where the logits are. ``prompt_logit_rows`` are sequences
     whose logits the engine needs at every new token, not only the last (a request's prompt log-probabilities).
+    ``verify_rows`` are sequences whose new tokens end in draft tokens (speculative decoding): the engine needs the
+    argmax after each of them, not only after the last.
     """
 
     token_ids: list[list[int]]
@@ -106,17 +108,20 @@ class StepBatch:
     sample_rows: list[int]
     full_rows: list[int] = field(default_factory=list)
     prompt_logit_rows: list[int] = field(default_factory=list)
+    verify_rows: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
     """What a step gives the engine: the argmax token of each of ``sample_rows`` (in that order), and the float32
     logits of ``full_rows`` on the host (shape [len(full_rows), vocab]; None when there are none), and for each
-    of ``prompt_logit_rows`` the float32 logits of all its new tokens on the host (shape [tokens, vocab])."""
+    of ``prompt_logit_rows`` the float32 logits of all its new tokens on the host (shape [tokens, vocab]), and for
+    each of ``verify_rows`` the argmax after every one of its new tokens (the last one's is also in ``argmax``)."""
 
     argmax: list[int]
     logits: Any = None
     prompt_logits: list[Any] = field(default_factory=list)
+    verify_argmax: list[list[int]] = field(default_factory=list)
 
 
 class GenerativeBackend(Backend):

@@ -70,6 +70,25 @@ class QueueFull(ModelDockError):
     grpc_code = grpc.StatusCode.UNAVAILABLE
 
 
+class Overloaded(QueueFull):
+    """A generation engine cannot take the request in time: its waiting queue is full (its KV cache or running batch
+    being full too), or the request would wait longer than the model's ``max_queue_delay_ms``. Answered at once
+    with 429 and ``Retry-After`` (OpenAI's answer to a client over its rate), UNAVAILABLE on gRPC, instead of
+    queueing work the server cannot start in time."""
+
+    http_status = 429
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> str:
+        """The ``Retry-After`` header's value: whole seconds, at least one."""
+        return str(max(1, int(-(-self.retry_after_s // 1))))
+
+
 class RequestTimeout(ModelDockError):
     """The request waited in the queue longer than its timeout allows."""
 

@@ -286,6 +286,8 @@ class TransformersBackend(GenerativeBackend):
         prompt_logits: list[Any] = []
         if batch.prompt_logit_rows:
             logits, prompt_logits = self._run_keeping_prompt_logits(batch)
+        elif batch.verify_rows:
+            logits, drafts_argmax = self._run_verifying(batch)
         elif self._graphs is not None and self._graphs.fits(batch):
             logits = self._graphs.run(batch)
         else:
@@ -296,7 +298,31 @@ class TransformersBackend(GenerativeBackend):
         # ``cpu()`` lets other threads run while the device finishes the step; ``tolist`` alone would hold the GIL.
         argmax = rows.argmax(dim=-1).cpu().tolist()
         full = logits[batch.full_rows].float().cpu() if batch.full_rows else None
-        return StepResult(argmax, full, prompt_logits)
+        verify: list[list[int]] = []
+        if batch.verify_rows:
+            last = dict(zip(batch.sample_rows, argmax, strict=True))
+            verify = [[*drafts, last[row]] for row, drafts in zip(batch.verify_rows, drafts_argmax, strict=True)]
+        return StepResult(argmax, full, prompt_logits, verify)
+
+    def _run_verifying(self, batch: StepBatch) -> tuple[Any, list[list[int]]]:
+        """A step with draft tokens: the model's head also runs at each draft's predecessor (only there, not at
+        every token of the step), and their argmax comes back per verified row."""
+        import dataclasses
+
+        step = self._paged.StepTensors.build(batch, self._cache, self.torch_device)
+        last = step.logits_to_keep
+        ends = last.tolist()
+        spans = [(ends[row] - len(batch.token_ids[row]) + 1, ends[row]) for row in batch.verify_rows]
+        extra = [position for first, end in spans for position in range(first, end)]
+        keep = self._torch.cat([last, self._torch.tensor(extra, dtype=last.dtype, device=last.device)])
+        logits = self._run_model(dataclasses.replace(step, logits_to_keep=keep))
+        count = len(batch.token_ids)
+        predicted = logits[count:].argmax(dim=-1).cpu().tolist()
+        per_row, offset = [], 0
+        for first, end in spans:
+            per_row.append(predicted[offset : offset + end - first])
+            offset += end - first
+        return logits[:count], per_row
 
     def _run_keeping_prompt_logits(self, batch: StepBatch) -> tuple[Any, list[Any]]:
         """A step that keeps the logits of every new token (the head runs over all of them, not only the last of

@@ -66,7 +66,8 @@ def _worker_main(conn: Connection, config_json: str, version_dir: str, device_ki
             if message[0] == "forward":
                 result = backend.forward(message[1])
                 logits = None if result.logits is None else result.logits.numpy()
-                conn.send(("ok", (result.argmax, logits, [t.numpy() for t in result.prompt_logits])))
+                prompt = [t.numpy() for t in result.prompt_logits]
+                conn.send(("ok", (result.argmax, logits, prompt, result.verify_argmax)))
             elif message[0] == "allocate":
                 backend.allocate_kv_cache(*message[1:])
                 conn.send(("ok", None))
@@ -164,9 +165,12 @@ class ModelWorker:
     def forward(self, batch: StepBatch) -> StepResult:
         import torch
 
-        argmax, logits, prompt_logits = self.call("forward", batch)
+        argmax, logits, prompt_logits, verify_argmax = self.call("forward", batch)
         return StepResult(
-            argmax, None if logits is None else torch.from_numpy(logits), [torch.from_numpy(a) for a in prompt_logits]
+            argmax,
+            None if logits is None else torch.from_numpy(logits),
+            [torch.from_numpy(a) for a in prompt_logits],
+            verify_argmax,
         )
 
     def stop(self) -> None:

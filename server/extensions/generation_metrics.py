@@ -57,6 +57,8 @@ class GenerationStats:
         self.finished = 0
         self.aborted = 0
         self.preempted = 0
+        # Requests refused because the engine could not take them in time (429 / UNAVAILABLE).
+        self.rejected = 0
         # Prefix caching, in tokens as vLLM counts them: prompt tokens looked up, and those found cached.
         self.prefix_cache_queries = 0
         self.prefix_cache_hits = 0
@@ -95,6 +97,10 @@ class GenerationStats:
     def record_aborted(self, count: int) -> None:
         with self._lock:
             self.aborted += count
+
+    def record_rejected(self, count: int = 1) -> None:
+        with self._lock:
+            self.rejected += count
 
     def record_preempted(self) -> None:
         with self._lock:
@@ -156,6 +162,11 @@ def generation_families(models: list[tuple[str, str, GenerationStats]]) -> Itera
         ),
         "preempted": CounterMetricFamily(
             "modeldock_llm_preemptions", "Sequences preempted for lack of KV cache blocks", labels=labels
+        ),
+        "rejected": CounterMetricFamily(
+            "modeldock_llm_requests_rejected",
+            "Requests refused because the engine was overloaded (waiting queue full, or the wait over max_queue_delay_ms)",
+            labels=labels,
         ),
         "prefix_cache_queries": CounterMetricFamily(
             "modeldock_llm_prefix_cache_queries",

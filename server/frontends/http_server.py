@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
 from server.core import InferenceServer
-from server.errors import InvalidInput, ModelDockError, Unsupported
+from server.errors import InvalidInput, ModelDockError, Overloaded, Unsupported
 from server.extensions.metrics import CONTENT_TYPE_LATEST
 from server.frontends.console.app import ConsoleSettings, console_app, console_redirect, restricted_headers
 from server.frontends.http_guard import HttpGuard
@@ -301,7 +301,10 @@ async def _answer_infer(
 def _error_answer(exc: ModelDockError) -> Answer:
     if exc.http_status >= 500:
         log.warning("request failed: %s", exc.message)
-    return _json_error(exc.http_status, exc.message)
+    status, headers, body = _json_error(exc.http_status, exc.message)
+    if isinstance(exc, Overloaded):  # a generation engine's refusal says when to come back
+        headers.append(("retry-after", exc.retry_after))
+    return status, headers, body
 
 
 def _json_error(status: int, message: str) -> Answer:
@@ -389,7 +392,8 @@ async def _send_answer(send: Send, answer: Answer) -> None:
 
 def _error_response(exc: ModelDockError) -> Response:
     status, _, body = _error_answer(exc)
-    return Response(body, status_code=status, media_type="application/json")
+    headers = {"Retry-After": exc.retry_after} if isinstance(exc, Overloaded) else None
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 def create_app(

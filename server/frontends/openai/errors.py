@@ -10,7 +10,7 @@ import orjson
 from fastapi.responses import Response
 from pydantic import ValidationError
 
-from server.errors import InvalidInput, ModelDockError, ModelNotFound, Unauthorized
+from server.errors import InvalidInput, ModelDockError, ModelNotFound, Overloaded, Unauthorized
 from server.frontends.openai.protocol import ErrorInfo, ErrorResponse
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,8 @@ def error_info(exc: ModelDockError) -> ErrorInfo:
         code = "model_not_found"
     elif isinstance(exc, Unauthorized):
         code = "invalid_api_key"
+    elif isinstance(exc, Overloaded):
+        code = "rate_limit_exceeded"
     return ErrorInfo(
         message=exc.message, type=_error_type(exc.http_status), param=getattr(exc, "param", None), code=code
     )
@@ -59,7 +61,8 @@ def error_info(exc: ModelDockError) -> ErrorInfo:
 
 def error_response(exc: ModelDockError) -> Response:
     body = ErrorResponse(error=error_info(exc)).model_dump()
-    return Response(orjson.dumps(body), status_code=exc.http_status, media_type="application/json")
+    headers = {"Retry-After": exc.retry_after} if isinstance(exc, Overloaded) else None
+    return Response(orjson.dumps(body), status_code=exc.http_status, media_type="application/json", headers=headers)
 
 
 def plain_error_response(status: int, message: str) -> Response:

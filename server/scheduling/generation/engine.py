@@ -12,6 +12,16 @@ cached blocks of its longest cached start already computed (see ``kv_blocks``), 
 prefilled once, and a preempted sequence gets back what no one else needed meanwhile; each block a step fills is
 named for the sequences after it.
 
+With n-gram speculation (``parameters.speculative``, see ``speculative``), a greedy decoding sequence runs its next
+token together with draft tokens copied from earlier in its own text, and keeps as many as the model's argmax at
+each of them confirms, plus the model's own next token: the same tokens as one at a time, in fewer steps. Rows
+that sample, follow a grammar or want log-probabilities do not speculate.
+
+Overload is answered, not queued without end: a request that finds ``max_waiting_seqs`` sequences already waiting
+(the running batch or the KV cache being full), or whose wait, predicted from the rate at which the engine has been
+admitting sequences, would exceed ``parameters.max_queue_delay_ms``, is refused at once with ``Overloaded`` (429 and
+``Retry-After``); one that has waited longer than that all the same is refused when the delay passes.
+
 The model runs on one thread per engine; the event loop only hands requests in and takes chunks out.
 """
 
@@ -30,10 +40,11 @@ from typing import Any
 
 from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
-from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady
+from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady, Overloaded
 from server.extensions.generation_metrics import GenerationStats
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
+from server.scheduling.generation.speculative import NgramDrafter, SpeculativeConfig
 from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams, TokenLogprobs
 from server.scheduling.generation.sampling import SequenceSampler, StepSampler, TokenTexts, prompt_logprobs
@@ -41,6 +52,12 @@ from server.scheduling.generation.sampling import SequenceSampler, StepSampler, 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NUM_SEQS = 64
+# Sequences that may wait for admission, by default, per sequence the engine may run: enough to keep the batch full
+# between admissions, few enough that a flood is answered with 429s rather than growing memory and latency.
+DEFAULT_WAITING_PER_RUNNING = 4
+# Admissions the predicted wait is worked out from (the latest ones), and how many it needs before predicting.
+_ADMISSION_WINDOW = 64
+_ADMISSIONS_TO_PREDICT = 8
 DEFAULT_BLOCK_SIZE = 16
 DEFAULT_KV_CACHE_MB = 1024
 # Tokens one step may run, by default. On a GPU a step of 2,048 tokens costs little more than a step of a few, so
@@ -68,6 +85,11 @@ class EngineLimits:
     # Tokens one step may run, decoding ones included; longer prompts are prefilled in chunks over several steps.
     max_num_batched_tokens: int
     enable_prefix_caching: bool = True
+    speculative: SpeculativeConfig | None = None
+    # Overload: sequences that may wait for admission, and the longest wait before a request is refused (None: no
+    # limit on the wait).
+    max_waiting_seqs: int = DEFAULT_MAX_NUM_SEQS * DEFAULT_WAITING_PER_RUNNING
+    max_queue_delay_s: float | None = None
 
     @classmethod
     def from_config(cls, config: ModelConfig, backend: GenerativeBackend) -> EngineLimits:
@@ -94,7 +116,13 @@ class EngineLimits:
             max(DEFAULT_GPU_BATCHED_TOKENS, max_model_len) if backend.device.is_gpu else DEFAULT_CPU_BATCHED_TOKENS
         )
         caching = config.bool_parameter("enable_prefix_caching", default=True)
-        return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched, caching)
+        speculative = SpeculativeConfig.from_parameter(config.name, config.parameters.get("speculative"))
+        waiting = config.int_parameter("max_waiting_seqs", minimum=1) or max_num_seqs * DEFAULT_WAITING_PER_RUNNING
+        delay_ms = config.int_parameter("max_queue_delay_ms", minimum=1)
+        delay = delay_ms / 1000 if delay_ms else None
+        return cls(
+            max_num_seqs, max_model_len, block_size, num_blocks, batched, caching, speculative, waiting, delay
+        )
 
 
 @dataclass(eq=False)
@@ -120,6 +148,12 @@ class Sequence:
     # Prefix caching: the names of its full blocks so far, and how many of its blocks are named in the cache.
     block_hashes: list[int] = field(default_factory=list)
     named_blocks: int = 0
+    # Speculation: its prompt lookup, and the draft tokens of the step in progress (run after its next token).
+    drafter: NgramDrafter | None = None
+    drafts: list[int] = field(default_factory=list)
+    retired: bool = False
+    # Whether it was ever admitted (only a request that never started is refused for waiting too long).
+    admitted: bool = False
     # Log-probabilities: the prompt's (filled while it is prefilled, sent with the first token), the last token's.
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     token_logprobs: TokenLogprobs | None = None
@@ -131,6 +165,10 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    def step_tokens(self, count: int) -> list[int]:
+        """The tokens this step runs for it: ``count`` uncomputed ones, its drafts last."""
+        return self.uncomputed(count - len(self.drafts)) + self.drafts if self.drafts else self.uncomputed(count)
 
     def uncomputed(self, count: int) -> list[int]:
         """The next ``count`` tokens whose KV is not cached (without copying the whole sequence when decoding)."""
@@ -161,6 +199,8 @@ class GenerationEngine:
         self._stopping = False
         # Chunks produced by the step in progress, handed to their event loops in one call each when it ends.
         self._outgoing: list[tuple[Sequence, GenerationOutput | BaseException]] = []
+        # When the latest sequences were admitted: the rate that predicts how long a new request would wait.
+        self._admissions: deque[float] = deque(maxlen=_ADMISSION_WINDOW)
         self.token_texts = TokenTexts(self.tokenizer)
         self._sampler = StepSampler(backend.vocab_size, self.token_texts)
         # Structured outputs' grammar compiler (``server.structured_output``), made by the first request needing it.
@@ -213,6 +253,10 @@ class GenerationEngine:
         """Chunks of the completion as they are produced; closing the iterator aborts the sequence."""
         if self._stopping:
             raise ModelNotReady(f"model '{self.name}' is unloading")
+        refusal = self._refusal()
+        if refusal is not None:
+            self.stats.record_rejected()
+            raise refusal
         prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
         max_tokens = self.check_lengths(prompt_ids, request.sampling)
         loop = asyncio.get_running_loop()
@@ -236,6 +280,7 @@ class GenerationEngine:
             detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
             arrival=time.monotonic(),
             end_token_ids=end_token_ids,
+            drafter=NgramDrafter(self.limits.speculative) if self.limits.speculative else None,
         )
         with self._wake:
             self._incoming.append(sequence)
@@ -271,6 +316,64 @@ class GenerationEngine:
         assert sampling.structured_outputs is not None
         compiled = await asyncio.wrap_future(self._grammars.compile(sampling.structured_outputs))
         return self._grammars.matcher(compiled, end_token_ids)
+
+    def predicted_wait(self, ahead: int) -> float | None:
+        """Seconds until ``ahead`` more sequences have been admitted, at the rate of the latest admissions; None
+        until there have been enough of them to tell."""
+        admissions = list(self._admissions)
+        if len(admissions) < _ADMISSIONS_TO_PREDICT:
+            return None
+        span = admissions[-1] - admissions[0]
+        if span <= 0:
+            return 0.0
+        # A stall since the last admission counts: the rate is no better than what the engine shows now.
+        since = max(0.0, time.monotonic() - admissions[-1])
+        return max(ahead * span / (len(admissions) - 1), since)
+
+    def _refusal(self) -> Overloaded | None:
+        """Why a new request cannot be taken in time, or None: the waiting queue is full, or the predicted wait
+        exceeds the model's ``max_queue_delay_ms``."""
+        waiting = len(self._waiting) + len(self._incoming)
+        full = waiting or len(self._running) >= self.limits.max_num_seqs
+        if not full:
+            return None
+        wait = self.predicted_wait(waiting + 1)
+        if waiting >= self.limits.max_waiting_seqs:
+            return Overloaded(
+                f"model '{self.name}' is overloaded: {waiting} requests are waiting for room in its running batch "
+                f"(parameters.max_waiting_seqs {self.limits.max_waiting_seqs}); retry later",
+                wait or 1.0,
+            )
+        delay = self.limits.max_queue_delay_s
+        if delay is not None and wait is not None and wait > delay:
+            return Overloaded(
+                f"model '{self.name}' is overloaded: a new request would wait about {wait * 1000:.0f} ms to start, "
+                f"over parameters.max_queue_delay_ms {delay * 1000:.0f}; retry later",
+                wait,
+            )
+        return None
+
+    def _expire_waiting(self) -> None:
+        """Refuse the requests that have waited past ``max_queue_delay_ms`` without starting."""
+        delay = self.limits.max_queue_delay_s
+        if delay is None or not self._waiting:
+            return
+        now = time.monotonic()
+        expired = [s for s in self._waiting if not s.admitted and now - s.arrival > delay]
+        if not expired:
+            return
+        self._waiting = deque(s for s in self._waiting if s.admitted or now - s.arrival <= delay)
+        wait = self.predicted_wait(len(self._waiting) + 1) or delay
+        for sequence in expired:
+            self._deliver(
+                sequence,
+                Overloaded(
+                    f"model '{self.name}' is overloaded: the request waited {(now - sequence.arrival) * 1000:.0f} ms "
+                    f"without starting, over parameters.max_queue_delay_ms {delay * 1000:.0f}; retry later",
+                    wait,
+                ),
+            )
+        self.stats.record_rejected(len(expired))
 
     def abort(self, sequence_id: int) -> None:
         with self._wake:
@@ -312,6 +415,7 @@ class GenerationEngine:
                 aborted, self._aborted = self._aborted, set()
             if aborted:
                 self._drop(aborted)
+            self._expire_waiting()
             try:
                 self._step()
             except Exception as exc:  # a model failure fails the sequences of this step, not the engine
@@ -352,7 +456,8 @@ class GenerationEngine:
         started = time.perf_counter()
         work = self._schedule()
         if work:
-            kind = "decode" if all(count == 1 and s.computed == s.length - 1 for s, count in work) else "mixed"
+            decoding = all(count - len(s.drafts) == 1 and s.computed == s.length - 1 for s, count in work)
+            kind = "decode" if decoding else "mixed"
             forward = self._run(work)
             tokens = sum(count for _, count in work)
             self.stats.record_step(kind, time.perf_counter() - started, forward, tokens)
@@ -368,10 +473,10 @@ class GenerationEngine:
         prefilling: list[Sequence] = []
         for sequence in self._running:
             if sequence.length - sequence.computed == 1:
-                work.append((sequence, 1))
+                work.append((sequence, 1 + self._draft(sequence)))
             else:
                 prefilling.append(sequence)
-        budget = max(1, self.limits.max_num_batched_tokens - len(work))
+        budget = max(1, self.limits.max_num_batched_tokens - sum(count for _, count in work))
         for sequence in prefilling:
             if budget <= 0:
                 break
@@ -394,10 +499,35 @@ class GenerationEngine:
                 self.stats.record_prefix_cache(tokens, sequence.computed)
             self._waiting.popleft()
             self._running.append(sequence)
+            if not sequence.admitted:
+                sequence.admitted = True
+                self._admissions.append(time.monotonic())
             count = min(tokens - sequence.computed, budget)
             work.append((sequence, count))
             budget -= count
+        if any(s.drafts for s, _ in work) and any(s.sampling.prompt_logprobs is not None for s, _ in work):
+            # A step that keeps prompt logits keeps every token's; drafts wait for a step without them.
+            work = [(s, count - len(s.drafts)) for s, count in work]
+            for sequence, _ in work:
+                sequence.drafts = []
         return work
+
+    def _draft(self, sequence: Sequence) -> int:
+        """Propose a decoding sequence's drafts for this step (when it may speculate and the cache has room for
+        them); returns how many."""
+        if sequence.drafter is None or not sequence.sampler.plain_greedy:
+            return 0
+        # Accepted drafts and the model's next token must fit the request's and the model's limits.
+        room = min(sequence.max_tokens - len(sequence.output_ids), self.limits.max_model_len - sequence.length) - 1
+        drafts = sequence.drafter.propose(sequence.token_ids, room)
+        if not drafts:
+            return 0
+        try:
+            self.blocks.grow(sequence.block_table, sequence.length + len(drafts))
+        except OutOfBlocks:
+            return 0
+        sequence.drafts = drafts
+        return len(drafts)
 
     def _cached_prefix(self, sequence: Sequence) -> list[int]:
         """The cached blocks a sequence may start with: its longest cached start, short of its last token, which
@@ -443,7 +573,8 @@ class GenerationEngine:
     def _run(self, work: list[tuple[Sequence, int]]) -> float:
         """Run one step's work and advance its sequences; returns the seconds the forward pass took."""
         # A sequence whose prompt is still being prefilled in chunks has nothing to sample yet.
-        rows = [row for row, (s, count) in enumerate(work) if s.computed + count == s.length]
+        rows = [row for row, (s, count) in enumerate(work) if s.computed + count - len(s.drafts) == s.length]
+        verify = [row for row in rows if work[row][0].drafts]
         full = [row for row in rows if self._needs_logits(work[row][0])]
         # Sequences whose prompt log-probabilities are being worked out, chunk by chunk, until the first token.
         prompt_rows = [
@@ -452,13 +583,14 @@ class GenerationEngine:
             if s.sampling.prompt_logprobs is not None and s.first_token_at is None and s.computed < len(s.prompt_ids)
         ]
         batch = StepBatch(
-            token_ids=[s.uncomputed(count) for s, count in work],
+            token_ids=[s.step_tokens(count) for s, count in work],
             start=[s.computed for s, _ in work],
             block_tables=[s.block_table for s, _ in work],
             block_size=self.blocks.block_size,
             sample_rows=rows,
             full_rows=full,
             prompt_logit_rows=prompt_rows,
+            verify_rows=verify,
         )
         started = time.perf_counter()
         result = self.backend.forward(batch)
@@ -467,6 +599,8 @@ class GenerationEngine:
             self._add_prompt_logprobs(work[row][0], logits)
         naming = self.blocks.enable_prefix_caching
         for sequence, count in work:
+            if sequence.drafts:
+                continue  # what it computed depends on how many of its drafts hold (below)
             sequence.computed += count
             if naming:
                 self._name_full_blocks(sequence)
@@ -478,9 +612,32 @@ class GenerationEngine:
                 tokens[row] = token
                 work[row][0].token_logprobs = logprobs
         now = time.monotonic()
+        checked = dict(zip(verify, result.verify_argmax, strict=True))
         for row in rows:
-            self._advance(work[row][0], tokens[row], now)
+            sequence = work[row][0]
+            if not sequence.drafts:
+                self._advance(sequence, tokens[row], now)
+                continue
+            self._accept_drafts(sequence, checked[row], now)
         return forward
+
+    def _accept_drafts(self, sequence: Sequence, predicted: list[int], now: float) -> None:
+        """Keep the drafts the model's argmax agrees with, then its own choice after the last of them.
+
+        ``predicted[i]`` is the argmax after the sequence's last token and the first ``i`` drafts. The KV of the
+        last token and of each kept draft is now in the cache; a rejected draft's is overwritten later."""
+        drafts, sequence.drafts = sequence.drafts, []
+        kept = 0
+        while kept < len(drafts) and drafts[kept] == predicted[kept]:
+            kept += 1
+        sequence.computed += 1 + kept
+        self.stats.record_speculation(len(drafts), kept)
+        for token in [*drafts[:kept], predicted[kept]]:
+            self._advance(sequence, token, now)
+            if sequence.retired:
+                return
+        if self.blocks.enable_prefix_caching:
+            self._name_full_blocks(sequence)
 
     @staticmethod
     def _needs_logits(sequence: Sequence) -> bool:
@@ -557,6 +714,7 @@ class GenerationEngine:
         notify: bool = True,
     ) -> None:
         self._running.remove(sequence)
+        sequence.retired = True
         self.blocks.release(sequence.block_table)
         if error is not None:
             self._deliver(sequence, error)

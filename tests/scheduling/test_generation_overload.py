@@ -1,0 +1,162 @@
+"""Overload answered, not queued without end: a generation engine refuses what it cannot start in time, at once,
+with 429 and Retry-After (OpenAI's shape on /v1), UNAVAILABLE on gRPC, and keeps serving the requests it took."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from backends.transformers import TransformersBackend  # noqa: E402
+from model_repository.language_models import build_causal_lm  # noqa: E402
+from server.config import ModelConfig  # noqa: E402
+from server.devices import CPU  # noqa: E402
+from server.errors import Overloaded  # noqa: E402
+from server.extensions.generation_metrics import GenerationStats  # noqa: E402
+from server.protocol.generation import GenerateRequest, SamplingParams  # noqa: E402
+from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from tests.conftest import ServerProcess  # noqa: E402
+
+LONG = 200  # tokens: holds the only seat for a while
+
+
+def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
+    config = TransformersBackend.auto_complete_config(
+        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
+    )
+    backend = TransformersBackend(config, folder, CPU)
+    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
+
+
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+async def run(engine: GenerationEngine, max_tokens: int) -> int:
+    request = GenerateRequest("t", prompt="Hello world", sampling=greedy(max_tokens))
+    return len([t async for o in engine.generate(request) for t in o.token_ids])
+
+
+async def test_a_full_waiting_queue_refuses_at_once_and_the_accepted_requests_finish(causal_lm_dir: Path) -> None:
+    engine = make_engine(causal_lm_dir, max_num_seqs="1", max_waiting_seqs="2")
+    try:
+        taken = [asyncio.create_task(run(engine, LONG))]
+        await asyncio.sleep(0.1)  # the first holds the seat
+        taken += [asyncio.create_task(run(engine, 5)) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="max_waiting_seqs 2") as refused:
+            await run(engine, 5)
+        assert time.perf_counter() - started < 0.05
+        assert refused.value.http_status == 429 and int(refused.value.retry_after) >= 1
+        assert await asyncio.gather(*taken) == [LONG, 5, 5]
+        assert engine.stats.rejected == 1
+    finally:
+        engine.stop()
+
+
+async def test_a_request_that_waits_past_the_delay_is_refused_when_it_passes(causal_lm_dir: Path) -> None:
+    engine = make_engine(causal_lm_dir, max_num_seqs="1", max_queue_delay_ms="150")
+    try:
+        first = asyncio.create_task(run(engine, LONG))
+        await asyncio.sleep(0.1)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="max_queue_delay_ms 150"):
+            await run(engine, 5)
+        assert 0.14 < time.perf_counter() - started < 1.0
+        assert await first == LONG
+    finally:
+        engine.stop()
+
+
+async def test_a_predicted_wait_over_the_delay_is_refused_before_it_queues(causal_lm_dir: Path) -> None:
+    """After enough admissions the engine knows its rate: with one seat and answers of 40 tokens, a queue of three
+    means far more than 20 ms of waiting, so a fourth request is refused without waiting at all."""
+    engine = make_engine(causal_lm_dir, max_num_seqs="1", max_queue_delay_ms="20")
+    try:
+        for _ in range(10):
+            await run(engine, 40)
+        wait = engine.predicted_wait(3)
+        assert wait is not None and wait > 0.02
+        taken = [asyncio.create_task(run(engine, 40)) for _ in range(2)]
+        await asyncio.sleep(0.02)
+        started = time.perf_counter()
+        with pytest.raises(Overloaded, match="would wait about"):
+            await run(engine, 40)
+        assert time.perf_counter() - started < 0.01
+        await asyncio.gather(*taken, return_exceptions=True)
+    finally:
+        engine.stop()
+
+
+# -- end to end: the OpenAI route, the generate extension and gRPC -----------------------------------------------------
+MODEL = "busy_lm"
+
+
+@pytest.fixture(scope="module")
+def busy_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    repository = tmp_path_factory.mktemp("overload") / "models"
+    build_causal_lm(repository / MODEL / "1", n_positions=2048)
+    (repository / MODEL / "config.yaml").write_text(
+        "backend: transformers\nparameters:\n  max_num_seqs: 1\n  max_waiting_seqs: 1\n"
+    )
+    server = start_server(repository)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{server.url}/v2/models/{MODEL}/ready").status_code != 200:
+        assert time.monotonic() < deadline, server.log()
+        time.sleep(0.2)
+    return server
+
+
+@pytest.mark.slow
+async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an_error(busy_server: ServerProcess) -> None:
+    import openai
+    import tritonclient.grpc as grpcclient
+
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+    async with httpx.AsyncClient(base_url=busy_server.url, timeout=120) as http:
+        # One request runs (the only seat), one waits (the only waiting place): the engine is full.
+        holders = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
+        await asyncio.sleep(1.0)
+
+        client = openai.AsyncOpenAI(base_url=f"{busy_server.url}/v1", api_key="unused", max_retries=0)
+        started = time.perf_counter()
+        with pytest.raises(openai.RateLimitError) as refused:
+            await client.completions.create(model=MODEL, prompt="Hi", max_tokens=5)
+        assert time.perf_counter() - started < 0.5
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        error = refused.value.response.json()["error"]
+        assert error["code"] == "rate_limit_exceeded" and "max_waiting_seqs" in error["message"]
+
+        generate = await http.post(f"/v2/models/{MODEL}/generate", json={"text_input": "Hi", "max_tokens": 5})
+        assert generate.status_code == 429 and int(generate.headers["retry-after"]) >= 1
+        assert "overloaded" in generate.json()["error"]
+
+        results: queue.Queue = queue.Queue()
+        grpc = grpcclient.InferenceServerClient(busy_server.grpc_url)
+        grpc.start_stream(callback=lambda result, error: results.put((result, error)))
+        try:
+            text = grpcclient.InferInput("text_input", [1], "BYTES")
+            text.set_data_from_numpy(np.array([b"Hi"], dtype=object))
+            grpc.async_stream_infer(MODEL, [text], request_id="busy")
+            result, error = await asyncio.to_thread(results.get, timeout=30)
+            # A stream carries a failed request's message only (Triton's ModelStreamInferResponse.error_message).
+            assert result is None and "overloaded" in error.message()
+        finally:
+            grpc.stop_stream()
+
+        answers = await asyncio.gather(*holders)
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all(a.json()["usage"]["completion_tokens"] == 1500 for a in answers)
+    metrics = httpx.get(f"{busy_server.url}/metrics").text
+    rejected = [line for line in metrics.splitlines() if line.startswith("modeldock_llm_requests_rejected")]
+    assert rejected and float(rejected[0].split()[-1]) >= 3
