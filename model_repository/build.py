@@ -177,6 +177,9 @@ def build(out: Path = HERE) -> list[Path]:
     from model_repository.gguf_models import build_gguf_models
 
     written += build_gguf_models(out)
+    from model_repository.llama_models import build_vllm_models
+
+    written += build_vllm_models(out)
     written += build_diffusion_models(out)
     return written
 

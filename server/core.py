@@ -217,7 +217,13 @@ class InferenceServer:
             yield response
 
     async def generate(self, name: str, version: str, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
-        """Text generation on a causal language model: chunks of new text as the engine produces them."""
+        """Text generation on a causal language model: chunks of new text as the engine produces them.
+
+        ``name`` may also be a LoRA adapter its engine serves (``model:adapter`` or the adapter's own name), which
+        the request then names."""
+        name, adapter = self.models.adapter_target(name)
+        if adapter is not None:
+            request.adapter = adapter
         with self.admission.admit():
             stream = self.models.get(name, version).generate(request)
             try:
@@ -246,8 +252,13 @@ class InferenceServer:
         return tokenizer, max_model_len
 
     def model_task(self, name: str, version: str = "") -> str:
-        """``generate`` or ``embed`` for a ready language model, "" for any other ready model."""
-        return self.models.get(name, version).task
+        """``generate`` or ``embed`` for a ready language model (or a LoRA adapter one serves), "" for any other
+        ready model."""
+        return self.models.get(self.models.adapter_target(name)[0], version).task
+
+    def adapter_models(self) -> list[str]:
+        """The names LoRA adapters are served under, as models of their own (``model:adapter`` and ``adapter``)."""
+        return self.models.adapter_models()
 
     # -- statistics ---------------------------------------------------------------------------------------
     def model_statistics(self, name: str = "", version: str = "") -> dict[str, Any]:

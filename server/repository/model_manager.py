@@ -123,6 +123,17 @@ class ServedVersion:
         """``generate`` or ``embed`` for language models (``parameters.task``, filled in by their backend); else ""."""
         return self.config.parameters.get("task", "")
 
+    @property
+    def engine_backend(self) -> EngineBackend | None:
+        """The backend of a version served by a library's own engine (vLLM, llama.cpp), else None."""
+        backend = getattr(self.pool.instances[0], "backend", None) if self.pool is not None else None
+        return backend if isinstance(backend, EngineBackend) else None
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters its engine serves (``backend: vllm``); each is also served as a model of its own."""
+        return list(getattr(self.engine_backend, "adapters", ()))
+
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
         generate = getattr(self.scheduler, "generate", None)
         if generate is None:
@@ -241,8 +252,14 @@ class ModelManager:
     ) -> None:
         """Load (or reload) a model from its repository folder, or from ``files`` sent with the request.
 
-        Raises ``ModelLoadError`` if nothing new could be served; what was serving then keeps serving.
+        Raises ``ModelLoadError`` if nothing new could be served; what was serving then keeps serving. A name
+        ``model:adapter`` that is not in the repository loads a LoRA adapter into the loaded model's engine instead
+        (see ``load_adapter``).
         """
+        target = self._adapter_name(name)
+        if target is not None:
+            await self.load_adapter(*target, config_override)
+            return
         async with self.model_lock(name):
             if files:
                 if config_override is None:
@@ -404,7 +421,70 @@ class ModelManager:
             record.state = ModelState.UNAVAILABLE
             record.versions = {}
 
+    # -- LoRA adapters of engines that serve them ------------------------------------------------------------------
+    def _adapter_name(self, name: str) -> tuple[str, str] | None:
+        """``(model, adapter)`` for a repository API name ``model:adapter`` whose model is loaded, else None."""
+        base, sep, adapter = name.rpartition(":")
+        if not sep or not base or self.repository.locate(name) is not None or base not in self.records:
+            return None
+        return base, adapter
+
+    async def load_adapter(self, model: str, adapter: str, config_override: dict[str, Any] | None) -> None:
+        """Load (or replace) a LoRA adapter in every instance of a loaded model, without restarting its engine.
+
+        The adapter folder is the load request's ``config`` parameter ``{"parameters": {"lora_path": "..."}}``
+        (relative to the model folder unless absolute), or, without one, the folder the model's config lists under
+        that name in ``parameters.lora_adapters``.
+        """
+        async with self.model_lock(model):
+            served = self.get(model)
+            backend = served.engine_backend
+            if backend is None or not hasattr(backend, "add_adapter"):
+                raise InvalidInput(f"model '{model}' does not serve LoRA adapters (backend {served.config.backend})")
+            parameters = (config_override or {}).get("parameters") or {}
+            path = parameters.get("lora_path") if isinstance(parameters, dict) else None
+            if path is not None and not isinstance(path, str):
+                raise InvalidInput(f"load of '{model}:{adapter}': parameters.lora_path must be a folder path")
+            for instance in served.pool.instances if served.pool is not None else []:
+                await instance.backend.add_adapter(adapter, path)
+            log.info("model '%s': LoRA adapter '%s' loaded from %s", model, adapter, path)
+
+    async def unload_adapter(self, model: str, adapter: str) -> None:
+        async with self.model_lock(model):
+            served = self.get(model)
+            if adapter not in served.adapters:
+                raise ModelNotFound(f"model '{model}' has no LoRA adapter '{adapter}'")
+            for instance in served.pool.instances if served.pool is not None else []:
+                await instance.backend.remove_adapter(adapter)
+            log.info("model '%s': LoRA adapter '%s' unloaded", model, adapter)
+
+    def adapter_target(self, name: str) -> tuple[str, str | None]:
+        """The model that serves ``name`` and the LoRA adapter it names: a model's own name, ``model:adapter``, or
+        an adapter's bare name when one ready model serves an adapter of that name."""
+        if name in self.records:
+            return name, None
+        base, sep, adapter = name.rpartition(":")
+        if sep and base in self.records and self.is_ready(base) and adapter in self.get(base).adapters:
+            return base, adapter
+        for model in self.records:
+            if self.is_ready(model) and name in self.get(model).adapters:
+                return model, name
+        return name, None
+
+    def adapter_models(self) -> list[str]:
+        """Every name a LoRA adapter is served under: ``model:adapter`` and the adapter's own name."""
+        names: list[str] = []
+        for model in sorted(self.records):
+            if self.is_ready(model):
+                for adapter in self.get(model).adapters:
+                    names += [f"{model}:{adapter}", adapter]
+        return names
+
     async def unload(self, name: str) -> None:
+        target = self._adapter_name(name)
+        if target is not None:
+            await self.unload_adapter(*target)
+            return
         async with self.model_lock(name):
             record = self.records.get(name)
             if record is None:

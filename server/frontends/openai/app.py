@@ -123,6 +123,8 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     @app.get("/models")
     async def list_models() -> Response:
         names = sorted({row["name"] for row in core.repository_index(ready_only=True)})
+        # LoRA adapters are models of their own to OpenAI clients, after the models that serve them.
+        names += [name for name in core.adapter_models() if name not in names]
         cards = [c for c in (card(name) for name in names) if c is not None]
         return Response(ModelList(data=cards).model_dump_json(), media_type="application/json")
 
