@@ -281,7 +281,9 @@ class ToolCallStreamer:
                 self.content_sent = max(self.content_sent, safe)
                 return out
             content_end, self.region_start = found
-            out.content = self.text[self.content_sent : content_end]
+            # Only blanks before the calls are no content, as in ``extract_tool_calls``.
+            if self.content_sent or self.text[:content_end].strip():
+                out.content = self.text[self.content_sent : content_end]
             self.content_sent = content_end
         for index, call in enumerate(self.parser.partial_calls(self.text[self.region_start :])):
             if call.name is None:
