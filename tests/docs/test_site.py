@@ -25,3 +25,18 @@ def test_mkdocs_build_strict(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "site" / "reference" / "config" / "index.html").exists()
     assert (tmp_path / "site" / "console" / "index.html").exists()
+
+
+def test_performance_plots_draw_from_the_committed_results(tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("performance_plots", ROOT / "docs" / "performance_plots.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(tmp_path)
+    assert [path.name for path in written] == [f"bench-{run}.png" for run in module.RUNS]
+    for path in written:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        # The page shows the committed copy of each plot.
+        assert (ROOT / "docs" / "images" / path.name).exists()
