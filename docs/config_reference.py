@@ -50,8 +50,7 @@ NOTES: dict[str, str] = {
     "ModelConfig.batch_input": "Tensors the server builds per batch for ragged inputs.",
     "ModelConfig.model_transaction_policy": "Whether the model streams several responses per request.",
     "ModelConfig.ensemble_scheduling": "The steps of an ensemble (`platform: ensemble`).",
-    "ModelConfig.response_cache": "Answer identical requests from the server's response cache "
-    "(`--cache-config`).",
+    "ModelConfig.response_cache": "Answer identical requests from the server's response cache (`--cache-config`).",
     "TensorConfig.name": "The tensor's name, as the model and clients know it.",
     "TensorConfig.data_type": "Triton's type name: `TYPE_FP32`, `TYPE_INT64`, `TYPE_STRING`, ...",
     "TensorConfig.dims": "The shape without the batch dimension when batching is on; -1 for a variable size.",
@@ -221,7 +220,9 @@ def render() -> str:
             if bounds:
                 meaning = f"{meaning} ({bounds})" if meaning else bounds.capitalize()
             row = [f"`{field.alias or name}`", _type_name(field.annotation), _default(field), meaning]
-            out.append("| " + " | ".join(cell.replace("|", "\\|") if i != 1 else cell for i, cell in enumerate(row)) + " |")
+            out.append(
+                "| " + " | ".join(cell.replace("|", "\\|") if i != 1 else cell for i, cell in enumerate(row)) + " |"
+            )
         out.append("")
     return "\n".join(out)
 

@@ -11,7 +11,7 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -40,9 +40,12 @@ EXAMPLES = list(blocks())
 
 
 @pytest.fixture(scope="module")
-def examples_server(server: ServerProcess) -> ServerProcess:
-    """The shared server on the bundled repository, once every model that can load has loaded."""
-    deadline = time.monotonic() + 120
+def examples_server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
+    """A server on (a copy of) the bundled repository, once every model that can load has loaded. Its own, with a
+    longer start-up allowance than the shared one: the bundled repository holds every kind of model."""
+    server = start_server(bundled_repository, wait=False)
+    server.wait_ready(timeout=300)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         rows = httpx.post(f"{server.url}/v2/repository/index", json={}).json()
         if not any(row["state"] == "LOADING" for row in rows) and any(row["state"] == "READY" for row in rows):

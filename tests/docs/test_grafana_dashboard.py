@@ -5,18 +5,31 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import BUNDLED_REPOSITORY, ROOT, ServerProcess
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "modeldock.json"
 METRIC_NAME = re.compile(r"\b((?:nv|modeldock)_[a-zA-Z0-9_]+)\b")
 # Families every panel row must cover; language-model metrics may grow faster than the dashboard.
 MUST_CHART = ("nv_", "modeldock_inference_")
+
+
+@pytest.fixture(scope="module")
+def metrics_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tensor model, a batched one and a language model: every family of metrics the server has, at once."""
+    repository = tmp_path_factory.mktemp("grafana") / "models"
+    for name in ("simple", "mlp_classifier", "tiny_gpt"):
+        shutil.copytree(BUNDLED_REPOSITORY / name, repository / name)
+    server = start_server(repository, wait=False)
+    server.wait_ready(timeout=300)
+    return server
 
 
 def dashboard() -> dict[str, Any]:
@@ -64,8 +77,8 @@ def test_dashboard_is_well_formed() -> None:
 
 
 @pytest.mark.slow
-def test_dashboard_metrics_are_exposed_by_a_running_server(server: ServerProcess) -> None:
-    exposed = exposed_samples(server)
+def test_dashboard_metrics_are_exposed_by_a_running_server(metrics_server: ServerProcess) -> None:
+    exposed = exposed_samples(metrics_server)
     missing = sorted(queried_metrics() - exposed)
     assert not missing, f"the dashboard queries metrics the server does not expose: {missing}"
     families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in exposed if name.startswith(MUST_CHART)}
