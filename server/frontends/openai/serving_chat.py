@@ -152,6 +152,7 @@ class OpenAIServingChat(ServingEngine):
             logprobs_field="top_logprobs",
             structured=answer.structured_outputs,
         )
+        self.check_vocabulary(request.model, sampling)
         chat_id = request_id("chatcmpl")
         prompt = {
             "messages": message_dicts(request.messages),

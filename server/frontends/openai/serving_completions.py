@@ -72,6 +72,7 @@ class OpenAIServingCompletion(ServingEngine):
         sampling = self.sampling(
             request, request.max_tokens, "max_tokens", logprobs=request.logprobs, structured=constraint
         )
+        self.check_vocabulary(request.model, sampling)
         # The echoed prompt's logprobs come from the engine's prompt logprobs.
         first_tokens: list[str] = []
         if request.echo and request.logprobs is not None:

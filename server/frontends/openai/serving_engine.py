@@ -147,6 +147,18 @@ class ServingEngine:
         except ValidationError as exc:
             raise field_error(exc, {"max_tokens": max_tokens_field, "logprobs": logprobs_field}) from None
 
+    def check_vocabulary(self, model: str, sampling: SamplingParams) -> None:
+        """``logit_bias`` keys must be tokens of the model: refused by name here, before the engine sees them."""
+        if not sampling.logit_bias:
+            return
+        tokenizer, _ = self.core.language_model(model)
+        vocab = len(tokenizer)
+        outside = sorted(token for token in sampling.logit_bias if token >= vocab)
+        if outside:
+            raise OpenAIRequestError(
+                f"'logit_bias': token ids {outside[:5]} are outside the vocabulary (0..{vocab - 1})", "logit_bias"
+            )
+
     @staticmethod
     async def start(
         receive: Receive, stream: AsyncIterator[tuple[int, GenerationOutput]], answer_format: AnswerFormat | None
