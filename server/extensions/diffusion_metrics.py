@@ -96,7 +96,9 @@ class DenoisingCollector(Collector):
             return
         labels = ["model", "version"]
         step = HistogramMetricFamily(
-            "modeldock_diffusion_step_seconds", "Wall time of one denoising step (all images of its batch)", labels
+            "modeldock_diffusion_step_seconds",
+            "Wall time of one denoising step (all images of its batch)",
+            labels=labels,
         )
         steps = CounterMetricFamily("modeldock_diffusion_steps", "Denoising steps run", labels=labels)
         images = CounterMetricFamily("modeldock_diffusion_images", "Images generated", labels=labels)

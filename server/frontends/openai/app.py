@@ -34,6 +34,7 @@ from server.frontends.openai.serving_chat import OpenAIServingChat
 from server.frontends.openai.serving_completions import OpenAIServingCompletion
 from server.frontends.openai.serving_embeddings import OpenAIServingEmbedding
 from server.frontends.openai.serving_engine import ModelNotFoundError
+from server.frontends.openai.serving_images import ImageGenerationRequest, OpenAIServingImages
 from server.frontends.openai.serving_responses import OpenAIServingResponses
 from server.frontends.openai.serving_tokenization import OpenAIServingTokenization
 
@@ -58,6 +59,7 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     chat = OpenAIServingChat(core)
     completions = OpenAIServingCompletion(core)
     embeddings = OpenAIServingEmbedding(core)
+    images = OpenAIServingImages(core)
     responses = OpenAIServingResponses(core)
     tokenization = OpenAIServingTokenization(core)
 
@@ -89,6 +91,10 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     @app.post("/embeddings")
     async def create_embeddings(request: Request) -> Response:
         return await embeddings.create(await _body(request, EmbeddingRequest))
+
+    @app.post("/images/generations")
+    async def create_images(request: Request) -> Response:
+        return await images.create(await _body(request, ImageGenerationRequest))
 
     @app.post("/responses")
     async def create_response(request: Request) -> Response:
