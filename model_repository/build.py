@@ -181,7 +181,24 @@ def build(out: Path = HERE) -> list[Path]:
 
     written += build_vllm_models(out)
     written += build_diffusion_models(out)
+    written += build_speech_models(out)
     return written
+
+
+def build_speech_models(out: Path) -> list[Path]:
+    """``tiny_whisper`` (speech to text) and ``tiny_tts`` (text to speech, VITS), see ``speech_models.py``.
+
+    Needs the llm extra; without it the committed folders are left alone.
+    """
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        print("note: transformers is not installed; tiny_whisper and tiny_tts not rebuilt (pip install 'modeldock[llm]')")
+        return []
+    from model_repository.speech_models import build_vits, build_whisper
+
+    folders = [build_whisper(out / "tiny_whisper" / "1"), build_vits(out / "tiny_tts" / "1")]
+    return sorted(path for folder in folders for path in folder.iterdir())
 
 
 def build_language_models(out: Path) -> list[Path]:

@@ -3,7 +3,8 @@
 A version folder holds what ``save_pretrained`` writes (``config.json``, weights, tokenizer files), or
 ``parameters.model_path`` names such a folder. Nothing is ever downloaded: every load is local-files-only.
 The task comes from the architecture in ``config.json`` (a ``...ForCausalLM``/``...LMHeadModel`` generates,
-anything else embeds) unless ``parameters.task`` says ``generate`` or ``embed``.
+a speech-recognition architecture transcribes, a text-to-waveform one speaks, anything else embeds) unless
+``parameters.task`` says which; the speech tasks live in ``speech_tasks.py`` and the modules it names.
 
 Generation runs through the engine in ``server.scheduling.generation``: this backend owns the weights and the KV
 cache memory and runs one step at a time. Embeddings are ordinary batches: mean-pooled, L2-normalised.
@@ -21,6 +22,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import GenerativeBackend, StepBatch, StepResult
+from backends.transformers.speech_tasks import SPEECH_TASKS, complete_speech_config, load_speech_model, speech_task
 from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
@@ -29,7 +31,7 @@ from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadErro
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
-TASKS = ("generate", "embed")
+TASKS = ("generate", "embed", *SPEECH_TASKS)
 DTYPES = ("float32", "float16", "bfloat16")
 _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DEFAULT_EMBED_BATCH = 32
@@ -67,7 +69,9 @@ def detect_task(config: ModelConfig, folder: Path) -> str:
         raise ConfigError(
             f"{config_file}: no 'architectures' to tell the task from; set parameters.task to generate or embed"
         )
-    return "generate" if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures) else "embed"
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+        return "generate"
+    return speech_task(architectures) or "embed"
 
 
 def _model_process(config: ModelConfig, device: Device) -> bool:
@@ -112,6 +116,8 @@ class TransformersBackend(GenerativeBackend):
             raise ConfigError(f"field 'parameters.dtype': expected one of {list(DTYPES)}, got '{dtype}'")
         config = config.model_copy(deep=True)
         config.parameters["task"] = task
+        if task in SPEECH_TASKS:
+            return complete_speech_config(task, config)
         if task == "generate":
             if config.max_batch_size:
                 raise ConfigError(
@@ -161,6 +167,11 @@ class TransformersBackend(GenerativeBackend):
         default_dtype = "bfloat16" if self.torch_device.type == "cuda" else "float32"
         self.dtype = getattr(torch, config.parameters.get("dtype") or default_dtype)
         self._worker: Any = None
+        self._speech: Any = None
+        if self.task in SPEECH_TASKS:
+            with _LOAD_LOCK:
+                self._speech = load_speech_model(self.task, config, folder, self.torch_device, self.dtype)
+            return
         if self.task == "generate" and _model_process(config, device):
             self._start_worker(config, version_dir, device, folder)
             return
@@ -343,6 +354,8 @@ class TransformersBackend(GenerativeBackend):
 
     # -- embeddings ----------------------------------------------------------------------------------------------
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
+        if self._speech is not None:
+            return self._speech.execute(inputs, output_names)  # type: ignore[no-any-return]
         if self.task == "generate":
             return super().execute(inputs, output_names)
         texts = []
@@ -367,6 +380,7 @@ class TransformersBackend(GenerativeBackend):
         if self._worker is not None:
             self._worker.stop()
             return
+        self._speech = None
         self._cache = None
         self.model = None
         if self.torch_device.type == "cuda":

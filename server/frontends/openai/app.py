@@ -30,6 +30,7 @@ from server.frontends.openai.protocol import (
     ResponsesRequest,
     TokenizeRequest,
 )
+from server.frontends.openai.serving_audio import OpenAIServingAudio, SpeechRequest
 from server.frontends.openai.serving_chat import OpenAIServingChat
 from server.frontends.openai.serving_completions import OpenAIServingCompletion
 from server.frontends.openai.serving_embeddings import OpenAIServingEmbedding
@@ -39,7 +40,7 @@ from server.frontends.openai.serving_responses import OpenAIServingResponses
 from server.frontends.openai.serving_tokenization import OpenAIServingTokenization
 
 API_KEY_ENV = "MODELDOCK_OPENAI_API_KEY"
-LANGUAGE_TASKS = ("generate", "embed")
+LANGUAGE_TASKS = ("generate", "embed", "transcribe", "speak")
 Body = TypeVar("Body", bound=BaseModel)
 
 
@@ -62,6 +63,7 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     images = OpenAIServingImages(core)
     responses = OpenAIServingResponses(core)
     tokenization = OpenAIServingTokenization(core)
+    audio = OpenAIServingAudio(core)
 
     async def authorize(request: Request) -> None:
         if api_key is None:
@@ -118,6 +120,18 @@ def create_openai_app(core: InferenceServer, api_key: str | None = None) -> Fast
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
         return await tokenization.detokenize(await _body(request, DetokenizeRequest))
+
+    @app.post("/audio/transcriptions")
+    async def create_transcription(request: Request) -> Response:
+        return await audio.transcribe(request, "transcribe")
+
+    @app.post("/audio/translations")
+    async def create_translation(request: Request) -> Response:
+        return await audio.transcribe(request, "translate")
+
+    @app.post("/audio/speech")
+    async def create_speech(request: Request) -> Response:
+        return await audio.speak(await _body(request, SpeechRequest))
 
     def card(name: str) -> ModelCard | None:
         try:

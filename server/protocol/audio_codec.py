@@ -1,0 +1,142 @@
+"""Audio files in and out: decoding an uploaded file to mono float samples at a model's rate, encoding samples back.
+
+Decoding and encoding go through libsndfile (the ``soundfile`` package, whose wheels bundle libsndfile 1.2: WAV,
+FLAC, OGG Vorbis/Opus and MP3 both ways), so no ffmpeg binary is needed. The format is read from the file's own
+header, never from its name. Resampling uses ``soxr`` (libsoxr's high-quality band-limited resampler, the one
+librosa itself defaults to): it is one small wheel with no other dependencies, where librosa would bring numba and
+scipy for the same call. Both are in the ``audio`` extra; without it the first call says which command installs them.
+
+Limits are checked before the work: a file's duration comes from its header, so an hour-long upload is refused
+before a sample of it is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+
+from server.errors import InvalidInput
+
+AUDIO_EXTRA = 'pip install "modeldock[audio]"'
+# What ``encode_audio`` writes, with libsndfile's container and sample format for each.
+ENCODINGS: dict[str, tuple[str, str | None]] = {
+    "wav": ("WAV", "PCM_16"),
+    "flac": ("FLAC", "PCM_16"),
+    "mp3": ("MP3", "MPEG_LAYER_III"),
+    "opus": ("OGG", "OPUS"),
+}
+# ``pcm``: raw 16-bit little-endian samples with no header, as OpenAI's ``pcm`` format is.
+SPEECH_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
+MEDIA_TYPES = {
+    "wav": "audio/wav",
+    "flac": "audio/flac",
+    "pcm": "audio/pcm",
+    "mp3": "audio/mpeg",
+    "opus": "audio/ogg",
+}
+# Opus codes only these rates; other rates are resampled to 48 kHz first.
+_OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+
+class AudioError(InvalidInput):
+    """An upload that is not audio, or audio over a limit; ``param`` names the field it came in."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _soundfile() -> Any:
+    try:
+        import soundfile
+    except ImportError as exc:
+        raise InvalidInput(f"audio needs soundfile and soxr ({exc}): {AUDIO_EXTRA}") from None
+    return soundfile
+
+
+def resample(samples: np.ndarray, from_rate: int, to_rate: int) -> np.ndarray:
+    """``samples`` (1-D float32) from one sample rate to another; a copy only when the rates differ."""
+    if from_rate == to_rate:
+        return samples
+    try:
+        import soxr
+    except ImportError as exc:
+        raise InvalidInput(f"resampling audio needs soxr ({exc}): {AUDIO_EXTRA}") from None
+    return np.asarray(soxr.resample(samples, from_rate, to_rate, quality="HQ"), dtype=np.float32)
+
+
+def decode_audio(
+    data: bytes, sample_rate: int | None, *, max_seconds: float, param: str = "file"
+) -> tuple[np.ndarray, int]:
+    """An encoded file (WAV, FLAC, OGG, MP3...) as mono float32 samples at ``sample_rate`` (the file's own rate
+    when None), and that rate.
+
+    Channels are averaged, as Whisper's own preprocessing does. Raises ``AudioError`` naming ``param`` when the
+    bytes are not audio libsndfile reads, when the file is empty, or when it lasts longer than ``max_seconds``.
+    """
+    soundfile = _soundfile()
+    if not data:
+        raise AudioError(f"'{param}' is empty", param)
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as audio:
+            if audio.samplerate <= 0:
+                raise AudioError(f"'{param}': the file gives no sample rate", param)
+            # MP3 headers may not know the length (frames == 0 or a guess); the decoded length is checked below.
+            seconds = audio.frames / audio.samplerate
+            if seconds > max_seconds:
+                raise AudioError(
+                    f"'{param}': the audio lasts {seconds:.1f} s; at most {max_seconds:g} s are accepted", param
+                )
+            samples = audio.read(dtype="float32", always_2d=True)
+            rate = int(audio.samplerate)
+    except AudioError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
+        # libsndfile's message names the BytesIO object first; its reason is what follows the last colon.
+        reason = str(exc).rpartition(": ")[2] or type(exc).__name__
+        raise AudioError(
+            f"'{param}' is not an audio file this server decodes (wav, flac, ogg, mp3): {reason}", param
+        ) from None
+    if samples.shape[0] == 0:
+        raise AudioError(f"'{param}' holds no audio samples", param)
+    if samples.shape[0] / rate > max_seconds:
+        raise AudioError(
+            f"'{param}': the audio lasts {samples.shape[0] / rate:.1f} s; at most {max_seconds:g} s are accepted",
+            param,
+        )
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    mono = np.ascontiguousarray(mono, dtype=np.float32)
+    if sample_rate is None:
+        return mono, rate
+    return resample(mono, rate, sample_rate), sample_rate
+
+
+def pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as 16-bit integers (clipped, rounded to nearest): what a PCM_16 WAV holds."""
+    return np.rint(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+
+
+def encode_audio(samples: np.ndarray, sample_rate: int, audio_format: str) -> bytes:
+    """Mono float32 samples as a file of ``audio_format`` (one of ``SPEECH_FORMATS``)."""
+    if audio_format == "pcm":
+        return pcm16(samples).tobytes()
+    container, subtype = ENCODINGS[audio_format]
+    if audio_format == "opus" and sample_rate not in _OPUS_RATES:
+        samples, sample_rate = resample(samples, sample_rate, 48000), 48000
+    soundfile = _soundfile()
+    buffer = io.BytesIO()
+    if subtype == "PCM_16":
+        # Written from integers rounded here, so a client reading the file gets exactly ``pcm16(samples)``.
+        soundfile.write(buffer, pcm16(samples), sample_rate, format=container, subtype=subtype)
+    else:
+        soundfile.write(buffer, np.clip(samples, -1.0, 1.0), sample_rate, format=container, subtype=subtype)
+    return buffer.getvalue()
+
+
+def float_wav(samples: np.ndarray, sample_rate: int) -> bytes:
+    """Samples as a 32-bit float WAV: a lossless container for passing decoded audio on to a model."""
+    buffer = io.BytesIO()
+    _soundfile().write(buffer, samples, sample_rate, format="WAV", subtype="FLOAT")
+    return buffer.getvalue()
