@@ -53,7 +53,7 @@ from server.frontends.openai.protocol import (
     ResponsesUsage,
     SamplingFields,
 )
-from server.frontends.openai.serving_engine import ChoiceTotals, ServingEngine, request_id
+from server.frontends.openai.serving_engine import ChoiceTotals, ServingEngine
 from server.protocol.generation import GenerationOutput, StructuredOutputsParams
 
 STORE_SIZE = 1024
@@ -402,7 +402,7 @@ class OpenAIServingResponses(ServingEngine):
         kwargs: dict[str, Any] = {}
         if request.reasoning is not None and request.reasoning.effort is not None:
             kwargs["reasoning_effort"] = request.reasoning.effort
-        response_id = request_id("resp")
+        response_id = _item_id("resp")
         prompt = {"messages": messages, "tools": answer.template_tools, "chat_template_kwargs": kwargs}
         stream = await self.start(receive, self.generate(request.model, response_id, [prompt], sampling, 1), answer)
         if stream is None:
