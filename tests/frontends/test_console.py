@@ -44,20 +44,43 @@ pytestmark = [
 ]
 
 
-def wait_all_ready(server: ServerProcess, timeout: float = 120) -> None:
+def wait_loaded(server: ServerProcess, headers: dict[str, str] | None = None, timeout: float = 300) -> list[dict]:
+    """The repository index once no model is still loading (a model whose extra is missing stays UNAVAILABLE)."""
+    server.wait_ready(timeout=timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        rows = httpx.post(f"{server.url}/v2/repository/index", json={}).json()
-        if rows and all(row["state"] == "READY" for row in rows):
-            return
+        rows = httpx.post(f"{server.url}/v2/repository/index", json={}, headers=headers).json()
+        if rows and not any(row["state"] == "LOADING" for row in rows):
+            return rows
         time.sleep(0.2)
-    raise TimeoutError(f"models not ready: {rows}\n{server.log()}")
+    raise TimeoutError(f"models still loading: {rows}\n{server.log()}")
+
+
+# Bundled models of each kind the console treats differently: tensor models, an ensemble of Python and ONNX steps,
+# a stateful model, a language model and an embedding model.
+CONSOLE_MODELS = (
+    "simple",
+    "mlp_classifier",
+    "classify_image",
+    "preprocess_pixels",
+    "pick_top_class",
+    "accumulator",
+    "tiny_gpt",
+    "tiny_embedder",
+)
 
 
 @pytest.fixture(scope="module")
-def console_server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
-    server = start_server(bundled_repository, "--model-control-mode", "explicit", "--load-model", "*")
-    wait_all_ready(server)
+def console_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    repository = tmp_path_factory.mktemp("console") / "models"
+    for name in CONSOLE_MODELS:
+        shutil.copytree(BUNDLED_REPOSITORY / name, repository / name)
+    # A model whose config is wrong, so the list shows a reason.
+    shutil.copytree(BUNDLED_REPOSITORY / "simple", repository / "broken")
+    config = repository / "broken" / "config.yaml"
+    config.write_text(config.read_text().replace("max_batch_size", "max_batch_sise"))
+    server = start_server(repository, "--model-control-mode", "explicit", "--load-model", "*", wait=False)
+    wait_loaded(server)
     return server
 
 
@@ -97,16 +120,22 @@ def screenshot(page: Any, name: str) -> None:
 def test_console_lists_every_model_with_its_state(page: Any, console_server: ServerProcess) -> None:
     open_console(page, console_server)
     index = httpx.post(f"{console_server.url}/v2/repository/index", json={}).json()
-    assert len(index) >= 10
+    assert {row["name"] for row in index} == {*CONSOLE_MODELS, "broken"}
     for row in index:
         assert state_badge(page, row["name"]).get_attribute("data-state") == row["state"]
         cells = page.locator(f'tr[data-model="{row["name"]}"] td')
-        assert cells.nth(1).inner_text() == row["version"]
+        assert cells.nth(1).inner_text() == (row["version"] or "–")
+    broken = next(row for row in index if row["name"] == "broken")
+    assert broken["state"] == "UNAVAILABLE" and "max_batch_sise" in broken["reason"]
+    assert page.locator('tr[data-model="broken"] .reason').inner_text() == broken["reason"]
+    # Not loaded, so it offers Load only.
+    assert page.locator('tr[data-model="broken"] button').all_inner_texts() == ["Load"]
     # Backend and instances come from each model's config.
     simple = httpx.get(f"{console_server.url}/v2/models/simple/config").json()
     cells = page.locator('tr[data-model="simple"] td')
     assert cells.nth(2).inner_text() == simple["backend"] == "onnxruntime"
     assert cells.nth(4).inner_text() == "1 × CPU"
+    assert page.locator('tr[data-model="tiny_gpt"] td').nth(4).inner_text() == "1 engine"
     assert cells.nth(5).inner_text() == "0"
     assert page.locator("#access").inner_text() == "explicit mode: can load and unload"
     screenshot(page, "console-models.png")
@@ -196,8 +225,9 @@ def restricted_server(start_server: Callable[..., ServerProcess], tmp_path_facto
         "simple",
         "--http-restricted-api",
         f"model-repository:{ADMIN_HEADER}={ADMIN_KEY}",
+        wait=False,
     )
-    wait_all_ready(server)
+    wait_loaded(server, headers={ADMIN_HEADER: ADMIN_KEY})
     return server
 
 
@@ -206,6 +236,8 @@ def test_without_the_key_the_console_sees_but_cannot_change(page: Any, restricte
     settings = httpx.get(f"{restricted_server.url}/console/settings.json").json()
     assert settings["restricted"] == {"model-repository": ADMIN_HEADER}
     assert ADMIN_KEY not in json.dumps(settings)
+    # The index is restricted with the repository API: the loaded models are listed from the metrics.
+    assert "needs the model-repository key" in page.locator("#models-note").inner_text()
     unload = page.locator('tr[data-model="simple"] button', has_text="Unload")
     assert state_badge(page, "simple").get_attribute("data-state") == "READY"
     assert unload.is_disabled()

@@ -199,24 +199,40 @@ function instancesOf(config) {
 // -- polling -------------------------------------------------------------------------------------------------
 async function refresh() {
   try {
-    state.models = await (await api("/v2/repository/index", { json: {} })).json();
-    document.getElementById("models-note").textContent = "";
+    state.metrics = parseMetrics(await (await api("/metrics")).text());
+    state.metricsError = "";
   } catch (error) {
-    document.getElementById("models-note").textContent = `Repository index: ${error.message}`;
+    state.metrics = null;
+    state.metricsError = `Metrics unavailable: ${error.message}`;
+  }
+  const note = document.getElementById("models-note");
+  try {
+    state.models = await (await api("/v2/repository/index", { json: {} })).json();
+    note.textContent = "";
+  } catch (error) {
+    // A restricted repository index still leaves the loaded models visible through the metrics, if those are open.
+    state.models = state.metrics ? loadedFromMetrics() : [];
+    note.textContent = error.status === 403
+      ? `The repository index needs the model-repository key (${error.message}); showing the loaded models, from /metrics.`
+      : `Repository index: ${error.message}`;
   }
   await Promise.all(state.models.filter((r) => r.state === "READY" && !configOf(r)).map(async (row) => {
     try { state.configs[`${row.name}/${row.version}`] = await (await api(`/v2/models/${row.name}/versions/${row.version}/config`)).json(); }
     catch (_) { /* restricted or gone: the row shows what the index says */ }
   }));
-  try {
-    state.metrics = parseMetrics(await (await api("/metrics")).text());
-    state.metricsError = "";
-    record();
-  } catch (error) {
-    state.metricsError = `Metrics unavailable: ${error.message}`;
-  }
+  if (state.metrics) record();
   renderModels();
   if (state.selected) renderOverview();
+}
+
+// The versions the metrics report on are the loaded ones.
+function loadedFromMetrics() {
+  const seen = new Map();
+  for (const sample of state.metrics.nv_inference_request_success || []) {
+    const { model, version } = sample.labels;
+    seen.set(`${model}/${version}`, { name: model, version, state: "READY", reason: "" });
+  }
+  return [...seen.values()].sort((a, b) => a.name.localeCompare(b.name));
 }
 
 // Rates from the counters between two scrapes: the charts show what happened in each interval.
@@ -280,7 +296,7 @@ function renderModels() {
     tr.addEventListener("click", () => select(row.name));
     body.append(tr);
   }
-  if (state.metricsError) document.getElementById("models-note").textContent = state.metricsError;
+  if (state.metricsError) document.getElementById("models-note").append(" " + state.metricsError);
 }
 
 async function control(name, action) {
