@@ -47,7 +47,9 @@ class TranscriptionOptions(BaseModel):
     timestamps: Literal["none", "segment", "word"] = "none"
 
     def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"task": self.task}
+        # Transcribing is Whisper's default; naming the task anyway would put its token in the prompt, which the
+        # model's own defaults (and so transformers' pipeline) leave out.
+        kwargs: dict[str, Any] = {"task": "translate"} if self.task == "translate" else {}
         if self.language:
             kwargs["language"] = self.language
         if self.prompt:
