@@ -23,7 +23,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from server.frontends.openai.protocol import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from tests.conftest import ServerProcess
-from tests.frontends.test_openai_tools import GPT, MESSAGES, TEMPLATED, THINKER, TOOLS, agent_repository, start_agent_server
+from tests.frontends.test_openai_tools import (
+    GPT,
+    MESSAGES,
+    TEMPLATED,
+    THINKER,
+    TOOLS,
+    agent_repository,
+    start_agent_server,
+)
 
 GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 120}
 
@@ -73,7 +81,10 @@ def test_parse_with_a_pydantic_model(client: openai.OpenAI) -> None:
 
 def test_json_schema_streamed_equals_whole(client: openai.OpenAI) -> None:
     schema = Forecast.model_json_schema()
-    response_format: Any = {"type": "json_schema", "json_schema": {"name": "forecast", "schema": schema, "strict": True}}
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "forecast", "schema": schema, "strict": True},
+    }
     # Seeded sampling: reproducible, and less given to the blank runs a schema allows than greedy decoding is.
     seeded: dict[str, Any] = {"seed": 1, "temperature": 1.0, "max_tokens": 200}
     whole = client.chat.completions.create(model=GPT, messages=MESSAGES, response_format=response_format, **seeded)
@@ -129,19 +140,35 @@ def test_grammar_that_cannot_finish_ends_with_length(client: openai.OpenAI) -> N
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
-         "response_format.json_schema.schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
         ({"response_format": {"type": "yaml"}}, "response_format.type"),
         ({"structured_outputs": {"regex": "(unclosed"}}, "structured_outputs.regex"),
         ({"structured_outputs": {"grammar": "root ::= ("}}, "structured_outputs.grammar"),
         ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
         ({"structured_outputs": {"jsonn": {}}}, "structured_outputs.jsonn"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
-        ({"response_format": {"type": "json_schema", "json_schema": {
-            "name": "big", "schema": {"type": "object", "properties": {f"p{i}": {"type": "string", "description": "x" * 100}
-                                                                        for i in range(1000)}}}}},
-         "response_format.json_schema.schema"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "big",
+                        "schema": {
+                            "type": "object",
+                            "properties": {f"p{i}": {"type": "string", "description": "x" * 100} for i in range(1000)},
+                        },
+                    },
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logit_bias": {"not-a-token": 1}}, "logit_bias"),
@@ -205,8 +232,13 @@ def test_completion_logprobs_match_transformers(client: openai.OpenAI, reference
 
 
 def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
-    options: dict[str, Any] = {"temperature": 0, "max_tokens": 8, "logprobs": True, "top_logprobs": 4,
-                               "extra_body": {"ignore_eos": True}}
+    options: dict[str, Any] = {
+        "temperature": 0,
+        "max_tokens": 8,
+        "logprobs": True,
+        "top_logprobs": 4,
+        "extra_body": {"ignore_eos": True},
+    }
     whole = client.chat.completions.create(model=GPT, messages=MESSAGES, **options)
     content = whole.choices[0].logprobs.content if whole.choices[0].logprobs else None
     assert content is not None and len(content) == 8
@@ -243,9 +275,15 @@ def test_prompt_logprobs_in_vllm_shape(client: openai.OpenAI, reference: tuple[A
 def test_logit_bias_changes_the_answer(client: openai.OpenAI, reference: tuple[Any, Any]) -> None:
     tokenizer, _ = reference
     forced = tokenizer.convert_tokens_to_ids("robot") if "robot" in tokenizer.get_vocab() else 100
-    plain = client.completions.create(model=GPT, prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.completions.create(
+        model=GPT, prompt="Hello", max_tokens=4, temperature=0, extra_body={"ignore_eos": True}
+    )
     biased = client.completions.create(
-        model=GPT, prompt="Hello", max_tokens=4, temperature=0, logit_bias={str(forced): 100},
+        model=GPT,
+        prompt="Hello",
+        max_tokens=4,
+        temperature=0,
+        logit_bias={str(forced): 100},
         extra_body={"ignore_eos": True},
     )
     assert biased.choices[0].text == tokenizer.decode([forced] * 4) != plain.choices[0].text
@@ -261,7 +299,9 @@ def test_n_choices(client: openai.OpenAI) -> None:
 def test_tokenize_and_detokenize(agent_server: ServerProcess, reference: tuple[Any, Any]) -> None:
     tokenizer, _ = reference
     url = agent_server.url
-    body = httpx.post(f"{url}/v1/tokenize", json={"model": GPT, "prompt": "Hello world", "return_token_strs": True}).json()
+    body = httpx.post(
+        f"{url}/v1/tokenize", json={"model": GPT, "prompt": "Hello world", "return_token_strs": True}
+    ).json()
     assert body["tokens"] == tokenizer("Hello world")["input_ids"]
     assert body["count"] == len(body["tokens"]) and body["max_model_len"] == 1024
     assert body["token_strs"] == tokenizer.convert_ids_to_tokens(body["tokens"])
@@ -307,22 +347,37 @@ CHAT_FIELDS: dict[str, tuple[dict[str, Any], Any, dict[str, Any]]] = {
     "frequency_penalty": ({"max_tokens": 32, "frequency_penalty": 2.0}, CHANGES, {"max_tokens": 32}),
     "repetition_penalty": ({"max_tokens": 32, "repetition_penalty": 3.0}, CHANGES, {"max_tokens": 32}),
     "logit_bias": ({"logit_bias": {str(SPACE): 100}}, CHANGES, {}),
-    "min_tokens": ({"ignore_eos": False, "logit_bias": {str(EOS): 100}, "min_tokens": 3}, CHANGES,
-                   {"ignore_eos": False, "logit_bias": {str(EOS): 100}}),
-    "ignore_eos": ({"ignore_eos": True, "logit_bias": {str(EOS): 100}}, CHANGES,
-                   {"ignore_eos": False, "logit_bias": {str(EOS): 100}}),
-    "stop_token_ids": ({"logit_bias": {str(SPACE): 100}, "stop_token_ids": [SPACE]}, CHANGES,
-                       {"logit_bias": {str(SPACE): 100}}),
+    "min_tokens": (
+        {"ignore_eos": False, "logit_bias": {str(EOS): 100}, "min_tokens": 3},
+        CHANGES,
+        {"ignore_eos": False, "logit_bias": {str(EOS): 100}},
+    ),
+    "ignore_eos": (
+        {"ignore_eos": True, "logit_bias": {str(EOS): 100}},
+        CHANGES,
+        {"ignore_eos": False, "logit_bias": {str(EOS): 100}},
+    ),
+    "stop_token_ids": (
+        {"logit_bias": {str(SPACE): 100}, "stop_token_ids": [SPACE]},
+        CHANGES,
+        {"logit_bias": {str(SPACE): 100}},
+    ),
     "max_tokens": ({"max_tokens": 3}, CHANGES, {}),
     "max_completion_tokens": ({"max_completion_tokens": 3}, CHANGES, {}),
     "n": ({"n": 2}, (lambda a: len(a["choices"]) == 2), {}),
     "stream": ({"stream": True}, (lambda a: a["streamed"]), {}),
-    "stream_options": ({"stream": True, "stream_options": {"include_usage": True}},
-                       (lambda a: a["usage"] is not None), {}),
+    "stream_options": (
+        {"stream": True, "stream_options": {"include_usage": True}},
+        (lambda a: a["usage"] is not None),
+        {},
+    ),
     "response_format": ({"response_format": {"type": "json_object"}}, CHANGES, {}),
     "structured_outputs": ({"structured_outputs": {"choice": ["yes", "no"]}}, CHANGES, {}),
-    "guided_json": ({"guided_json": {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}},
-                    CHANGES, {}),
+    "guided_json": (
+        {"guided_json": {"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"]}},
+        CHANGES,
+        {},
+    ),
     "guided_regex": ({"guided_regex": "[xyz]{4}"}, CHANGES, {}),
     "guided_choice": ({"guided_choice": ["left", "right"]}, CHANGES, {}),
     "guided_grammar": ({"guided_grammar": 'root ::= "hi"'}, CHANGES, {}),
@@ -334,11 +389,21 @@ CHAT_FIELDS: dict[str, tuple[dict[str, Any], Any, dict[str, Any]]] = {
     # The required grammar's cap on calls: see test_parallel_tool_calls_false_allows_one_call.
     "parallel_tool_calls": ({"parallel_tool_calls": False}, SAME, {}),
     "reasoning_effort": ({"model": TEMPLATED, "reasoning_effort": "high"}, CHANGES, {"model": TEMPLATED}),
-    "chat_template_kwargs": ({"model": TEMPLATED, "chat_template_kwargs": {"style": "x"}}, CHANGES, {"model": TEMPLATED}),
+    "chat_template_kwargs": (
+        {"model": TEMPLATED, "chat_template_kwargs": {"style": "x"}},
+        CHANGES,
+        {"model": TEMPLATED},
+    ),
     "add_generation_prompt": ({"add_generation_prompt": False}, CHANGES, {}),
-    "continue_final_message": ({"add_generation_prompt": False, "continue_final_message": True,
-                                "messages": [*MESSAGES, {"role": "assistant", "content": "It is"}]}, CHANGES,
-                               {"messages": [*MESSAGES, {"role": "assistant", "content": "It is"}]}),
+    "continue_final_message": (
+        {
+            "add_generation_prompt": False,
+            "continue_final_message": True,
+            "messages": [*MESSAGES, {"role": "assistant", "content": "It is"}],
+        },
+        CHANGES,
+        {"messages": [*MESSAGES, {"role": "assistant", "content": "It is"}]},
+    ),
     "user": ({"user": "someone"}, SAME, {}),
     "metadata": ({"metadata": {"k": "v"}}, SAME, {}),
     "store": ({"store": True}, SAME, {}),
@@ -377,8 +442,11 @@ RESPONSES_FIELDS: dict[str, tuple[dict[str, Any], Any, dict[str, Any]]] = {
     "input": ({"input": "Hello world!"}, CHANGES, {}),
     "instructions": ({"instructions": "Be brief."}, CHANGES, {}),
     "tools": ({"tools": [{"type": "function", **TOOL["function"]}]}, CHANGES, {}),
-    "tool_choice": ({"tools": [{"type": "function", **TOOL["function"]}], "tool_choice": "required"}, CHANGES,
-                    {"tools": [{"type": "function", **TOOL["function"]}]}),
+    "tool_choice": (
+        {"tools": [{"type": "function", **TOOL["function"]}], "tool_choice": "required"},
+        CHANGES,
+        {"tools": [{"type": "function", **TOOL["function"]}]},
+    ),
     "parallel_tool_calls": ({"parallel_tool_calls": False}, SAME, {}),
     "text": ({"text": {"format": {"type": "json_object"}}}, CHANGES, {}),
     "max_output_tokens": ({"max_output_tokens": 3}, CHANGES, {}),
@@ -441,12 +509,24 @@ def _message(choice: dict[str, Any]) -> Any:
 @pytest.mark.parametrize(
     ("path", "model", "fields", "base"),
     [
-        ("/v1/chat/completions", ChatCompletionRequest, CHAT_FIELDS,
-         {"model": GPT, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True}),
-        ("/v1/completions", CompletionRequest, COMPLETION_FIELDS,
-         {"model": GPT, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True}),
-        ("/v1/responses", ResponsesRequest, RESPONSES_FIELDS,
-         {"model": GPT, "input": "Once upon a time", "max_output_tokens": 8, "temperature": 0}),
+        (
+            "/v1/chat/completions",
+            ChatCompletionRequest,
+            CHAT_FIELDS,
+            {"model": GPT, "messages": MESSAGES, "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        ),
+        (
+            "/v1/completions",
+            CompletionRequest,
+            COMPLETION_FIELDS,
+            {"model": GPT, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "ignore_eos": True},
+        ),
+        (
+            "/v1/responses",
+            ResponsesRequest,
+            RESPONSES_FIELDS,
+            {"model": GPT, "input": "Once upon a time", "max_output_tokens": 8, "temperature": 0},
+        ),
     ],
 )
 def test_every_request_field_is_used_or_refused(
@@ -487,4 +567,3 @@ def test_every_request_field_is_used_or_refused(
             assert comparable(path, answer) == comparable(path, reference), name
         else:
             assert comparable(path, answer) != comparable(path, reference), name
-

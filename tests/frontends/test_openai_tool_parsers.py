@@ -65,9 +65,14 @@ def test_registry_has_the_vllm_names_and_refuses_others() -> None:
 def test_hermes() -> None:
     parser = tool_parser("hermes", "m")
     call = json.dumps({"name": "get_weather", "arguments": WEATHER})
-    text = f"Let me look.\n<tool_call>\n{call}\n</tool_call>\n<tool_call>\n" + '{"name": "now", "arguments": {}}</tool_call>'
+    text = (
+        f"Let me look.\n<tool_call>\n{call}\n</tool_call>\n<tool_call>\n"
+        + '{"name": "now", "arguments": {}}</tool_call>'
+    )
     check(parser, text, "Let me look.\n", [("get_weather", WEATHER), ("now", {})])
-    check(parser, "No tools needed; a < b and <tool_ is not a tag.", "No tools needed; a < b and <tool_ is not a tag.", [])
+    check(
+        parser, "No tools needed; a < b and <tool_ is not a tag.", "No tools needed; a < b and <tool_ is not a tag.", []
+    )
     # A whole answer whose call does not parse is the model's text, not a call. (A stream has sent the call's name
     # by the time its arguments go wrong, as vLLM's has: only the whole answer can take it back.)
     broken = '<tool_call>\n{"name": "f", "arguments": {"x": }\n</tool_call>'
@@ -83,7 +88,12 @@ def test_hermes_arguments_sent_as_a_json_string() -> None:
 def test_llama3_json() -> None:
     parser = tool_parser("llama3_json", "m")
     first = json.dumps({"name": "get_weather", "parameters": WEATHER})
-    check(parser, f"<|python_tag|>{first}; " + '{"name": "now", "parameters": {}}', None, [("get_weather", WEATHER), ("now", {})])
+    check(
+        parser,
+        f"<|python_tag|>{first}; " + '{"name": "now", "parameters": {}}',
+        None,
+        [("get_weather", WEATHER), ("now", {})],
+    )
     check(parser, f"  {first}", None, [("get_weather", WEATHER)])
     check(parser, "The answer is {not a call}.", "The answer is {not a call}.", [])
     check(parser, '{"key": "value"}', '{"key": "value"}', [])

@@ -132,7 +132,13 @@ def joined_tool_calls(chunks: list[Any]) -> dict[int, dict[str, Any]]:
 def test_required_tool_call_parses_and_matches_its_schema(client: openai.OpenAI) -> None:
     for seed in range(3):
         answer = client.chat.completions.create(
-            model=GPT, messages=MESSAGES, tools=TOOLS, tool_choice="required", seed=seed, temperature=1.0, max_tokens=200
+            model=GPT,
+            messages=MESSAGES,
+            tools=TOOLS,
+            tool_choice="required",
+            seed=seed,
+            temperature=1.0,
+            max_tokens=200,
         )
         choice = answer.choices[0]
         assert choice.finish_reason == "tool_calls"
@@ -196,9 +202,7 @@ def test_streamed_tool_call_deltas_join_to_the_whole_answer(client: openai.OpenA
 # -- auto: the model's own text, parsed ------------------------------------------------------------------------------
 def test_auto_parses_a_hermes_call_whole_and_streamed(client: openai.OpenAI) -> None:
     forced_text = {"structured_outputs": {"choice": [HERMES_CALL]}}
-    answer = client.chat.completions.create(
-        model=GPT, messages=MESSAGES, tools=TOOLS, extra_body=forced_text, **GREEDY
-    )
+    answer = client.chat.completions.create(model=GPT, messages=MESSAGES, tools=TOOLS, extra_body=forced_text, **GREEDY)
     choice = answer.choices[0]
     assert choice.finish_reason == "tool_calls"
     assert choice.message.content is None
@@ -276,12 +280,21 @@ def test_reasoning_content_whole_and_streamed(client: openai.OpenAI) -> None:
             "tool_choice",
         ),
         (
-            {"messages": [{"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}]},
+            {
+                "messages": [
+                    {"role": "assistant", "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{"}}]}
+                ]
+            },
             "messages.0.tool_calls.0.function.arguments",
         ),
         ({"functions": [{"name": "f"}]}, "functions"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
-          "tool_choice": "required"}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
     ],
 )
 def test_bad_tool_requests_are_400_naming_the_field(
@@ -295,9 +308,14 @@ def test_bad_tool_requests_are_400_naming_the_field(
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param, error
     # The server keeps serving.
-    assert httpx.post(
-        f"{agent_server.url}/v1/chat/completions", json={"model": GPT, "messages": MESSAGES, "max_tokens": 2}, timeout=60
-    ).status_code == 200
+    assert (
+        httpx.post(
+            f"{agent_server.url}/v1/chat/completions",
+            json={"model": GPT, "messages": MESSAGES, "max_tokens": 2},
+            timeout=60,
+        ).status_code
+        == 200
+    )
 
 
 def test_auto_without_a_configured_parser_is_refused(client: openai.OpenAI) -> None:

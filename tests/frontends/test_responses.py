@@ -38,8 +38,9 @@ def client(agent_server: ServerProcess) -> openai.OpenAI:
 
 
 def test_text_answer_equals_chat(client: openai.OpenAI) -> None:
-    response = client.responses.create(model=GPT, input=QUESTION, instructions="Be brief.", temperature=0,
-                                       max_output_tokens=16)
+    response = client.responses.create(
+        model=GPT, input=QUESTION, instructions="Be brief.", temperature=0, max_output_tokens=16
+    )
     chat = client.chat.completions.create(
         model=GPT,
         messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": QUESTION}],
@@ -63,13 +64,17 @@ def test_input_messages_and_streamed_events(client: openai.OpenAI) -> None:
         {"role": "user", "content": QUESTION},
     ]
     whole = client.responses.create(model=GPT, input=conversation, temperature=0, max_output_tokens=12)
-    events = list(client.responses.create(model=GPT, input=conversation, temperature=0, max_output_tokens=12,
-                                          stream=True))
+    events = list(
+        client.responses.create(model=GPT, input=conversation, temperature=0, max_output_tokens=12, stream=True)
+    )
     kinds = [event.type for event in events]
     assert kinds[:2] == ["response.created", "response.in_progress"]
     assert kinds[2:4] == ["response.output_item.added", "response.content_part.added"]
     assert kinds[-4:] == [
-        "response.output_text.done", "response.content_part.done", "response.output_item.done", "response.incomplete"
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
     ]
     assert [event.sequence_number for event in events] == list(range(len(events)))
     text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
@@ -151,9 +156,10 @@ def test_previous_response_id_continues_a_stored_response(client: openai.OpenAI)
 def test_json_schema_text_format(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",
-        "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}, "confidence": {"type": "integer",
-                                                                                            "minimum": 0,
-                                                                                            "maximum": 9}},
+        "properties": {
+            "answer": {"type": "string", "enum": ["yes", "no"]},
+            "confidence": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
         "required": ["answer", "confidence"],
         "additionalProperties": False,
     }
@@ -175,8 +181,9 @@ def test_reasoning_item(client: openai.OpenAI) -> None:
     reasoning = [item for item in thought.output if item.type == "reasoning"]
     assert reasoning and reasoning[0].content is not None
     assert reasoning[0].content[0].text == plain.output_text
-    events = list(client.responses.create(model=THINKER, input=QUESTION, temperature=0, max_output_tokens=10,
-                                          stream=True))
+    events = list(
+        client.responses.create(model=THINKER, input=QUESTION, temperature=0, max_output_tokens=10, stream=True)
+    )
     streamed = "".join(e.delta for e in events if e.type == "response.reasoning_text.delta")  # type: ignore[union-attr]
     assert streamed == plain.output_text
 
@@ -187,11 +194,15 @@ def test_reasoning_item(client: openai.OpenAI) -> None:
         ({"tools": [{"type": "web_search"}]}, "tools.0.type"),
         ({"tools": FUNCTIONS, "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
         ({"tool_choice": "required"}, "tool_choice"),
-        ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
-         "text.format.schema"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "nonsense"}}}},
+            "text.format.schema",
+        ),
         ({"input": [{"type": "input_image", "image_url": "x"}]}, "input.0.type"),
-        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
-         "input.0.content.0.type"),
+        (
+            {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+            "input.0.content.0.type",
+        ),
         ({"previous_response_id": "resp_unknown"}, "previous_response_id"),
         ({"max_output_tokens": 0}, "max_output_tokens"),
         ({"background": True}, "background"),

@@ -45,7 +45,10 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     rendered: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         content = message.content
-        if isinstance(content, list):
+        if isinstance(content, list) and any(part.get("type") == "image_url" for part in content):
+            # Images stay OpenAI content parts, for the engines of models that read them (vision_language.py).
+            content = image_content_parts(content, i)
+        elif isinstance(content, list):
             texts = []
             for part in content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
@@ -74,6 +77,26 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
             entry["tool_call_id"] = message.tool_call_id
         rendered.append(entry)
     return rendered
+
+
+def image_content_parts(content: list[dict[str, Any]], i: int) -> list[dict[str, Any]]:
+    """A message's text and ``image_url`` parts, each checked for the field it needs."""
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type")
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+            continue
+        image_url = part.get("image_url")
+        url = image_url.get("url") if isinstance(image_url, dict) else None
+        if kind == "image_url" and isinstance(url, str):
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+            continue
+        raise OpenAIRequestError(
+            f"messages[{i}].content[{j}]: expected a text part or an image_url part with a 'url'",
+            f"messages.{i}.content.{j}",
+        )
+    return parts
 
 
 def _arguments(text: str, where: str) -> Any:
@@ -184,9 +207,7 @@ class OpenAIServingChat(ServingEngine):
             ],
             usage=usage(choices, request.n),
             prompt_logprobs=(
-                prompt_logprobs(choices[0].prompt_logprobs or [])
-                if request.prompt_logprobs is not None
-                else None
+                prompt_logprobs(choices[0].prompt_logprobs or []) if request.prompt_logprobs is not None else None
             ),
         )
         return Response(response.model_dump_json(), media_type="application/json")

@@ -123,7 +123,9 @@ class OpenAIServingCompletion(ServingEngine):
         return firsts
 
     @staticmethod
-    def _logprobs(request: CompletionRequest, choice: ChoiceTotals, first_token: list[str]) -> CompletionLogprobs | None:
+    def _logprobs(
+        request: CompletionRequest, choice: ChoiceTotals, first_token: list[str]
+    ) -> CompletionLogprobs | None:
         if request.logprobs is None:
             return None
         builder = CompletionLogprobsBuilder(request.logprobs)

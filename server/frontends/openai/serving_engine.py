@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
-
 from starlette.types import Receive
 
 from server.core import InferenceServer

@@ -120,7 +120,9 @@ def input_messages(items: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "assistant", "system", "developer"):
-                raise OpenAIRequestError(f"'input.{i}.role' must be user, assistant, system or developer", f"input.{i}.role")
+                raise OpenAIRequestError(
+                    f"'input.{i}.role' must be user, assistant, system or developer", f"input.{i}.role"
+                )
             messages.append({"role": role, "content": _text_of(item.get("content", ""), f"input.{i}.content")})
         elif kind == "function_call":
             arguments = item.get("arguments", "")
@@ -202,9 +204,7 @@ def text_constraint(request: ResponsesRequest) -> tuple[StructuredOutputsParams 
 def output_items(parsed: ParsedAnswer) -> list[ResponseOutputItem]:
     items: list[ResponseOutputItem] = []
     if parsed.reasoning:
-        items.append(
-            ResponseReasoningItem(id=_item_id("rs"), content=[ResponseReasoningText(text=parsed.reasoning)])
-        )
+        items.append(ResponseReasoningItem(id=_item_id("rs"), content=[ResponseReasoningText(text=parsed.reasoning)]))
     if parsed.content or not parsed.tool_calls:
         items.append(ResponseOutputMessage(id=_item_id("msg"), content=[ResponseOutputText(text=parsed.content or "")]))
     items.extend(
@@ -240,7 +240,10 @@ class ResponseEvents:
 
     def start(self) -> list[bytes]:
         snapshot = self.base.model_dump(mode="json")
-        return [self.event("response.created", response=snapshot), self.event("response.in_progress", response=snapshot)]
+        return [
+            self.event("response.created", response=snapshot),
+            self.event("response.in_progress", response=snapshot),
+        ]
 
     def add(self, delta: AnswerDelta) -> list[bytes]:
         events: list[bytes] = []
@@ -381,7 +384,9 @@ class OpenAIServingResponses(ServingEngine):
                 )
             history = previous.messages
         conversation = history + input_messages(request.input)
-        messages = ([{"role": "system", "content": request.instructions}] if request.instructions else []) + conversation
+        messages = (
+            [{"role": "system", "content": request.instructions}] if request.instructions else []
+        ) + conversation
         tool_choice: str | NamedToolChoice | None = None
         if isinstance(request.tool_choice, str):
             tool_choice = request.tool_choice
@@ -432,7 +437,9 @@ class OpenAIServingResponses(ServingEngine):
             reasoning=request.reasoning or ResponsesReasoning(),
             store=request.store,
             temperature=request.temperature,
-            text={"format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format else {"type": "text"}},
+            text={
+                "format": text_format.model_dump(by_alias=True, exclude_none=True) if text_format else {"type": "text"}
+            },
             tool_choice=(
                 request.tool_choice.model_dump()
                 if request.tool_choice is not None and not isinstance(request.tool_choice, str)

@@ -45,7 +45,9 @@ class OpenAIServingTokenization:
             # The engine encodes a rendered chat without adding special tokens: the template wrote them.
             ids = await asyncio.to_thread(tokenizer.encode, text, add_special_tokens=False)
         else:
-            ids = await asyncio.to_thread(tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens)
+            ids = await asyncio.to_thread(
+                tokenizer.encode, request.prompt, add_special_tokens=request.add_special_tokens
+            )
         body = TokenizeResponse(
             count=len(ids),
             max_model_len=max_model_len,

@@ -1,8 +1,8 @@
 """Hermes and Qwen: each call a JSON object between ``<tool_call>`` and ``</tool_call>``, after any text.
 
-    I'll look that up.<tool_call>
-    {"name": "get_weather", "arguments": {"city": "Paris"}}
-    </tool_call>
+I'll look that up.<tool_call>
+{"name": "get_weather", "arguments": {"city": "Paris"}}
+</tool_call>
 """
 
 from __future__ import annotations
