@@ -258,3 +258,92 @@ def test_no_console_flag(start_server: Callable[..., ServerProcess], tmp_path_fa
     server = start_server(repository, "--no-console")
     assert httpx.get(f"{server.url}/console/").status_code == 404
     assert httpx.get(f"{server.url}/v2/models/simple/ready").status_code == 200
+
+
+# -- audio and image playgrounds ------------------------------------------------------------------------------------
+MEDIA_MODELS = ("tiny_whisper", "tiny_tts", "tiny_diffusion")
+
+
+@pytest.fixture(scope="module")
+def media_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    repository = tmp_path_factory.mktemp("console-media") / "models"
+    for name in MEDIA_MODELS:
+        shutil.copytree(BUNDLED_REPOSITORY / name, repository / name)
+    server = start_server(repository, wait=False)
+    rows = wait_loaded(server)
+    missing = [row for row in rows if row["state"] != "READY"]
+    if missing and all("pip install" in row["reason"] for row in missing):
+        pytest.skip(f"an extra these models need is not installed: {missing}")
+    assert not missing, missing
+    return server
+
+
+def open_playground(page: Any, server: ServerProcess, model: str) -> None:
+    open_console(page, server)
+    page.locator(f'tr[data-model="{model}"]').click()
+    page.locator('.tabs button[data-tab="playground"]').click()
+
+
+def test_audio_upload_transcribes_as_the_api_does(page: Any, media_server: ServerProcess, tmp_path: Path) -> None:
+    import wave
+
+    import openai
+
+    rate = 16_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(rate) / rate) * 32767).astype("<i2")
+    clip = tmp_path / "tone.wav"
+    with wave.open(str(clip), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(tone.tobytes())
+    open_playground(page, media_server, "tiny_whisper")
+    page.locator("#audio-file").set_input_files(str(clip))
+    page.locator("#audio-run").click()
+    page.wait_for_function("document.querySelector('#audio-output').textContent.includes('text')")
+    shown = json.loads(page.locator("#audio-output").inner_text())
+    client = openai.OpenAI(base_url=f"{media_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    with clip.open("rb") as audio:
+        expected = client.audio.transcriptions.create(model="tiny_whisper", file=audio)
+    assert shown["text"] == expected.text
+    screenshot(page, "console-audio-playground.png")
+
+
+def test_text_to_speech_plays_what_the_api_returns(page: Any, media_server: ServerProcess) -> None:
+    import openai
+
+    open_playground(page, media_server, "tiny_tts")
+    page.locator("#speech-input").fill("Hello there.")
+    page.locator("#speech-run").click()
+    page.wait_for_selector("#speech-output audio")
+    played = page.evaluate(
+        "async () => Array.from(new Uint8Array(await (await fetch("
+        "document.querySelector('#speech-output audio').src)).arrayBuffer()))"
+    )
+    client = openai.OpenAI(base_url=f"{media_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    expected = client.audio.speech.create(
+        model="tiny_tts", input="Hello there.", voice="default", response_format="wav"
+    )
+    assert bytes(played) == expected.content
+    assert bytes(played[:4]) == b"RIFF"
+
+
+def test_image_prompt_shows_a_generated_image(page: Any, media_server: ServerProcess) -> None:
+    import base64
+    import io
+
+    from PIL import Image
+
+    config = httpx.get(f"{media_server.url}/v2/models/tiny_diffusion/config").json()
+    size = (int(config["parameters"]["width"]["string_value"]), int(config["parameters"]["height"]["string_value"]))
+    open_playground(page, media_server, "tiny_diffusion")
+    page.locator("#image-prompt").fill("a red square")
+    page.locator("#image-run").click()
+    page.wait_for_selector("#image-output img")
+    source = page.locator("#image-output img").get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    image = Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1])))
+    assert image.size == size
+    # The browser decoded it too.
+    assert page.evaluate("document.querySelector('#image-output img').naturalWidth") == size[0]
+    screenshot(page, "console-image-playground.png")

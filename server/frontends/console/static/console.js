@@ -410,7 +410,8 @@ function renderPlayground(row, config, metadata) {
   const routes = state.settings.openai_routes;
   if (task === "generate") chatPlayground(box, row);
   else if (task === "embed") embeddingPlayground(box, row);
-  else if (/transcri|speech|asr/.test(task) && routes.includes("/v1/audio/transcriptions")) audioPlayground(box, row);
+  else if (/transcri|asr/.test(task) && routes.includes("/v1/audio/transcriptions")) audioPlayground(box, row);
+  else if (/speak|tts|text-to-speech/.test(task) && routes.includes("/v1/audio/speech")) speechPlayground(box, row);
   else if (/image|diffusion/.test(task) && routes.includes("/v1/images/generations")) imagePlayground(box, row);
   else tensorPlayground(box, row, metadata);
 }
@@ -571,6 +572,20 @@ function audioPlayground(box, row) {
     form.append("file", file.files[0]);
     try { out.textContent = pretty(await (await api("/v1/audio/transcriptions", { body: form })).json()); }
     catch (error) { out.textContent = error.message; }
+  });
+}
+
+function speechPlayground(box, row) {
+  const input = el("textarea", { id: "speech-input", rows: 2 }, "Hello from ModelDock.");
+  const run = el("button", { type: "button", class: "primary", id: "speech-run" }, "Speak");
+  const out = el("div", { id: "speech-output" });
+  box.append(el("div", { class: "field" }, el("label", { for: input.id }, "Text"), input), run, out);
+  run.addEventListener("click", async () => {
+    out.replaceChildren(el("span", { class: "muted" }, "speaking…"));
+    try {
+      const audio = await (await api("/v1/audio/speech", { json: { model: row.name, input: input.value, response_format: "wav" } })).blob();
+      out.replaceChildren(el("audio", { controls: true, src: URL.createObjectURL(audio) }));
+    } catch (error) { out.replaceChildren(el("span", { class: "error" }, error.message)); }
   });
 }
 
