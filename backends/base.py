@@ -37,6 +37,7 @@ _BUILTIN: dict[str, str] = {
     "python": "backends.python:PythonBackend",
     "tensorrt": "backends.tensorrt:TensorRTBackend",
     "transformers": "backends.transformers:TransformersBackend",
+    "llamacpp": "backends.llamacpp:LlamaCppBackend",
     "vllm": "backends.vllm:VllmBackend",
     "diffusers": "backends.diffusers:DiffusersBackend",
 }

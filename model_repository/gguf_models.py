@@ -136,6 +136,8 @@ def build_gguf_models(out: Path) -> list[Path]:
         import gguf  # noqa: F401
         import transformers  # noqa: F401
     except ImportError:
-        print("note: gguf or transformers is not installed; tiny_gguf not rebuilt (pip install 'modeldock[llamacpp,llm]')")
+        print(
+            "note: gguf or transformers is not installed; tiny_gguf not rebuilt (pip install 'modeldock[llamacpp,llm]')"
+        )
         return []
     return [build_tiny_llama_gguf(out / "tiny_gguf" / "1" / "model.gguf")]
