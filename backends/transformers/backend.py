@@ -23,6 +23,7 @@ import numpy as np
 
 from backends.base import GenerativeBackend, StepBatch, StepResult
 from backends.transformers.speech_tasks import SPEECH_TASKS, complete_speech_config, load_speech_model, speech_task
+from backends.transformers.vision_language import VisionLanguageBackend, folder_is_vision_language, is_vision_language
 from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
@@ -69,7 +70,7 @@ def detect_task(config: ModelConfig, folder: Path) -> str:
         raise ConfigError(
             f"{config_file}: no 'architectures' to tell the task from; set parameters.task to generate or embed"
         )
-    if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures):
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in architectures) or is_vision_language(hf_config):
         return "generate"
     return speech_task(architectures) or "embed"
 
@@ -152,6 +153,14 @@ class TransformersBackend(GenerativeBackend):
             AutoConfig.from_pretrained(folder, local_files_only=True)
         except Exception as exc:
             raise ModelLoadError(f"{folder / 'config.json'}: transformers cannot read it: {exc}") from None
+
+    def __new__(cls, config: ModelConfig, version_dir: Path, device: Device) -> Any:
+        """A vision-language model runs its own generation loop (``vision_language.py``), not the paged engine."""
+        task = config.parameters.get("task") or detect_task(config, model_folder(config, version_dir))
+        if cls is TransformersBackend and task == "generate":
+            if folder_is_vision_language(model_folder(config, version_dir)):
+                return VisionLanguageBackend(config, version_dir, device)
+        return super().__new__(cls)
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)
