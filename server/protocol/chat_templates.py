@@ -29,6 +29,11 @@ def render_chat(
     ``add_generation_prompt`` off or ``continue_final_message`` on. A template that fails on the messages is the
     request's fault (a role or content shape the model does not take), so it is refused as ``InvalidInput``.
     """
+    if any(
+        isinstance(message.get("content"), list) and any(part.get("type") == "image_url" for part in message["content"])
+        for message in messages
+    ):
+        raise InvalidInput(f"model '{model}' reads text only: it cannot take image_url content parts")
     if not getattr(tokenizer, "chat_template", None):
         raise InvalidInput(f"model '{model}' has no chat template; use a completion prompt instead")
     kwargs = dict(chat_template_kwargs or {})
