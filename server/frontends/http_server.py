@@ -409,14 +409,17 @@ def create_app(
     openai_app = create_openai_app(core, openai_api_key)
     app.mount("/v1", openai_app)
     if console:
-        settings = ConsoleSettings(
-            model_control_mode=core.control_mode.value,
-            restricted=restricted_headers(guard.restrictions),
-            openai_key_required=openai_api_key is not None,
-            openai_routes=sorted({"/v1" + r.path for r in openai_app.routes if isinstance(r, APIRoute)}),
-        )
+
+        def console_settings() -> ConsoleSettings:
+            return ConsoleSettings(
+                model_control_mode=core.control_mode.value,
+                restricted=restricted_headers(guard.restrictions),
+                openai_key_required=openai_api_key is not None,
+                openai_routes=sorted({"/v1" + r.path for r in openai_app.routes if isinstance(r, APIRoute)}),
+            )
+
         app.add_route("/console", console_redirect, include_in_schema=False)
-        app.mount("/console", console_app(settings))
+        app.mount("/console", console_app(console_settings))
 
     @app.exception_handler(ModelDockError)
     async def _modeldock_error(_: Request, exc: ModelDockError) -> Response:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -31,15 +32,16 @@ class ConsoleSettings(BaseModel):
     openai_routes: list[str]
 
 
-def console_app(settings: ConsoleSettings) -> Starlette:
-    """The application mounted at ``/console``: the page, its assets under ``static/``, and ``settings.json``."""
-    body = settings.model_dump_json().encode()
+def console_app(settings: Callable[[], ConsoleSettings]) -> Starlette:
+    """The application mounted at ``/console``: the page, its assets under ``static/``, and ``settings.json``
+    (``settings`` is asked on each request, so the console reads the server as it is, not as it was built)."""
 
     async def index(_: Request) -> Response:
         # Revalidated on every load, so an upgraded server never runs an old page against new APIs.
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     async def settings_json(_: Request) -> Response:
+        body = settings().model_dump_json()
         return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
     return Starlette(
