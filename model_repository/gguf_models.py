@@ -34,8 +34,7 @@ def _permute_rotary(weights: Any, n_head: int) -> Any:
     )
 
 
-def build_tiny_llama_gguf(
-    path: Path,
+def build_tiny_llama(
     *,
     seed: int = 0,
     hidden_size: int = 64,
@@ -46,13 +45,12 @@ def build_tiny_llama_gguf(
     context_length: int = 256,
     vocab_size: int = 512,
     initializer_range: float = 0.2,
-) -> Path:
-    """Write a Llama (grouped-query attention, tied embeddings, float32) as one GGUF file at ``path``.
+) -> tuple[Any, Any]:
+    """A ``transformers`` Llama (grouped-query attention, tied embeddings) with random weights, and its tokenizer.
 
     The wide ``initializer_range`` spreads the logits, so greedy decoding has clear winners and the same prompt
     decodes to the same tokens however the runtime orders its arithmetic.
     """
-    import gguf
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -76,7 +74,25 @@ def build_tiny_llama_gguf(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def build_tiny_llama_gguf(path: Path, **sizes: Any) -> Path:
+    """``build_tiny_llama(**sizes)`` written as one float32 GGUF file at ``path``."""
+    model, tokenizer = build_tiny_llama(**sizes)
+    return write_llama_gguf(model, tokenizer, path)
+
+
+def write_llama_gguf(model: Any, tokenizer: Any, path: Path) -> Path:
+    """A ``transformers`` Llama and its byte-level BPE tokenizer as a GGUF file, as llama.cpp's converter writes
+    one (float32, so llama.cpp computes with the very weights ``transformers`` does)."""
+    import gguf
+    import torch
+
+    config = model.config
+    hidden_size, num_layers = config.hidden_size, config.num_hidden_layers
+    num_heads, num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+    intermediate_size, context_length = config.intermediate_size, config.max_position_embeddings
 
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
@@ -89,8 +105,8 @@ def build_tiny_llama_gguf(
     writer.add_head_count(num_heads)
     writer.add_head_count_kv(num_kv_heads)
     writer.add_rope_dimension_count(hidden_size // num_heads)
-    writer.add_rope_freq_base(ROPE_THETA)
-    writer.add_layer_norm_rms_eps(RMS_NORM_EPS)
+    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(len(tokenizer))
 
     special = set(tokenizer.all_special_ids)
@@ -110,7 +126,7 @@ def build_tiny_llama_gguf(
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, num_layers)
     for name, tensor in model.state_dict().items():
-        if name == "lm_head.weight":  # tied: llama.cpp reads the output projection from token_embd
+        if name == "lm_head.weight" and config.tie_word_embeddings:  # llama.cpp then reads token_embd
             continue
         data = tensor.detach().to(torch.float32).numpy()
         if name.endswith("q_proj.weight"):

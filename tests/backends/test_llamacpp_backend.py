@@ -23,7 +23,7 @@ llama_cpp = pytest.importorskip("llama_cpp", reason='needs the llamacpp extra: p
 import jsonschema  # noqa: E402
 import openai  # noqa: E402
 
-from model_repository.gguf_models import build_tiny_llama_gguf  # noqa: E402
+from model_repository.gguf_models import build_tiny_llama, build_tiny_llama_gguf  # noqa: E402
 from tests.conftest import BUNDLED_REPOSITORY, ServerProcess  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -131,6 +131,26 @@ def greedy_tokens(reference: Any, prompt: str, max_tokens: int) -> list[int]:
         if len(tokens) >= max_tokens or token == reference.token_eos():
             break
     return tokens
+
+
+# -- the GGUF file ----------------------------------------------------------------------------------------------
+def test_gguf_file_is_the_transformers_model(reference: Any) -> None:
+    """The writer's tensor names and rotary permutation are right: llama.cpp tokenizes as the Hugging Face tokenizer
+    does, computes the same logits (to float16 KV-cache precision) and decodes greedily to the same tokens."""
+    import numpy as np
+    import torch
+
+    model, tokenizer = build_tiny_llama()
+    for prompt in PROMPTS[:2]:
+        ids = reference.tokenize(prompt.encode(), add_bos=False, special=True)
+        assert ids == tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0].numpy()
+        reference.reset()
+        reference.eval(ids)
+        assert np.abs(reference.scores[: len(ids)] - logits).max() < 0.05
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, len(ids) :].tolist()
+        assert greedy_tokens(reference, prompt, 16) == expected
 
 
 # -- plain, streaming, chat ------------------------------------------------------------------------------------------
