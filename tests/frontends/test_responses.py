@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import jsonschema
@@ -214,3 +214,47 @@ def test_bad_requests_are_400_naming_the_field(agent_server: ServerProcess, body
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.text
     assert httpx.post(url, json={"model": GPT, "input": "x", "max_output_tokens": 2}, timeout=60).status_code == 200
+
+
+@pytest.mark.slow
+async def test_openai_agents_sdk_runs_a_tool_and_a_typed_answer(agent_server: ServerProcess) -> None:
+    """The Agents SDK streams the Responses API: a forced tool call runs the Python function, and an output type
+    comes back as its pydantic object."""
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+    from pydantic import BaseModel, Field
+
+    set_tracing_disabled(True)  # its traces would go to OpenAI's servers
+    calls: list[str] = []
+
+    @function_tool
+    def get_time(zone: Literal["UTC", "CET"]) -> str:
+        """The time in a time zone."""
+        calls.append(zone)
+        return f"12:00 {zone}"
+
+    class Verdict(BaseModel):
+        answer: Literal["yes", "no"]
+        confidence: int = Field(ge=0, le=9)
+
+    client = openai.AsyncOpenAI(base_url=f"{agent_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    model = OpenAIResponsesModel(model=GPT, openai_client=client)
+    clock = Agent(
+        name="clock",
+        instructions="Tell the time.",
+        tools=[get_time],
+        model=model,
+        tool_use_behavior="stop_on_first_tool",
+        model_settings=ModelSettings(tool_choice="get_time", temperature=0, max_tokens=100),
+    )
+    told = await Runner.run(clock, "What time is it?", max_turns=2)
+    assert len(calls) == 1 and told.final_output == f"12:00 {calls[0]}"
+
+    judge = Agent(
+        name="judge",
+        instructions="Judge.",
+        model=model,
+        output_type=Verdict,
+        model_settings=ModelSettings(temperature=1.0, max_tokens=200),
+    )
+    verdict = await Runner.run(judge, "Is it sunny?")
+    assert isinstance(verdict.final_output, Verdict)
