@@ -241,7 +241,7 @@ class InferenceServer:
     def language_model(self, name: str, version: str = "") -> tuple[Any, int]:
         """A ready language model's tokenizer and the most tokens (prompt and output) it attends over, for the
         routes that tokenize without generating (``/v1/tokenize``)."""
-        served = self.models.get(name, version)
+        served = self.models.get(self.models.adapter_target(name)[0], version)
         backend = getattr(served.pool.instances[0], "backend", None) if served.pool and served.pool.instances else None
         tokenizer = getattr(backend, "tokenizer", None)
         if tokenizer is None:
@@ -250,6 +250,11 @@ class InferenceServer:
         limits = getattr(engines[0], "limits", None) if engines else None
         max_model_len = limits.max_model_len if limits is not None else int(getattr(backend, "max_model_len", 0))
         return tokenizer, max_model_len
+
+    def model_parameters(self, name: str, version: str = "") -> dict[str, str]:
+        """A ready model's ``parameters`` (its tool-call and reasoning parsers, say), a LoRA adapter's being its
+        base model's."""
+        return dict(self.models.get(self.models.adapter_target(name)[0], version).config.parameters)
 
     def model_task(self, name: str, version: str = "") -> str:
         """``generate`` or ``embed`` for a ready language model (or a LoRA adapter one serves), "" for any other

@@ -119,8 +119,7 @@ class ServingEngine:
 
     def parameters(self, model: str) -> dict[str, str]:
         """The model configuration's ``parameters`` (``tool_call_parser``, ``reasoning_parser``) as plain strings."""
-        found = self.core.model_config(model).get("parameters", {})
-        return {key: str(value.get("string_value", "")) for key, value in found.items()}
+        return self.core.model_parameters(model)
 
     @staticmethod
     def sampling(
