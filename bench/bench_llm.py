@@ -86,14 +86,16 @@ class BenchRequest:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-# The JSON-schema workload's schema: open-ended (a list of any length, strings without bounds), so the random-weight
-# model keeps writing inside it to max_tokens, as the unconstrained requests do, and every token is masked.
+# The JSON-schema workload's schema: a list of at least 200 objects (some 2,000 tokens) cannot be finished within any
+# answer's max_tokens, so every constrained answer runs to its full length, as the unconstrained ones do (with
+# ignore_eos), and every one of its tokens is masked.
 JSON_SCHEMA = {
     "type": "object",
     "properties": {
         "title": {"type": "string"},
         "items": {
             "type": "array",
+            "minItems": 200,
             "items": {
                 "type": "object",
                 "properties": {"id": {"type": "integer"}, "name": {"type": "string"}, "done": {"type": "boolean"}},
@@ -916,7 +918,10 @@ def run_side_by_side(
     if args.json_schema_clients:
         clients = args.json_schema_clients
         constrained = {"structured_outputs": {"json": JSON_SCHEMA}}
-        named["json"] = (clients, [BenchRequest(r.prompt, r.max_tokens, constrained) for r in workloads[clients]])
+        # Requests drawn as the unconstrained level's are, but not the same ones: the same prompts would find their
+        # blocks in the prefix cache that the unconstrained run just filled, and look cheaper than they are.
+        drawn = workload(tokenizer, len(workloads[clients]), seed=clients + 1000, args=args)
+        named["json"] = (clients, [BenchRequest(r.prompt, r.max_tokens, constrained) for r in drawn])
     systems: list[RunningSystem] = []
     try:
         for start in (
