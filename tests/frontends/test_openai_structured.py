@@ -259,6 +259,35 @@ def test_chat_logprobs_whole_and_streamed(client: openai.OpenAI) -> None:
     assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
 
 
+def test_completion_logprobs_streamed_equal_whole(client: openai.OpenAI) -> None:
+    options: dict[str, Any] = {
+        "max_tokens": 6,
+        "temperature": 0,
+        "logprobs": 2,
+        "echo": True,
+        "extra_body": {"ignore_eos": True},
+    }
+    whole = client.completions.create(model=GPT, prompt="Once upon a time", **options).choices[0]
+    assert whole.logprobs is not None
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    offsets: list[int] = []
+    text = ""
+    for chunk in client.completions.create(model=GPT, prompt="Once upon a time", stream=True, **options):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens or []
+                token_logprobs += choice.logprobs.token_logprobs or []
+                offsets += choice.logprobs.text_offset or []
+    assert text == whole.text
+    assert (tokens, token_logprobs, offsets) == (
+        whole.logprobs.tokens,
+        whole.logprobs.token_logprobs,
+        whole.logprobs.text_offset,
+    )
+
+
 def test_prompt_logprobs_in_vllm_shape(client: openai.OpenAI, reference: tuple[Any, Any]) -> None:
     tokenizer, _ = reference
     prompt = "Hello world"
