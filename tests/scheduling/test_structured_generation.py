@@ -110,6 +110,7 @@ def test_every_json_schema_output_parses_and_validates(engine: GenerationEngine,
         jsonschema.validate(json.loads(completion.text), schema)
 
 
+@pytest.mark.slow
 def test_json_object_is_an_object(engine: GenerationEngine) -> None:
     for seed in range(3):
         completion = run(engine, max_tokens=200, temperature=0.7, seed=seed, structured_outputs={"json_object": True})
