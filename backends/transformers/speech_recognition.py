@@ -43,13 +43,16 @@ class TranscriptionOptions(BaseModel):
     language: str | None = Field(default=None, description="Spoken language (ISO-639-1, e.g. 'en'); None detects")
     task: Literal["transcribe", "translate"] = "transcribe"
     prompt: str | None = Field(default=None, description="Text that came before, to steer spelling and style")
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 decodes greedily")
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0, description="0 decodes greedily, more samples")
     timestamps: Literal["none", "segment", "word"] = "none"
 
     def generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
         # Transcribing is Whisper's default; naming the task anyway would put its token in the prompt, which the
         # model's own defaults (and so transformers' pipeline) leave out.
         kwargs: dict[str, Any] = {"task": "translate"} if self.task == "translate" else {}
+        # The pipeline decodes with 5 beams unless the model's generation config names a beam count; OpenAI's API
+        # has no beams, and greedy decoding is what batches well (beam search reorders every cache at every step).
+        kwargs["num_beams"] = 1
         if self.language:
             kwargs["language"] = self.language
         if self.prompt:

@@ -94,6 +94,8 @@ def encoded(samples: np.ndarray, audio_format: str = "WAV", subtype: str | None 
 
 
 def reference(asr: Any, samples: np.ndarray, **kwargs: Any) -> dict[str, Any]:
+    """The pipeline's greedy transcript (it decodes with 5 beams unless told otherwise)."""
+    kwargs["generate_kwargs"] = {"num_beams": 1, **kwargs.get("generate_kwargs", {})}
     return asr(samples.copy(), **kwargs)  # type: ignore[no-any-return]
 
 
