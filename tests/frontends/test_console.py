@@ -347,3 +347,50 @@ def test_image_prompt_shows_a_generated_image(page: Any, media_server: ServerPro
     # The browser decoded it too.
     assert page.evaluate("document.querySelector('#image-output img').naturalWidth") == size[0]
     screenshot(page, "console-image-playground.png")
+
+
+# -- vision chat ----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vision_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from model_repository.vision_language_models import build_vision_language_model
+
+    folder = build_vision_language_model(tmp_path_factory.mktemp("console-vlm") / "model")
+    repository = tmp_path_factory.mktemp("console-vision") / "models"
+    (repository / "looker" / "1").mkdir(parents=True)
+    (repository / "looker" / "config.yaml").write_text(f"backend: transformers\nparameters:\n  model_path: {folder}\n")
+    server = start_server(repository, wait=False)
+    rows = wait_loaded(server)
+    assert all(row["state"] == "READY" for row in rows), rows
+    return server
+
+
+def test_chat_with_an_attached_image(page: Any, vision_server: ServerProcess, tmp_path: Path) -> None:
+    import base64
+
+    import openai
+    from PIL import Image
+
+    picture = tmp_path / "picture.png"
+    pixels = (np.random.default_rng(3).random((48, 64, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(picture)
+    open_playground(page, vision_server, "looker")
+    # The probe found that this model takes images, so the chat offers an attachment (and no tools toggle).
+    page.wait_for_selector("#chat-image")
+    assert page.locator("#chat-tools-on").count() == 0
+    page.locator("#chat-max-tokens").fill("8")
+    page.locator("#chat-temperature").fill("0")
+    page.locator("#chat-image").set_input_files(str(picture))
+    page.locator("#chat-input").fill("What is in this picture?")
+    page.locator("#chat-send").click()
+    page.wait_for_selector(".message.assistant[data-done=true]")
+    shown = page.locator(".message.assistant .text").inner_text()
+    assert page.locator(".message.user img.attached").count() == 1
+
+    client = openai.OpenAI(base_url=f"{vision_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+    url = "data:image/png;base64," + base64.b64encode(picture.read_bytes()).decode("ascii")
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is in this picture?"}]
+    expected = client.chat.completions.create(
+        model="looker", messages=[{"role": "user", "content": content}], max_tokens=8, temperature=0
+    )
+    assert shown == expected.choices[0].message.content
+    screenshot(page, "console-vision-chat.png")

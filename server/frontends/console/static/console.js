@@ -438,8 +438,16 @@ function chatPlayground(box, row) {
   };
   send.addEventListener("click", async () => {
     if (!prompt.value.trim()) return;
-    messages.push({ role: "user", content: prompt.value });
-    show("user", prompt.value);
+    const attached = extras.querySelector("#chat-image");
+    if (attached && attached.files.length) {
+      const url = await readAsDataUrl(attached.files[0]);
+      messages.push({ role: "user", content: [{ type: "image_url", image_url: { url } }, { type: "text", text: prompt.value }] });
+      show("user", prompt.value).before(el("img", { class: "attached", src: url, alt: attached.files[0].name }));
+      attached.value = "";
+    } else {
+      messages.push({ role: "user", content: prompt.value });
+      show("user", prompt.value);
+    }
     prompt.value = "";
     const out = show("assistant", "");
     send.disabled = true;
@@ -508,16 +516,41 @@ async function probeChat(name) {
     try { await api("/v1/chat/completions", { json: { ...base, ...extra } }); return true; }
     catch (_) { return false; }
   };
-  const [tools, jsonSchema] = await Promise.all([
+  const picture = { type: "image_url", image_url: { url: probeImage() } };
+  const [tools, jsonSchema, vision] = await Promise.all([
     accepts({ tools: [{ type: "function", function: { name: "probe", parameters: { type: "object", properties: {} } } }] }),
     accepts({ response_format: { type: "json_schema", json_schema: { name: "probe", schema: { type: "object" } } } }),
+    accepts({ messages: [{ role: "user", content: [picture, { type: "text", text: "hi" }] }] }),
   ]);
-  state.probes[name] = { tools, jsonSchema };
+  state.probes[name] = { tools, jsonSchema, vision };
   return state.probes[name];
+}
+
+// A small grey PNG, drawn here, for the vision probe.
+function probeImage() {
+  const canvas = document.createElement("canvas");
+  canvas.width = canvas.height = 32;
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#808080";
+  context.fillRect(0, 0, 32, 32);
+  return canvas.toDataURL("image/png");
+}
+
+function readAsDataUrl(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result);
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
 }
 
 function addChatExtras(extras, probe) {
   extras.replaceChildren();
+  if (probe.vision) {
+    const file = el("input", { type: "file", id: "chat-image", accept: "image/*" });
+    extras.append(el("div", { class: "field" }, el("label", { for: file.id }, "attach an image to the next message"), file));
+  }
   if (probe.jsonSchema) {
     const toggle = el("input", { type: "checkbox", id: "chat-json-schema-on" });
     const schema = el("textarea", { id: "chat-json-schema", rows: 4, hidden: true },
