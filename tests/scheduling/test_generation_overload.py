@@ -41,6 +41,14 @@ def greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
+async def held(engine: GenerationEngine, sequences: int) -> None:
+    """Until the engine holds ``sequences`` sequences (running or waiting): a loaded machine may take a while."""
+    deadline = time.monotonic() + 30
+    while engine.load < sequences:
+        assert time.monotonic() < deadline, f"the engine holds {engine.load} sequences, not {sequences}"
+        await asyncio.sleep(0.005)
+
+
 async def run(engine: GenerationEngine, max_tokens: int) -> int:
     request = GenerateRequest("t", prompt="Hello world", sampling=greedy(max_tokens))
     return len([t async for o in engine.generate(request) for t in o.token_ids])
@@ -50,13 +58,13 @@ async def test_a_full_waiting_queue_refuses_at_once_and_the_accepted_requests_fi
     engine = make_engine(causal_lm_dir, max_num_seqs="1", max_waiting_seqs="2")
     try:
         taken = [asyncio.create_task(run(engine, LONG))]
-        await asyncio.sleep(0.1)  # the first holds the seat
+        await held(engine, 1)  # the first holds the seat
         taken += [asyncio.create_task(run(engine, 5)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await held(engine, 3)
         started = time.perf_counter()
         with pytest.raises(Overloaded, match="max_waiting_seqs 2") as refused:
             await run(engine, 5)
-        assert time.perf_counter() - started < 0.05
+        assert time.perf_counter() - started < 0.25  # at once: nothing is tokenized or queued
         assert refused.value.http_status == 429 and int(refused.value.retry_after) >= 1
         assert await asyncio.gather(*taken) == [LONG, 5, 5]
         assert engine.stats.rejected == 1
@@ -68,11 +76,11 @@ async def test_a_request_that_waits_past_the_delay_is_refused_when_it_passes(cau
     engine = make_engine(causal_lm_dir, max_num_seqs="1", max_queue_delay_ms="150")
     try:
         first = asyncio.create_task(run(engine, LONG))
-        await asyncio.sleep(0.1)
+        await held(engine, 1)
         started = time.perf_counter()
         with pytest.raises(Overloaded, match="max_queue_delay_ms 150"):
             await run(engine, 5)
-        assert 0.14 < time.perf_counter() - started < 1.0
+        assert 0.14 < time.perf_counter() - started < 5.0
         assert await first == LONG
     finally:
         engine.stop()
@@ -88,11 +96,11 @@ async def test_a_predicted_wait_over_the_delay_is_refused_before_it_queues(causa
         wait = engine.predicted_wait(3)
         assert wait is not None and wait > 0.02
         taken = [asyncio.create_task(run(engine, 40)) for _ in range(2)]
-        await asyncio.sleep(0.02)
+        await held(engine, 2)
         started = time.perf_counter()
         with pytest.raises(Overloaded, match="would wait about"):
             await run(engine, 40)
-        assert time.perf_counter() - started < 0.01
+        assert time.perf_counter() - started < 0.25
         await asyncio.gather(*taken, return_exceptions=True)
     finally:
         engine.stop()
