@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from server.config import DynamicBatching, ModelConfig, TensorConfig
 from server.errors import InvalidInput, ModelLoadError
-from server.protocol.audio_codec import decode_audio
+from server.protocol.audio_codec import AudioError, decode_audio
 
 TASK = "transcribe"
 DEFAULT_BATCH = 16
@@ -135,6 +135,14 @@ class SpeechRecognitionModel:
         self.window_s = float(getattr(processor.feature_extractor, "chunk_length", 0) or 30)
         self.whisper = self.pipeline.type == "seq2seq_whisper"
 
+    def _speaks(self, language: str) -> bool:
+        """Whether Whisper's ``generate`` takes ``language``: a code (``fr``) or a name (``french``) it has a token for."""
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+        known = getattr(self.pipeline.model.generation_config, "lang_to_id", None) or {}
+        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+        return f"<|{code}|>" in known
+
     def _clips(self, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         if "audio" in inputs:
             return [
@@ -157,6 +165,10 @@ class SpeechRecognitionModel:
 
     def _check(self, options: TranscriptionOptions) -> None:
         if self.whisper:
+            if options.language and not self._speaks(options.language):
+                raise AudioError(
+                    f"'language': model '{self.config.name}' does not know '{options.language}'", "language"
+                )
             return
         if options.language or options.task != "transcribe" or options.prompt or options.timestamps == "segment":
             raise InvalidInput(

@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 import soundfile  # noqa: E402
 import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
+from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from model_repository.speech_models import build_vits, build_whisper  # noqa: E402
 from server.protocol.audio_codec import pcm16  # noqa: E402
@@ -56,8 +57,10 @@ def audio_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def audio_server(start_server: Callable[..., ServerProcess], audio_repository: Path) -> ServerProcess:
-    server = start_server(audio_repository, env=ONE_THREAD)
-    deadline = time.monotonic() + 120
+    # Importing torch and transformers can take a minute on a busy machine: a longer wait than the default.
+    server = start_server(audio_repository, wait=False, env=ONE_THREAD)
+    server.wait_ready(timeout=300)
+    deadline = time.monotonic() + 300
     states: dict[str, str] = {}
     while time.monotonic() < deadline:
         states = {row["name"]: row["state"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
@@ -278,6 +281,7 @@ def test_bad_input_is_a_400_naming_the_field(audio_server: ServerProcess, client
     assert_openai_error(post_transcription(url, ok, {**model, "response_format": "docx"}), "response_format")
     assert_openai_error(post_transcription(url, ok, {**model, "temperature": "3"}), "temperature")
     assert_openai_error(post_transcription(url, ok, {"model": TTS}), "model")
+    assert_openai_error(post_transcription(url, ok, {**model, "language": "xx"}), "language")
     assert_openai_error(httpx.post(f"{url}/v1/audio/transcriptions", data=model, timeout=60), "file")
 
     speech = {"model": TTS, "input": "hello", "voice": "alloy"}
@@ -291,6 +295,16 @@ def test_bad_input_is_a_400_naming_the_field(audio_server: ServerProcess, client
         assert_openai_error(httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60), param)
     with pytest.raises(openai.NotFoundError):
         client.audio.speech.create(model="no_such_model", input="hi", voice="alloy")
+    # Over KServe v2 too: a row that is not audio, and an empty clip of samples.
+    http = httpclient.InferenceServerClient(url.removeprefix("http://"))
+    audio = httpclient.InferInput("audio", [1, 1], "BYTES")
+    audio.set_data_from_numpy(np.array([[b"not audio"]], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="'audio'"):
+        http.infer(WHISPER, [audio])
+    empty = httpclient.InferInput("samples", [1, 0], "FP32")
+    empty.set_data_from_numpy(np.zeros((1, 0), dtype=np.float32))
+    with pytest.raises(InferenceServerException, match="'samples'"):
+        http.infer(WHISPER, [empty])
     # Still serving everyone after all that.
     assert client.audio.transcriptions.create(model=WHISPER, file=("a.wav", encoded(clip(8)))).text
     assert httpx.get(f"{url}/v2/models/{TTS}/ready").status_code == 200
