@@ -58,6 +58,8 @@ CUDA_INSTALL = "pip install 'modeldock[vllm-cuda]'"
 # not see each other's, so starts take turns.
 _START_LOCK = threading.Lock()
 _FINISH_REASONS: dict[str, FinishReason] = {"stop": "stop", "length": "length", "abort": "abort"}
+# How long a stopping engine's processes get to exit (vLLM's own shutdown waits about as long for its workers).
+STOP_TIMEOUT_S = 30
 
 
 def install_command() -> str:
@@ -166,12 +168,15 @@ class VllmBackend(EngineBackend):
         environment = cpu_environment(self.settings, arguments) if current_platform.is_cpu() else {}
         folder = model_folder(config, version_dir)
         with _START_LOCK, _environment(environment):
+            running = set(multiprocessing.active_children())
             try:
                 self._engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[engine_stats_logger(self)])
             except ModelDockError:
                 raise
             except Exception as exc:
                 raise ModelLoadError(f"{folder}: vLLM cannot start its engine: {type(exc).__name__}: {exc}") from None
+            # The engine's own processes (its engine core; the core starts and stops the workers): waited for on stop.
+            self._processes = [p for p in multiprocessing.active_children() if p not in running]
         self.tokenizer = self._engine.tokenizer
         self._max_model_len = int(self._engine.model_config.max_model_len)
         self._request_ids = itertools.count()
@@ -319,8 +324,15 @@ class VllmBackend(EngineBackend):
             return
         self._stopped = True
         self._engine.shutdown()
-        # vLLM stops its engine processes; collecting their exit status here keeps them from lingering as zombies.
-        multiprocessing.active_children()
+        # vLLM signals its engine processes to stop; an unload is done once they are gone (memory freed, no zombie).
+        for process in self._processes:
+            process.join(STOP_TIMEOUT_S)
+            if process.is_alive():
+                log.warning(
+                    "model '%s': vLLM's %s did not stop in %ss; killed", self.config.name, process.name, STOP_TIMEOUT_S
+                )
+                process.kill()
+                process.join(STOP_TIMEOUT_S)
         log.info("model '%s': vLLM engine shut down", self.config.name)
 
     def unload(self) -> None:
