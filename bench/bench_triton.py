@@ -14,13 +14,21 @@ Targets, measured interleaved for each (model, concurrency) so load from elsewhe
 
 - ModelDock HTTP binary / JSON, Triton HTTP binary / JSON: ``wrk`` with a Lua script posting a fixed body;
 - ModelDock gRPC, Triton gRPC: ``h2load`` (nghttp2) posting a fixed, framed ``ModelInferRequest``; h2load cannot
-  read gRPC trailers, so each server's own statistics confirm every request succeeded;
+  read gRPC trailers, so each server's own statistics confirm every request succeeded; ``-grpc-stream`` targets
+  post ``--stream-messages`` framed requests on one ``ModelStreamInfer`` stream per call (req/s counts messages);
+- MLServer's gRPC (``mlserver-grpc``, from ``--mlserver-venv``; ``bench/mlserver_onnx_model.py`` runs the same ONNX
+  file, adaptive batching at the same 64 / 1 ms, inference in its main process);
+- ``modeldock-defaults-*``: ModelDock started as a user starts it (``modeldock serve -m REPO``: info logging,
+  polling the repository, metrics on their own port) beside the bench's trimmed start, to see what that costs;
 - floors: ``raw_asgi_floor.py`` (no framework, ONNX Runtime inline) under uvicorn and granian, and
   ``raw_grpc_floor.py`` (the same for ``ModelInfer``) on grpcio's asyncio and thread-pool servers;
 - in-process ONNX Runtime rows/s at batch 1 and at the best batch (the physical limit for ``mlp``).
 
 The load generators are native programs pinned with ``taskset`` to ``--client-cpu`` so they are not the
 bottleneck. Install them with ``apt-get install wrk nghttp2-client``.
+
+``--independent`` measures under an independent side-by-side run's conditions (issue 24): tiny and mlp at 64
+connections, 1-row requests, ONNX Runtime on one thread, ModelDock started with its defaults, 10 s rounds.
 """
 
 from __future__ import annotations
@@ -104,7 +112,8 @@ def output_width(model: str) -> int:
 
 
 def write_repositories(work: Path, models: list[str], threads: int, site_packages: Path) -> dict[str, Path]:
-    """One ONNX file per model, served by ModelDock (config.yaml) and Triton (config.pbtxt + Python model.py)."""
+    """One ONNX file per model, served by ModelDock (config.yaml), Triton (config.pbtxt + Python model.py) and
+    MLServer (model-settings.json naming ``mlserver_onnx_model.OnnxModel``)."""
     onnx_paths: dict[str, Path] = {}
     triton_model = (BENCH / "triton_onnx_model.py").read_text().replace("@SITE_PACKAGES@", str(site_packages))
     for name in models:
@@ -134,6 +143,19 @@ def write_repositories(work: Path, models: list[str], threads: int, site_package
             "dynamic_batching { max_queue_delay_microseconds: 1000 }\n"
             "instance_group [{ count: 1 kind: KIND_CPU }]\n"
             f'parameters {{ key: "intra_op_thread_count" value {{ string_value: "{threads}" }} }}\n'
+        )
+        mlserver_dir = work / "mlserver" / name
+        mlserver_dir.mkdir(parents=True)
+        (mlserver_dir / "model-settings.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "implementation": "mlserver_onnx_model.OnnxModel",
+                    "max_batch_size": 64,
+                    "max_batch_time": 0.001,
+                    "parameters": {"uri": str(onnx_path)},
+                }
+            )
         )
     return onnx_paths
 
@@ -219,16 +241,22 @@ def wait_ready(target: Target, models: list[str], timeout_s: float = 180) -> Non
 
 def start_modeldock(work: Path, name: str, extra_args: list[str], baseline: Path | None = None) -> Target:
     """``modeldock`` with ``--modeldock-args``; ``modeldock-uvicorn`` and ``modeldock-granian`` pick the HTTP server;
-    ``modeldock-baseline`` runs the source tree ``--baseline`` names (an older checkout), for before/after."""
+    ``modeldock-baseline`` runs the source tree ``--baseline`` names (an older checkout), for before/after;
+    ``modeldock-defaults`` is started with nothing but its ports and repository, as a user starts it."""
     source = ROOT
+    http_port, grpc_port = free_port(), free_port()
+    log = work / f"{name}.log"
+    if name == "modeldock-defaults":
+        command = [sys.executable, "-m", "server", "serve", "--host", "127.0.0.1", "--http-port", str(http_port),
+                   "--grpc-port", str(grpc_port), "--metrics-port", str(free_port()), "-m", str(work / "modeldock")]  # fmt: skip
+        process = subprocess.Popen(command, cwd=source, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+        return Target(name, process, http_port, grpc_port, log)
     if name == "modeldock-baseline":
         if baseline is None:
             raise SystemExit("modeldock-baseline needs --baseline <source tree>, e.g. from `git archive <commit>`")
         source = baseline
     elif name != "modeldock":
         extra_args = [*extra_args, "--http-server", name.removeprefix("modeldock-")]
-    http_port, grpc_port = free_port(), free_port()
-    log = work / f"{name}.log"
     command = [
         sys.executable, "-m", "server", "serve", "--host", "127.0.0.1",
         "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--metrics-port", "0",
@@ -249,6 +277,38 @@ def start_triton(work: Path, triton: Path) -> Target:
     ]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=triton_environment(triton))
     return Target("triton", process, http_port, grpc_port, log)
+
+
+def start_mlserver(work: Path, venv: Path, threads: int) -> Target:
+    """MLServer from its own venv on the bench's repository, its inference in the main process (``parallel_workers``
+    0: one instance, no hop to a worker process), so it runs as one CPU instance like the others."""
+    mlserver = venv / "bin" / "mlserver"
+    if not mlserver.exists():
+        raise SystemExit(
+            f"no MLServer in {venv}: python -m venv {venv} && {venv}/bin/pip install mlserver onnxruntime numpy"
+        )
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    repository = work / "mlserver"
+    (repository / "settings.json").write_text(
+        json.dumps(
+            {
+                "http_port": http_port,
+                "grpc_port": grpc_port,
+                "metrics_port": metrics_port,
+                "parallel_workers": 0,
+                "host": "127.0.0.1",
+                "debug": False,
+            }  # fmt: skip
+        )
+    )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(BENCH)
+    env["FLOOR_THREADS"] = str(threads)
+    log = work / "mlserver.log"
+    process = subprocess.Popen(
+        [str(mlserver), "start", str(repository)], stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env
+    )
+    return Target("mlserver", process, http_port, grpc_port, log)
 
 
 def start_floor(work: Path, server: str, onnx_paths: dict[str, Path], threads: int) -> Target:
@@ -295,8 +355,8 @@ def http_body(model: str, binary: bool) -> tuple[bytes, int | None]:
     return body, json_size
 
 
-def grpc_frame(model: str) -> bytes:
-    """A length-prefixed gRPC message: what h2load posts as the request body."""
+def grpc_frame(model: str, messages: int = 1) -> bytes:
+    """A length-prefixed gRPC message (``messages`` of them, for a stream): what h2load posts as the request body."""
     x = np.random.default_rng(1).random((1, FEATURES[model]), dtype=np.float32)
     request = service_pb2.ModelInferRequest(model_name=model)
     tensor = request.inputs.add(name="INPUT0", datatype="FP32", shape=list(x.shape))
@@ -304,7 +364,7 @@ def grpc_frame(model: str) -> bytes:
     request.raw_input_contents.append(x.tobytes())
     request.outputs.add(name="OUTPUT0")
     message = request.SerializeToString()
-    return b"\x00" + struct.pack(">I", len(message)) + message
+    return (b"\x00" + struct.pack(">I", len(message)) + message) * messages
 
 
 def check_answer(port: int, model: str, binary: bool) -> None:
@@ -331,7 +391,11 @@ def check_grpc_answer(port: int, model: str) -> None:
         )
         response = infer(grpc_frame(model)[5:], timeout=30)
     shape = list(response.outputs[0].shape)
-    check_output(port, model, np.frombuffer(response.raw_output_contents[0], np.float32).reshape(shape))
+    if response.raw_output_contents:
+        y = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(shape)
+    else:  # MLServer answers in typed contents
+        y = np.array(response.outputs[0].contents.fp32_contents, np.float32).reshape(shape)
+    check_output(port, model, y)
 
 
 def check_output(port: int, model: str, y: np.ndarray) -> None:
@@ -397,16 +461,20 @@ def run_wrk(
 
 
 def run_h2load(
-    work: Path, port: int, model: str, concurrency: int, seconds: float, cpu: str
+    work: Path, port: int, model: str, concurrency: int, seconds: float, cpu: str, stream_messages: int = 0
 ) -> tuple[float, float, float, int, int]:
-    """Closed-loop gRPC unary calls, one stream per connection like the HTTP clients; (rps, p50, p99, errors, done)."""
-    frame = work / f"grpc-{model}.bin"
-    frame.write_bytes(grpc_frame(model))
+    """Closed-loop gRPC unary calls, one stream per connection like the HTTP clients; (rps, p50, p99, errors, done).
+
+    With ``stream_messages`` each call is a ``ModelStreamInfer`` stream carrying that many requests (sent at once,
+    then half-closed; the server answers each); rps and done count messages, latencies are whole streams'."""
+    frame = work / f"grpc-{model}-{stream_messages}.bin"
+    frame.write_bytes(grpc_frame(model, max(1, stream_messages)))
+    method = "ModelStreamInfer" if stream_messages else "ModelInfer"
     log = work / "h2load.log"
     log.unlink(missing_ok=True)
     command = ["taskset", "-c", cpu, "h2load", "-c", str(concurrency), "-m", "1", "-D", str(int(round(seconds))),
                "--warm-up-time", "1", "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers",
-               "--log-file", str(log), f"http://127.0.0.1:{port}/inference.GRPCInferenceService/ModelInfer"]  # fmt: skip
+               "--log-file", str(log), f"http://127.0.0.1:{port}/inference.GRPCInferenceService/{method}"]  # fmt: skip
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
     rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))  # type: ignore[union-attr]
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
@@ -414,8 +482,9 @@ def run_h2load(
     durations = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.count("\t") >= 2)
     p50 = durations[len(durations) // 2] / 1e3 if durations else float("nan")
     p99 = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1e3 if durations else float("nan")
-    errors = int(done.group(3)) + int(done.group(4))
-    return rps, p50, p99, errors, int(done.group(2))
+    per_call = max(1, stream_messages)
+    errors = (int(done.group(3)) + int(done.group(4))) * per_call
+    return rps * per_call, p50, p99, errors, int(done.group(2)) * per_call
 
 
 def success_count(port: int, model: str) -> int:
@@ -487,19 +556,23 @@ def print_table(report: Report) -> str:
         f"Each figure: the median of {report.settings['rounds']} interleaved rounds of {report.settings['duration_s']} s; "
         f"load generators pinned to CPU {report.settings['client_cpu']}; ONNX Runtime threads {report.settings['threads']}",
         "",
-        "| model | c | target | req/s | vs Triton same protocol | p50 ms | p99 ms | p99/p50 | server CPU µs/req "
-        "| Triton CPU/req ÷ ours | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | c | target | req/s | vs Triton same protocol | vs grpcio asyncio floor | p50 ms | p99 ms | p99/p50 "
+        "| server CPU µs/req | Triton CPU/req ÷ ours | floor CPU/req ÷ ours | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by_key = {(m.model, m.concurrency, m.target): m for m in report.measurements}
     for m in report.measurements:
         server, protocol = split_target(m.target)
         anchor = None if server == "triton" else by_key.get((m.model, m.concurrency, f"triton-{protocol}"))
+        floor_name = {"grpc": "floor-grpc-aio", "grpc-stream": "floor-grpc-aio-stream"}.get(protocol)
+        floor = by_key.get((m.model, m.concurrency, floor_name)) if floor_name and m.target != floor_name else None
         lines.append(
             f"| {m.model} | {m.concurrency} | {m.target} | {m.rps:,.0f} | "
-            f"{ratio(m.rps, anchor.rps if anchor else None)} | {m.p50_ms:.2f} | {m.p99_ms:.2f} | "
+            f"{ratio(m.rps, anchor.rps if anchor else None)} | {ratio(m.rps, floor.rps if floor else None)} | "
+            f"{m.p50_ms:.2f} | {m.p99_ms:.2f} | "
             f"{m.p99_ms / m.p50_ms if m.p50_ms else float('nan'):.1f} | {m.cpu_us_per_request:,.0f} | "
-            f"{ratio(anchor.cpu_us_per_request, m.cpu_us_per_request) if anchor else '-'} | {m.errors} |"
+            f"{ratio(anchor.cpu_us_per_request, m.cpu_us_per_request) if anchor else '-'} | "
+            f"{ratio(floor.cpu_us_per_request, m.cpu_us_per_request) if floor else '-'} | {m.errors} |"
         )
     for model, rates in report.in_process.items():
         best = max(rates, key=rates.__getitem__)
@@ -537,8 +610,12 @@ def median_of(runs: list[Measurement]) -> Measurement:
 
 
 def split_target(target: str) -> tuple[str, str]:
-    """``<server>-http-binary``, ``<server>-http-json`` or ``<server>-grpc`` as (server, protocol); floors speak binary
-    HTTP, or gRPC for ``floor-grpc-*``."""
+    """``<server>-http-binary``, ``<server>-http-json``, ``<server>-grpc`` or ``<server>-grpc-stream`` as (server,
+    protocol); floors speak binary HTTP, or gRPC for ``floor-grpc-*`` (``floor-grpc-aio-stream``: its stream)."""
+    if target.endswith("-stream"):
+        server, protocol = split_target(target.removesuffix("-stream"))
+        if protocol == "grpc":
+            return server, "grpc-stream"
     if target.startswith("floor-grpc-"):
         return target, "grpc"
     if target.startswith("floor-"):
@@ -570,8 +647,24 @@ def main() -> None:
         "--soak", type=float, default=0, help="then run ModelDock's tiny binary at c=64 this long, sampling RSS"
     )
     parser.add_argument("--baseline", type=Path, help="source tree run as the modeldock-baseline target")
+    parser.add_argument(
+        "--mlserver-venv", type=Path, default=ROOT.parent / "mlserver-venv", help="venv with mlserver (mlserver-grpc)"
+    )
+    parser.add_argument("--stream-messages", type=int, default=16, help="requests per stream on -grpc-stream targets")
+    parser.add_argument(
+        "--independent",
+        action="store_true",
+        help="the independent run's conditions: tiny and mlp at c=64, one ONNX Runtime thread, ModelDock started "
+        "with its defaults (beside the bench's start), 10 s rounds",
+    )
     parser.add_argument("--output", type=Path, default=BENCH / "results", help="folder for bench_triton.{json,md}")
     args = parser.parse_args()
+    if args.independent:
+        args.models, args.concurrency, args.threads, args.duration = "tiny,mlp", "64", 1, max(args.duration, 10.0)
+        args.targets = (
+            "modeldock-defaults-http-binary,modeldock-http-binary,triton-http-binary,"
+            "modeldock-defaults-http-json,modeldock-http-json,triton-http-json"
+        )
     models = [m for m in args.models.split(",") if m]
     levels = [int(c) for c in args.concurrency.split(",")]
     targets = [t for t in args.targets.split(",") if t]
@@ -593,6 +686,8 @@ def main() -> None:
             "threads": args.threads,
             "client_cpu": args.client_cpu,
             "modeldock_args": args.modeldock_args,
+            "stream_messages": args.stream_messages,
+            "targets": targets,
         },
     )
     with tempfile.TemporaryDirectory(prefix="bench-triton-") as tmp:
@@ -605,13 +700,15 @@ def main() -> None:
                     servers[name] = start_modeldock(work, name, args.modeldock_args.split(), args.baseline)
                 elif name == "triton":
                     servers[name] = start_triton(work, triton_dir)
+                elif name == "mlserver":
+                    servers[name] = start_mlserver(work, args.mlserver_venv, args.threads)
                 else:
                     servers[name] = start_floor(work, name.removeprefix("floor-"), onnx_paths, args.threads)
             for name, server in servers.items():
                 if not name.startswith("floor-"):
                     wait_ready(server, models)
                 for model in models:
-                    if name.startswith("floor-grpc-"):
+                    if name.startswith("floor-grpc-") or name == "mlserver":
                         check_grpc_answer(server.grpc_port, model)
                         continue
                     check_answer(server.http_port, model, binary=True)
@@ -630,7 +727,10 @@ def main() -> None:
                     rounds: dict[str, list[Measurement]] = {t: [] for t in targets}
                     for _ in range(args.rounds):
                         for target in targets:
-                            m = measure(work, servers, target, model, concurrency, args.duration, args.client_cpu)
+                            m = measure(
+                                work, servers, target, model, concurrency, args.duration, args.client_cpu,
+                                args.stream_messages,
+                            )  # fmt: skip
                             rounds[target].append(m)
                             print(
                                 f"{model:>5} c={concurrency:<3} {target:<30} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} "
@@ -676,23 +776,36 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def keeps_statistics(server_name: str) -> bool:
+    """Servers answering Triton's statistics route; the floors and MLServer keep none (h2load's count stands)."""
+    return server_name.startswith("modeldock") or server_name == "triton"
+
+
 def measure(
-    work: Path, servers: dict[str, Target], target: str, model: str, concurrency: int, seconds: float, cpu: str
+    work: Path,
+    servers: dict[str, Target],
+    target: str,
+    model: str,
+    concurrency: int,
+    seconds: float,
+    cpu: str,
+    stream_messages: int = 16,
 ) -> Measurement:
     server_name, protocol = split_target(target)
     server = servers[server_name]
-    counted = not server_name.startswith("floor-")
+    counted = keeps_statistics(server_name)
     before = success_count(server.http_port, model) if counted else 0
     cpu_before = cpu_seconds(server.process.pid)
-    if protocol == "grpc":
-        rps, p50, p99, errors, done = run_h2load(work, server.grpc_port, model, concurrency, seconds, cpu)
+    if protocol.startswith("grpc"):
+        messages = stream_messages if protocol == "grpc-stream" else 0
+        rps, p50, p99, errors, done = run_h2load(work, server.grpc_port, model, concurrency, seconds, cpu, messages)
     else:
         body, json_size = http_body(model, protocol == "http-binary")
         rps, p50, p99, errors, done = run_wrk(work, server.http_port, model, body, json_size, concurrency, seconds, cpu)
     cpu_used = cpu_seconds(server.process.pid) - cpu_before
     answered = success_count(server.http_port, model) - before if counted else done
     # h2load counts HTTP/2 status only; the server's statistics say whether each gRPC call really succeeded.
-    if protocol == "grpc" and answered < done:
+    if protocol.startswith("grpc") and answered < done:
         errors += done - answered
     per_request = 1e6 * cpu_used / answered if answered else float("nan")
     return Measurement(model, target, concurrency, rps, p50, p99, errors, per_request)
