@@ -8,7 +8,7 @@ since it defaults to 5 beams). Random weights rarely say end-of-text, so every c
 (``audio.transcriptions.create``); the server runs as a real subprocess. Both sides get the same number of torch
 threads (``--threads``). Rounds alternate peer and ModelDock so drifting load on a shared machine hits both.
 
-    python bench/bench_audio.py                     # 3 rounds of 16 clips of 10 s
+    python bench/bench_audio.py                     # 3 rounds of 16 clips of 10 s, 64 tokens each
     python bench/bench_audio.py --rounds 5 --threads 2
 """
 

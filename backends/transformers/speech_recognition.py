@@ -30,6 +30,7 @@ from server.protocol.audio_codec import AudioError, decode_audio
 
 TASK = "transcribe"
 DEFAULT_BATCH = 16
+DEFAULT_QUEUE_DELAY_US = 20_000
 # The longest clip accepted unless ``parameters.max_audio_seconds`` says otherwise: an hour of speech is 120 windows
 # of Whisper's 30 s, a few minutes of a CPU's time with whisper-tiny.
 DEFAULT_MAX_AUDIO_SECONDS = 3600.0
@@ -71,7 +72,9 @@ def complete_config(config: ModelConfig) -> ModelConfig:
     if not config.max_batch_size:
         config.max_batch_size = DEFAULT_BATCH
     if config.dynamic_batching is None:
-        config.dynamic_batching = DynamicBatching()
+        # A batch takes hundreds of milliseconds to seconds, so waiting up to 20 ms for clients that arrive together
+        # costs little and lets their first batch hold all of them instead of only the first to arrive.
+        config.dynamic_batching = DynamicBatching(max_queue_delay_microseconds=DEFAULT_QUEUE_DELAY_US)
     if not config.input:
         config.input = [
             _tensor("audio", "TYPE_STRING", [1], optional=True),
