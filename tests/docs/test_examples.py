@@ -3,6 +3,10 @@
 ``localhost:8000`` and ``localhost:8001`` in a block become the test server's HTTP and gRPC addresses; nothing else
 is changed. A block whose first line is ``# not run: <reason>`` is skipped with that reason (a GPU, a real
 checkpoint or an uninstalled extra). Each block runs in its own interpreter, as a reader would paste it.
+
+The server runs in explicit mode: the light models (ONNX, PyTorch, Python, ensembles) load at start, and a model
+served by an engine (transformers, vLLM, llama.cpp, diffusers) loads the first time a block names it, so the test
+pays only for the engines its examples use.
 """
 
 from __future__ import annotations
@@ -10,18 +14,29 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import ROOT, ServerProcess
 
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SKIP_MARK = "# not run:"
 TIMEOUT_S = 180
+ENGINE_BACKENDS = {"transformers", "vllm", "llamacpp", "diffusers"}
+
+
+def engine_models(repository: Path) -> set[str]:
+    """The bundled models served by an engine, which load on first use."""
+    names = set()
+    for config in repository.glob("*/config.yaml"):
+        backend = (yaml.safe_load(config.read_text()) or {}).get("backend", "")
+        if backend in ENGINE_BACKENDS:
+            names.add(config.parent.name)
+    return names
 
 
 def documents() -> list[Path]:
@@ -41,17 +56,28 @@ EXAMPLES = list(blocks())
 
 @pytest.fixture(scope="module")
 def examples_server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
-    """A server on (a copy of) the bundled repository, once every model that can load has loaded. Its own, with a
-    longer start-up allowance than the shared one: the bundled repository holds every kind of model."""
-    server = start_server(bundled_repository, wait=False)
+    light = sorted(
+        {path.parent.name for path in bundled_repository.glob("*/config.yaml")} - engine_models(bundled_repository)
+    )
+    args = ["--model-control-mode", "explicit"]
+    for name in light:
+        args += ["--load-model", name]
+    server = start_server(bundled_repository, *args, wait=False)
     server.wait_ready(timeout=300)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        rows = httpx.post(f"{server.url}/v2/repository/index", json={}).json()
-        if not any(row["state"] == "LOADING" for row in rows) and any(row["state"] == "READY" for row in rows):
-            return server
-        time.sleep(0.2)
-    raise TimeoutError(f"bundled models still loading:\n{server.log()}")
+    return server
+
+
+@pytest.fixture(scope="module")
+def loaded_engines() -> set[str]:
+    return set()
+
+
+def load_named_engines(code: str, server: ServerProcess, repository: Path, loaded: set[str]) -> None:
+    for name in sorted(engine_models(repository) - loaded):
+        if re.search(rf"\b{re.escape(name)}\b", code):
+            answer = httpx.post(f"{server.url}/v2/repository/models/{name}/load", json={}, timeout=600)
+            assert answer.status_code == 200, f"loading {name}: {answer.text}"
+            loaded.add(name)
 
 
 def test_examples_found() -> None:
@@ -62,10 +88,18 @@ def test_examples_found() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("name", "code"), EXAMPLES, ids=[name for name, _ in EXAMPLES])
-def test_example_runs(name: str, code: str, examples_server: ServerProcess, tmp_path: Path) -> None:
+def test_example_runs(
+    name: str,
+    code: str,
+    examples_server: ServerProcess,
+    bundled_repository: Path,
+    loaded_engines: set[str],
+    tmp_path: Path,
+) -> None:
     first = code.lstrip().splitlines()[0] if code.strip() else ""
     if first.startswith(SKIP_MARK):
         pytest.skip(first[len(SKIP_MARK) :].strip())
+    load_named_engines(code, examples_server, bundled_repository, loaded_engines)
     code = code.replace("localhost:8000", f"127.0.0.1:{examples_server.http_port}")
     code = code.replace("localhost:8001", examples_server.grpc_url)
     script = tmp_path / "example.py"
