@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import ModelConfig
 from server.devices import Device
 from server.errors import ModelLoadError
@@ -231,7 +232,8 @@ def backend_class(name: str) -> type[Backend]:
         raise ModelLoadError(f"field 'backend': unknown backend '{name}'; installed backends: {known}")
     module_name, _, attr = target.partition(":")
     try:
-        module = importlib.import_module(module_name)
+        with FRAMEWORK_LOCK:  # backend modules import torch, transformers, vllm...: one thread at a time
+            module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelLoadError(f"backend '{name}' is not available: {exc}") from exc
     cls = getattr(module, attr, None)

@@ -25,7 +25,6 @@ import io
 import json
 import os
 import secrets
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +33,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend
+from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import DynamicBatching, ModelConfig, QueuePolicy, TensorConfig
 from server.devices import Device
 from server.errors import ConfigError, InvalidInput, ModelLoadError
@@ -50,7 +50,8 @@ DEFAULT_STEPS = 50
 DEFAULT_MAX_STEPS = 500
 # ``from_pretrained`` builds modules through process-wide state; loads run one at a time (as the transformers
 # backend's do) so two models loading at once cannot see each other's half-built modules.
-_LOAD_LOCK = threading.Lock()
+# Shared with every backend (see backends/framework_lock.py): torch's lazy imports cross backends.
+_LOAD_LOCK = FRAMEWORK_LOCK
 
 
 def pipeline_folder(config: ModelConfig, version_dir: Path) -> Path:

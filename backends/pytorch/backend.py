@@ -27,7 +27,6 @@ from __future__ import annotations
 import inspect
 import json
 import re
-import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from backends.base import Backend, import_user_module
+from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import ModelConfig, TensorConfig
 from server.devices import CPU, Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
@@ -45,7 +45,8 @@ WEIGHTS_FILE = "model.safetensors"
 _POSITIONAL = re.compile(r"^.+__(\d+)$")
 # The server loads models on several threads at once, and torch's lazily imported parts (torch._dynamo behind
 # torch.export.load and torch.compile) fail with circular-import errors when two threads import them together.
-_LOAD_LOCK = threading.Lock()
+# Shared with every backend (see backends/framework_lock.py): torch's lazy imports cross backends.
+_LOAD_LOCK = FRAMEWORK_LOCK
 
 _TORCH_TO_CONFIG: dict[torch.dtype, str] = {
     torch.bool: "TYPE_BOOL",

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,6 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import GenerativeBackend, StepBatch, StepResult
+from backends.framework_lock import FRAMEWORK_LOCK
 from backends.transformers.speech_tasks import SPEECH_TASKS, complete_speech_config, load_speech_model, speech_task
 from backends.transformers.vision_language import VisionLanguageBackend, folder_is_vision_language, is_vision_language
 from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
@@ -38,7 +38,8 @@ _CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 DEFAULT_EMBED_BATCH = 32
 # ``from_pretrained`` builds models on the meta device through process-wide state, so two loads at once (the
 # server loads models concurrently) can see each other's half-built modules; one at a time is safe.
-_LOAD_LOCK = threading.Lock()
+# Shared with every backend (see backends/framework_lock.py): torch's lazy imports cross backends.
+_LOAD_LOCK = FRAMEWORK_LOCK
 
 
 def model_folder(config: ModelConfig, version_dir: Path) -> Path:

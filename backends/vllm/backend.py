@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from backends.base import EngineBackend
+from backends.framework_lock import FRAMEWORK_LOCK
 from backends.vllm.engine_args import (
     VllmSettings,
     adapter_folder,
@@ -148,9 +149,10 @@ class VllmBackend(EngineBackend):
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)
         require_vllm(config)
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.platforms import current_platform
-        from vllm.v1.engine.async_llm import AsyncLLM
+        with FRAMEWORK_LOCK:  # vLLM's modules import torch's lazy parts (see backends/framework_lock.py)
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.platforms import current_platform
+            from vllm.v1.engine.async_llm import AsyncLLM
 
         from backends.vllm.engine_stats import engine_stats_logger
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, EngineBackend, GenerativeBackend, backend_class
+from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.errors import (
     ConfigError,
@@ -31,6 +32,7 @@ from server.errors import (
 )
 from server.extensions import classification
 from server.extensions.statistics import FailureReason, ModelStats, StatisticsRegistry
+from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.discovery import ModelRepository, guess_backend, no_versions_reason, version_dirs
 from server.repository.ensembles import check_steps_ready, gather_ensembles_last, prepare_ensemble
@@ -38,7 +40,6 @@ from server.repository.uploads import discard_staged, stage_model_files
 from server.repository.warmup import create_warm_instances
 from server.scheduling.dynamic_batcher import DynamicBatcher
 from server.scheduling.ensemble_scheduler import EnsembleScheduler
-from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.scheduling.instances import InstancePool, ModelInstance
 from server.scheduling.response_cache import ResponseCache, VersionCache
 from server.scheduling.scheduler import DirectScheduler, Scheduler
@@ -653,11 +654,14 @@ def prepare_model(
         config.backend = guess_backend(newest)
         if not config.backend:
             raise ConfigError(f"{model_dir}/config.yaml: field 'backend': not set and no known model file in {newest}")
-    try:
-        backend_cls = backend_class(config.backend)
-    except ModelLoadError as exc:
-        raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
-    config = backend_cls.auto_complete_config(config, newest)
+    # Auto-complete may import the backend's framework (the vllm backend imports vLLM to check the parameters),
+    # which must not happen alongside another thread's imports of torch (see backends/framework_lock.py).
+    with FRAMEWORK_LOCK:
+        try:
+            backend_cls = backend_class(config.backend)
+        except ModelLoadError as exc:
+            raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
+        config = backend_cls.auto_complete_config(config, newest)
     if not config.input or not config.output:
         raise ConfigError(
             f"{model_dir}/config.yaml: field 'input'/'output': not given and the backend cannot infer them"
