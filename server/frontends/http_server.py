@@ -408,6 +408,10 @@ def create_app(
     app.state.core = core
     openai_app = create_openai_app(core, openai_api_key)
     app.mount("/v1", openai_app)
+    # vLLM serves its tokenizer routes at the root, beside /v1: clients written for vLLM find them here too, answered
+    # by the OpenAI app itself (its API key, its error shape).
+    for path in ("/tokenize", "/detokenize"):
+        app.add_route(path, openai_app, methods=["POST"], include_in_schema=False)
     if console:
 
         def console_settings() -> ConsoleSettings:
