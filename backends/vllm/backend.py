@@ -244,7 +244,8 @@ class VllmBackend(EngineBackend):
         arrival = time.monotonic()
         last_token_at: float | None = None
         completion_tokens = 0
-        finished = False
+        finished = failed = False
+        first_chunk = True
         # vLLM needs ids unique among its requests in flight; clients' ids need not be.
         request_id = f"{request.request_id}-{next(self._request_ids)}"
         stream = self._engine.generate(
@@ -258,8 +259,10 @@ class VllmBackend(EngineBackend):
                 except StopAsyncIteration:
                     break
                 except ModelDockError:
+                    failed = True
                     raise
                 except Exception as exc:
+                    failed = True
                     raise self._error(exc) from None
                 completion = out.outputs[0]
                 token_ids = list(completion.token_ids)
@@ -289,8 +292,14 @@ class VllmBackend(EngineBackend):
                     prompt_tokens=len(prompt_ids),
                     completion_tokens=completion_tokens,
                     logprobs=self._logprobs(token_ids, completion.logprobs, sampling.logprobs),
-                    prompt_logprobs=self._logprobs(prompt_ids, out.prompt_logprobs, sampling.prompt_logprobs),
+                    # Once, in the first chunk, as ModelDock's engine sends them.
+                    prompt_logprobs=(
+                        self._logprobs(prompt_ids, out.prompt_logprobs, sampling.prompt_logprobs)
+                        if first_chunk
+                        else None
+                    ),
                 )
+                first_chunk = False
                 if finished:
                     return
         finally:
@@ -298,7 +307,7 @@ class VllmBackend(EngineBackend):
             if not finished:
                 # The client left (or the request failed): closing vLLM's stream aborts the request in its engine.
                 await stream.aclose()
-                if stats is not None:
+                if stats is not None and not failed:
                     stats.record_aborted(1)
 
     def _logprobs(self, token_ids: list[int], positions: Any, top: int | None) -> Any:
