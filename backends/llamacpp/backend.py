@@ -136,6 +136,11 @@ class LlamaCppBackend(EngineBackend):
         self._llama = _open_llama(self.model_path(config, version_dir), self.settings.llama_arguments)
         self.tokenizer = GGUFTokenizer(self._llama)
         self._n_ctx: int = self._llama.n_ctx()
+        vocab = self._llama._model.vocab
+        # The end-of-generation tokens (end of text, end of turn...), which ``min_tokens`` holds back.
+        self._end_ids = np.array(
+            [t for t in range(len(self.tokenizer)) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.intp
+        )
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._waiting: deque[_Job] = deque()
@@ -156,6 +161,10 @@ class LlamaCppBackend(EngineBackend):
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
         if self._stopping:
             raise ModelNotReady(f"model '{self.config.name}' is unloading")
+        if request.adapter:
+            raise InvalidInput(
+                f"model '{self.config.name}' (backend llamacpp) serves no adapters; got '{request.adapter}'"
+            )
         job = _Job(
             request=request,
             sampling=llama_sampling(request.sampling, self.settings.logits_all),
@@ -239,6 +248,7 @@ class LlamaCppBackend(EngineBackend):
             left, self._waiting = list(self._waiting), deque()
         for job in left:
             job.send(error)
+        self._publish_queue()
 
     def _prompt_ids(self, request: GenerateRequest) -> list[int]:
         if request.prompt_token_ids is not None:
@@ -299,7 +309,13 @@ class LlamaCppBackend(EngineBackend):
         llama = self._llama
         end_ids = set(sampling.stop_token_ids)
         stream = TextStream(sampling.stop)
-        processor = _logits_processor(job.sampling.logit_bias, sampling.min_tokens, len(prompt_ids), llama)
+        vocab_size = len(self.tokenizer)
+        outside = [t for t in job.sampling.logit_bias if not 0 <= t < vocab_size]
+        if outside:
+            raise InvalidInput(
+                f"field 'logit_bias': token ids {outside[:5]} are outside the vocabulary (0..{vocab_size - 1})"
+            )
+        processor = _logits_processor(job.sampling.logit_bias, sampling.min_tokens, len(prompt_ids), self._end_ids)
         llama.set_seed(sampling.seed if sampling.seed is not None else random.getrandbits(32))
         output_ids: list[int] = []
         prompt_logprobs = None
@@ -372,8 +388,11 @@ class LlamaCppBackend(EngineBackend):
     def _token_logprobs(self, row: int, token: int, top: int) -> TokenLogprobs:
         """The chosen token's log-probability at ``row`` of llama.cpp's logits, and the ``top`` most likely."""
         logprobs = _log_softmax(self._llama.scores[row])
-        best = np.argsort(-logprobs, kind="stable")[:top] if top else []
-        return TokenLogprobs(self._logprob(logprobs, token), [self._logprob(logprobs, int(t)) for t in best])
+        best: list[int] = []
+        if top:
+            candidates = np.argpartition(-logprobs, min(top, len(logprobs) - 1))[:top]
+            best = sorted(candidates.tolist(), key=lambda t: (-logprobs[t], t))
+        return TokenLogprobs(self._logprob(logprobs, token), [self._logprob(logprobs, t) for t in best])
 
     def _prompt_logprobs(self, prompt_ids: list[int], top: int) -> list[TokenLogprobs | None]:
         """Each prompt token's log-probability given the ones before it (the first has none), from the logits the
@@ -387,16 +406,14 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _logits_processor(
-    logit_bias: dict[int, float], min_tokens: int, prompt_len: int, llama: Any
+    logit_bias: dict[int, float], min_tokens: int, prompt_len: int, end_ids: np.ndarray
 ) -> llama_cpp.LogitsProcessorList | None:
     """What llama.cpp's sampler chain does not do per request: OpenAI's logit bias, and the end-of-generation
-    tokens banned while fewer than ``min_tokens`` tokens are out."""
+    tokens (``end_ids``) banned while fewer than ``min_tokens`` tokens are out."""
     if not logit_bias and not min_tokens:
         return None
     ids = np.array(list(logit_bias), dtype=np.intp)
     bias = np.array(list(logit_bias.values()), dtype=np.float32)
-    vocab = llama._model.vocab
-    end_ids = np.array([t for t in range(llama.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)], dtype=np.intp)
 
     def process(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
         if len(ids):

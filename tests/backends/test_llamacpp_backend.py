@@ -252,6 +252,27 @@ def test_logprobs_are_llama_cpp_s(client: openai.OpenAI, reference: Any) -> None
     assert all(len(top) == 2 for top in got.top_logprobs)
 
 
+def test_echoed_prompt_logprobs_are_llama_cpp_s(client: openai.OpenAI, reference: Any) -> None:
+    import numpy as np
+
+    ids = reference.tokenize(PROMPTS[2].encode(), add_bos=False, special=True)
+    reference.reset()
+    reference.eval(ids)
+    logits = reference.scores[: len(ids)].astype(np.float64)
+    logprobs = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
+    )
+    expected = [logprobs[i - 1, ids[i]] for i in range(1, len(ids))]
+    answer = client.completions.create(
+        model=LLAMA, prompt=PROMPTS[2], max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    got = answer.choices[0].logprobs.token_logprobs
+    assert got[0] is None
+    assert np.allclose(got[1 : len(ids)], expected, atol=1e-3)
+
+
 def test_min_tokens_holds_the_end_back(client: openai.OpenAI, reference: Any) -> None:
     eos = reference.token_eos()
     # Bias the end token so it would come first; min_tokens must still hold it back for 5 tokens.
@@ -346,6 +367,8 @@ def test_unsupported_or_broken_constraints_are_400(client: openai.OpenAI, extra:
 def test_bad_requests_are_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError, match="logits_all"):
         client.completions.create(model=ONE_SEAT, prompt="x", max_tokens=4, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        client.completions.create(model=LLAMA, prompt="x", max_tokens=2, logit_bias={"99999": 5})
     with pytest.raises(openai.BadRequestError, match="n_ctx"):
         client.completions.create(model=LLAMA, prompt="x", max_tokens=N_CTX + 1)
     with pytest.raises(openai.BadRequestError, match="tokens"):
@@ -389,23 +412,30 @@ def test_full_queue_is_refused_at_once_and_a_client_that_leaves_frees_the_seat(l
         "stream": True,
     }
     aborted_before = _metric(llama_server, "modeldock_llm_requests_aborted_total", ONE_SEAT)
+    generated_before = _metric(llama_server, "modeldock_llm_generation_tokens_total", ONE_SEAT)
     with httpx.Client(timeout=60) as http, http.stream("POST", url, json=long_request) as holding:
         assert holding.status_code == 200
-        next(holding.iter_lines())  # the seat is taken: the first chunk came
+        lines = holding.iter_lines()  # kept: a dropped iterator would close the connection
+        next(lines)  # the seat is taken: the first chunk came
         started = time.monotonic()
         refused = http.post(url, json={"model": ONE_SEAT, "prompt": "x", "max_tokens": 2})
         assert refused.status_code in (429, 503), refused.text
         assert "max_queue_size" in refused.text
         assert time.monotonic() - started < 2.0
-    # The stream was closed after a few chunks: the seat is free again long before the long answer would end.
-    started = time.monotonic()
-    answer = httpx.post(url, json={"model": ONE_SEAT, "prompt": "x", "max_tokens": 2}, timeout=60)
-    assert answer.status_code == 200, answer.text
-    assert time.monotonic() - started < 10.0
+    # The stream was closed after its first chunk: the seat frees once the server sees the client gone.
+    deadline = time.monotonic() + 60
+    while (answer := httpx.post(url, json={"model": ONE_SEAT, "prompt": "x", "max_tokens": 2}, timeout=60)).status_code:
+        if answer.status_code == 200:
+            break
+        assert answer.status_code == 503 and time.monotonic() < deadline, answer.text
+        time.sleep(0.05)
     deadline = time.monotonic() + 10
     while _metric(llama_server, "modeldock_llm_requests_aborted_total", ONE_SEAT) <= aborted_before:
         assert time.monotonic() < deadline, "the abandoned request was not counted as aborted"
         time.sleep(0.1)
+    # It stopped generating when its client left, far short of the tokens it asked for.
+    generated = _metric(llama_server, "modeldock_llm_generation_tokens_total", ONE_SEAT) - generated_before - 2
+    assert 0 < generated < long_request["max_tokens"] / 2
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------
