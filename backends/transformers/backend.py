@@ -203,6 +203,11 @@ class TransformersBackend(GenerativeBackend):
                     f"{folder}: transformers cannot load the model: {type(exc).__name__}: {exc}"
                 ) from None
             self.model.to(self.torch_device).eval()
+            if self.task == "generate" and config.bool_parameter("pack_linear_weights", default=True):
+                from backends.transformers import packed_linear
+
+                if packed_linear.can_pack(self.model, self.torch_device):
+                    packed_linear.pack_linear_layers(self.model)
         self._paged = paged_attention
         self._cache: Any = None
         self._graphs: Any = None
