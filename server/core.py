@@ -128,6 +128,12 @@ class InferenceServer:
             raise ModelNotFound(f"unknown model '{name}'")
         return self.admission.open and self.models.is_ready(name, version)
 
+    def decoupled(self, name: str, version: str = "") -> bool:
+        """Whether the model may answer a request with other than exactly one response (its
+        ``model_transaction_policy``): a stream front end answers any other model's requests through ``infer``,
+        one coroutine instead of ``stream_infer``'s chain of async generators."""
+        return self.models.get(name, version).config.model_transaction_policy.decoupled
+
     # -- inference ----------------------------------------------------------------------------------------
     async def infer(self, request: InferRequest) -> InferResponse:
         # The admission is held with enter/leave, not its context manager: this is every request's path.

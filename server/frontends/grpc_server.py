@@ -109,6 +109,19 @@ def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse_or_mark
 
 
+async def _abort(context: grpc.aio.ServicerContext, method: str, exc: BaseException | None) -> None:
+    """End a call with the status ``exc`` maps to: a ``ModelDockError`` its own code, an abort the handler already
+    made as it is, anything else INTERNAL (a server bug, logged with its traceback)."""
+    if isinstance(exc, ModelDockError):
+        if exc.grpc_code == grpc.StatusCode.INTERNAL:
+            log.warning("%s failed: %s", method, exc.message)
+        await context.abort(exc.grpc_code, exc.message)
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on its own (e.g. UNIMPLEMENTED)
+        raise exc
+    log.error("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
 def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
     """Turn ``ModelDockError`` into its gRPC status; anything else is a server bug and reads as INTERNAL."""
 
@@ -118,15 +131,8 @@ def _reports_errors(handler: _Handler[_Response]) -> _Handler[_Response]:
             if isinstance(request, UnparsableMessage):
                 raise InvalidInput(f"{handler.__name__}: {request.error}")
             return await handler(self, request, context)
-        except ModelDockError as exc:
-            if exc.grpc_code == grpc.StatusCode.INTERNAL:
-                log.warning("%s failed: %s", handler.__name__, exc.message)
-            await context.abort(exc.grpc_code, exc.message)
-        except grpc.aio.AbortError:  # the handler aborted on its own (e.g. UNIMPLEMENTED)
-            raise
         except Exception as exc:
-            log.exception("%s failed", handler.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            await _abort(context, handler.__name__, exc)
         raise AssertionError("context.abort returned")  # abort always raises
 
     return wrapper
@@ -174,13 +180,21 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         return grpc_codec.model_statistics_response(statistics(request.name, request.version))
 
     # -- inference --------------------------------------------------------------------------------------------
-    @_reports_errors
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        infer_request = grpc_codec.decode_request(request, self.core.shared_memory)
-        if self.core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
-            infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
-        response = await self.core.infer(infer_request)
-        return grpc_codec.encode_response(response, infer_request)
+        """Every unary call's path, so ``_reports_errors`` is written out here: its wrapper would be a second
+        coroutine on each call; a failure goes the same way through ``_abort``."""
+        try:
+            if isinstance(request, UnparsableMessage):
+                raise InvalidInput(f"ModelInfer: {request.error}")
+            core = self.core
+            infer_request = grpc_codec.decode_request(request, core.shared_memory)
+            if core.tracing.active:  # a caller's W3C trace context makes the request's span part of its trace
+                infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
+            response = await core.infer(infer_request)
+            return grpc_codec.encode_response(response, infer_request)
+        except Exception as exc:
+            await _abort(context, "ModelInfer", exc)
+        raise AssertionError("context.abort returned")  # abort always raises
 
     async def ModelStreamInfer(
         self,
@@ -194,16 +208,22 @@ class GrpcInferenceService(pb_grpc.GRPCInferenceServiceServicer):
         """
         outbox: asyncio.Queue[object] = asyncio.Queue()
         running: set[asyncio.Task[None]] = set()
+        core = self.core
 
         async def serve_one(message: pb.ModelInferRequest | UnparsableMessage) -> None:
             if isinstance(message, UnparsableMessage):
                 outbox.put_nowait(grpc_codec.stream_error(pb.ModelInferRequest(), message.error))
                 return
             try:
-                infer_request = grpc_codec.decode_request(message, self.core.shared_memory)
-                if self.core.tracing.active:
+                infer_request = grpc_codec.decode_request(message, core.shared_memory)
+                if core.tracing.active:
                     infer_request.trace_parent = dict(context.invocation_metadata() or ()).get("traceparent")
-                async for response in self.core.stream_infer(infer_request):
+                if not core.decoupled(infer_request.model_name, infer_request.model_version):
+                    # Exactly one response: the unary path, without stream_infer's async generators.
+                    response = await core.infer(infer_request)
+                    outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
+                    return
+                async for response in core.stream_infer(infer_request):
                     outbox.put_nowait(grpc_codec.stream_response(response, infer_request))
             except ModelDockError as exc:
                 outbox.put_nowait(grpc_codec.stream_error(message, exc.message))

@@ -120,38 +120,56 @@ def _check_raw_entries(message: pb.ModelInferRequest) -> None:
 
 
 def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryRegistry) -> InferRequest:
-    if not message.inputs:
-        raise InvalidInput("request must have at least one input")
-    LIMITS.check_input_count(len(message.inputs))
-    _check_raw_entries(message)
-    raw = message.raw_input_contents
-    raw_entries = iter(raw)
+    """The request as an ``InferRequest``, every field checked.
 
+    Every call's path: each access to a repeated or map field builds a wrapper object in upb (about as costly as a
+    small function call), so each is read once into a local, an empty map is never walked, and a shape is read
+    with one slice. The raw entries are checked against the inputs up front only when some input has parameters
+    (and so may be in shared memory); otherwise one entry per input is the whole rule.
+    """
+    inputs = message.inputs
+    count = len(inputs)
+    if not count:
+        raise InvalidInput("request must have at least one input")
+    LIMITS.check_input_count(count)
+    raw = message.raw_input_contents
+    if raw and len(raw) != count or any(tensor.parameters for tensor in inputs):
+        _check_raw_entries(message)
+    request_parameters = message.parameters
     request = InferRequest(
         model_name=message.model_name,
         model_version=message.model_version,
         id=message.id,
-        parameters=parameters_to_dict(message.parameters),
+        parameters=parameters_to_dict(request_parameters) if request_parameters else {},
     )
     check_request_parameters(request.parameters)
-    for position, tensor in enumerate(message.inputs):
+    arrays = request.inputs
+    datatypes = request.input_datatypes
+    raw_entries = iter(raw)
+    for position, tensor in enumerate(inputs):
         name = tensor.name
         if not name:
             raise InvalidInput(f"inputs[{position}] has no name")
-        if name in request.inputs:
+        if name in arrays:
             raise InvalidInput(f"input '{name}' appears more than once")
         datatype = tensor.datatype
         if datatype not in WIRE_DATATYPES:
             raise InvalidInput(
                 f"input '{name}': unknown datatype {datatype!r}; expected one of {sorted(WIRE_DATATYPES)}"
             )
-        shape = check_shape(list(tensor.shape), name)
-        array = shared_memory_input(shared_memory, parameters_to_dict(tensor.parameters), datatype, shape, name)
+        shape = check_shape(tensor.shape[:], name)
+        tensor_parameters = tensor.parameters
+        array = (
+            shared_memory_input(shared_memory, parameters_to_dict(tensor_parameters), datatype, shape, name)
+            if tensor_parameters
+            else None
+        )
+        has_contents = tensor.HasField("contents") and bool(tensor.contents.ListFields())
         if array is not None:
-            if tensor.contents.ListFields():
+            if has_contents:
                 raise InvalidInput(f"input '{name}' is in shared memory and must not also carry contents")
         elif raw:
-            if tensor.contents.ListFields():
+            if has_contents:
                 raise InvalidInput(
                     f"input '{name}' has typed contents but the request uses raw_input_contents; "
                     "when raw_input_contents is used, every input must be raw"
@@ -159,38 +177,57 @@ def decode_request(message: pb.ModelInferRequest, shared_memory: SharedMemoryReg
             array = deserialize_raw(datatype, shape, next(raw_entries), name)
         else:
             array = from_list(datatype, shape, _typed_contents(tensor, datatype, shape), name)
-        request.inputs[name] = array
-        request.input_datatypes[name] = datatype
+        arrays[name] = array
+        datatypes[name] = datatype
 
-    for output in message.outputs:
-        name = output.name
-        if any(o.name == name for o in request.outputs):
-            raise InvalidInput(f"output '{name}' is requested more than once")
-        parameters = parameters_to_dict(output.parameters)
-        check_output_parameters(parameters, name)
-        request.outputs.append(RequestedOutput(name, parameters, shared_memory_output(shared_memory, parameters, name)))
+    outputs = message.outputs
+    if outputs:
+        requested = request.outputs
+        names: set[str] = set()
+        for output in outputs:
+            name = output.name
+            if name in names:
+                raise InvalidInput(f"output '{name}' is requested more than once")
+            names.add(name)
+            output_parameters = output.parameters
+            if not output_parameters:
+                requested.append(RequestedOutput(name))
+                continue
+            parameters = parameters_to_dict(output_parameters)
+            check_output_parameters(parameters, name)
+            requested.append(RequestedOutput(name, parameters, shared_memory_output(shared_memory, parameters, name)))
     return request
 
 
 def encode_response(response: InferResponse, request: InferRequest | None = None) -> pb.ModelInferResponse:
-    """Every output as raw bytes, in the order the model produced them; the request's id is echoed."""
+    """Every output as raw bytes, in the order the model produced them; the request's id is echoed.
+
+    Each repeated field is read once (see ``decode_request``), and shared memory placements are looked up only
+    when some requested output has one.
+    """
     message = pb.ModelInferResponse(
         model_name=response.model_name,
         model_version=response.model_version,
         id=response.id or (request.id if request is not None else ""),
     )
-    fill_parameters(message.parameters, response.parameters)
-    requested = request.outputs if request is not None else []
-    placements = {o.name: o.shared_memory for o in requested if o.shared_memory is not None}
+    if response.parameters:
+        fill_parameters(message.parameters, response.parameters)
+    placements = (
+        {o.name: o.shared_memory for o in request.outputs if o.shared_memory is not None}
+        if request is not None and request.outputs
+        else None
+    )
+    outputs = message.outputs
+    contents = message.raw_output_contents
     for name, array in response.outputs.items():
-        output = message.outputs.add(name=name, datatype=wire_datatype(array), shape=list(array.shape))
-        placement = placements.get(name)
+        output = outputs.add(name=name, datatype=wire_datatype(array), shape=array.shape)
+        placement = placements.get(name) if placements else None
         if placement is None:
-            message.raw_output_contents.append(serialize_raw(array))
+            contents.append(serialize_raw(array))
         else:
             fill_parameters(output.parameters, write_shared_memory_output(placement, array, name))
             # An empty entry keeps raw_output_contents one per output, in output order, as Triton sends it.
-            message.raw_output_contents.append(b"")
+            contents.append(b"")
     return message
 
 
