@@ -117,12 +117,18 @@ def busy_server(start_server: Callable[..., ServerProcess], tmp_path_factory: py
     (repository / MODEL / "config.yaml").write_text(
         "backend: transformers\nparameters:\n  max_num_seqs: 1\n  max_waiting_seqs: 1\n"
     )
-    server = start_server(repository)
-    deadline = time.monotonic() + 60
+    server = start_server(repository, wait=False)
+    server.wait_ready(timeout=300)  # a loaded CI machine takes a while to import everything
+    deadline = time.monotonic() + 120
     while httpx.get(f"{server.url}/v2/models/{MODEL}/ready").status_code != 200:
         assert time.monotonic() < deadline, server.log()
         time.sleep(0.2)
     return server
+
+
+def gauge(metrics: httpx.Response, name: str) -> float:
+    lines = [line for line in metrics.text.splitlines() if line.startswith(name) and f'model="{MODEL}"' in line]
+    return float(lines[0].split()[-1]) if lines else 0.0
 
 
 @pytest.mark.slow
@@ -134,13 +140,16 @@ async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an
     async with httpx.AsyncClient(base_url=busy_server.url, timeout=120) as http:
         # One request runs (the only seat), one waits (the only waiting place): the engine is full.
         holders = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
-        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 60
+        while gauge(await http.get("/metrics"), "modeldock_llm_requests_waiting") < 1:
+            assert time.monotonic() < deadline, "the second request never waited"
+            await asyncio.sleep(0.05)
 
         client = openai.AsyncOpenAI(base_url=f"{busy_server.url}/v1", api_key="unused", max_retries=0)
         started = time.perf_counter()
         with pytest.raises(openai.RateLimitError) as refused:
             await client.completions.create(model=MODEL, prompt="Hi", max_tokens=5)
-        assert time.perf_counter() - started < 0.5
+        assert time.perf_counter() - started < 1.0
         assert int(refused.value.response.headers["retry-after"]) >= 1
         error = refused.value.response.json()["error"]
         assert error["code"] == "rate_limit_exceeded" and "max_waiting_seqs" in error["message"]
@@ -168,3 +177,10 @@ async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an
     metrics = httpx.get(f"{busy_server.url}/metrics").text
     rejected = [line for line in metrics.splitlines() if line.startswith("modeldock_llm_requests_rejected")]
     assert rejected and float(rejected[0].split()[-1]) >= 3
+    # Triton's failure counter names the reason: rejected, as a full queue's requests are.
+    failures = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("nv_inference_request_failure") and 'reason="REJECTED"' in line and MODEL in line
+    ]
+    assert failures and float(failures[0].split()[-1]) >= 3

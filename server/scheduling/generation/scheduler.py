@@ -23,7 +23,7 @@ import orjson
 
 from backends.base import EngineBackend, GenerativeBackend
 from server.config import ModelConfig
-from server.errors import InvalidInput, ModelDockError, ModelNotReady
+from server.errors import InvalidInput, ModelDockError, ModelNotReady, QueueFull
 from server.extensions.generation_metrics import GenerationStats
 from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
 from server.protocol.types import InferRequest, InferResponse
@@ -72,8 +72,10 @@ class GenerationScheduler(Scheduler):
             async for output in engine.generate(request):
                 finished = output.finished
                 yield output
-        except ModelDockError:
-            self.stats.record_failure([start], FailureReason.BACKEND)
+        except ModelDockError as exc:
+            # An engine that refused the request (overloaded) rejected it, as a full queue does; Triton's reason.
+            reason = FailureReason.REJECTED if isinstance(exc, QueueFull) else FailureReason.BACKEND
+            self.stats.record_failure([start], reason)
             raise
         finally:
             self._open_streams -= 1
