@@ -14,6 +14,7 @@ import importlib.util
 import sys
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -42,6 +43,9 @@ _BUILTIN: dict[str, str] = {
     "vllm": "backends.vllm:VllmBackend",
     "diffusers": "backends.diffusers:DiffusersBackend",
 }
+
+# Built-in backends whose modules import no torch-family framework (see ``backend_class``).
+_WITHOUT_TORCH = frozenset({"onnxruntime", "python", "tensorrt", "llamacpp"})
 
 
 class Backend(ABC):
@@ -232,7 +236,9 @@ def backend_class(name: str) -> type[Backend]:
         raise ModelLoadError(f"field 'backend': unknown backend '{name}'; installed backends: {known}")
     module_name, _, attr = target.partition(":")
     try:
-        with FRAMEWORK_LOCK:  # backend modules import torch, transformers, vllm...: one thread at a time
+        # Backend modules import torch, transformers, diffusers...: one thread at a time. Those known to import none
+        # of them skip the lock, so an ONNX model's load is not held up behind a torch import on another thread.
+        with nullcontext() if name in _WITHOUT_TORCH else FRAMEWORK_LOCK:
             module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ModelLoadError(f"backend '{name}' is not available: {exc}") from exc

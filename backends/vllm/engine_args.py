@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import LOAD_TIMEOUT_PARAMETER, ModelConfig
 from server.errors import ConfigError, ModelLoadError
 
@@ -128,7 +129,8 @@ def _convert(config: ModelConfig, name: str, raw: str, field: dataclasses.Field[
 
 
 def engine_fields() -> dict[str, dataclasses.Field[Any]]:
-    from vllm.engine.arg_utils import AsyncEngineArgs
+    with FRAMEWORK_LOCK:  # the first import of vLLM imports torch's lazy parts (see backends/framework_lock.py)
+        from vllm.engine.arg_utils import AsyncEngineArgs
 
     return {f.name: f for f in dataclasses.fields(AsyncEngineArgs) if f.init}
 

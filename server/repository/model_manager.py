@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from backends.base import Backend, EngineBackend, GenerativeBackend, backend_class
-from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import CONFIG_FILENAME, ModelConfig, load_model_config, parse_model_config
 from server.errors import (
     ConfigError,
@@ -289,6 +288,7 @@ class ModelManager:
                 discard_staged(model_dir)
 
     async def _load_from(self, name: str, model_dir: Path, config_override: dict[str, Any] | None) -> None:
+        started = time.monotonic()
         record = self.records.setdefault(name, ModelRecord(name, model_dir))
         record.path = model_dir
         if not record.versions or all(v.state != ModelState.READY for v in record.versions.values()):
@@ -362,7 +362,8 @@ class ModelManager:
         old = {v: r.served for v, r in previous.items() if r.served is not None and record.versions.get(v) is not r}
         for served in old.values():
             served.retired = True
-        log.info("model '%s' ready (versions %s)", name, sorted(new))
+        # The load's duration tells which model holds up a server's start (time-to-READY is the slowest load's).
+        log.info("model '%s' ready (versions %s) after %.1f s", name, sorted(new), time.monotonic() - started)
         await asyncio.gather(*(served.close() for served in old.values()))
         for version in old:
             kept = record.versions.get(version)
@@ -654,14 +655,11 @@ def prepare_model(
         config.backend = guess_backend(newest)
         if not config.backend:
             raise ConfigError(f"{model_dir}/config.yaml: field 'backend': not set and no known model file in {newest}")
-    # Auto-complete may import the backend's framework (the vllm backend imports vLLM to check the parameters),
-    # which must not happen alongside another thread's imports of torch (see backends/framework_lock.py).
-    with FRAMEWORK_LOCK:
-        try:
-            backend_cls = backend_class(config.backend)
-        except ModelLoadError as exc:
-            raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
-        config = backend_cls.auto_complete_config(config, newest)
+    try:
+        backend_cls = backend_class(config.backend)
+    except ModelLoadError as exc:
+        raise ModelLoadError(f"{model_dir / CONFIG_FILENAME}: {exc.message}") from None
+    config = backend_cls.auto_complete_config(config, newest)
     if not config.input or not config.output:
         raise ConfigError(
             f"{model_dir}/config.yaml: field 'input'/'output': not given and the backend cannot infer them"
