@@ -727,17 +727,25 @@ def main() -> None:
                     rounds: dict[str, list[Measurement]] = {t: [] for t in targets}
                     for _ in range(args.rounds):
                         for target in targets:
-                            m = measure(
-                                work, servers, target, model, concurrency, args.duration, args.client_cpu,
-                                args.stream_messages,
-                            )  # fmt: skip
+                            server = servers[split_target(target)[0]]
+                            if server.process.poll() is not None:
+                                continue  # reported once, when it died; the other targets carry on
+                            try:
+                                m = measure(
+                                    work, servers, target, model, concurrency, args.duration, args.client_cpu,
+                                    args.stream_messages,
+                                )  # fmt: skip
+                            except (httpx.HTTPError, subprocess.CalledProcessError) as exc:
+                                log_tail = server.log.read_text()[-2000:] if server.log else ""
+                                print(f"{target} failed ({exc}); server log ends:\n{log_tail}", flush=True)
+                                continue
                             rounds[target].append(m)
                             print(
                                 f"{model:>5} c={concurrency:<3} {target:<30} {m.rps:9.0f} req/s  p50 {m.p50_ms:7.2f} "
                                 f"ms  p99 {m.p99_ms:7.2f} ms  {m.cpu_us_per_request:6.0f} CPU us/req  errors {m.errors}",
                                 flush=True,
                             )
-                    report.measurements.extend(median_of(runs) for runs in rounds.values())
+                    report.measurements.extend(median_of(runs) for runs in rounds.values() if runs)
                 report.in_process[model] = rates
             soaked = next((name for name in servers if name.startswith("modeldock")), None)
             if args.soak and soaked is not None:
