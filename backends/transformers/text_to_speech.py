@@ -24,7 +24,7 @@ from server.config import ModelConfig, TensorConfig
 from server.errors import ConfigError, InvalidInput, ModelLoadError
 
 TASK = "speak"
-# OpenAI's bounds on ``input`` and ``speed``.
+# OpenAI's bound on ``input``.
 MAX_INPUT_CHARS = 4096
 
 
