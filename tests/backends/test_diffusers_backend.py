@@ -49,8 +49,10 @@ def diffusion_server(start_server: Callable[..., ServerProcess], pipeline_dir: P
         "backend: diffusers\nmax_batch_size: 1\ndynamic_batching:\n  default_queue_policy:\n    max_queue_size: 1\n"
         f"parameters:\n  model_path: {pipeline_dir}\n"
     )
-    server = start_server(repository)
-    deadline = time.monotonic() + 120
+    # Loading torch, the pipeline and the models takes a while on a busy machine.
+    server = start_server(repository, wait=False)
+    server.wait_ready(timeout=300)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = {row["name"]: row["state"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
         if all(states.get(name) == "READY" for name in (MODEL, ONE_AT_A_TIME)):

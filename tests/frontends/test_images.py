@@ -47,8 +47,10 @@ def images_server(
     )
     build_encoder(repository / EMBEDDER / "1")
     (repository / EMBEDDER / "config.yaml").write_text("backend: transformers\nparameters:\n  task: embed\n")
-    server = start_server(repository)
-    deadline = time.monotonic() + 120
+    # Loading torch, the pipeline and the models takes a while on a busy machine.
+    server = start_server(repository, wait=False)
+    server.wait_ready(timeout=300)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = {row["name"]: row["state"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
         if all(states.get(name) == "READY" for name in (MODEL, EMBEDDER)):
@@ -136,6 +138,11 @@ def test_a_model_that_does_not_draw_is_refused_by_name(client: openai.OpenAI) ->
     assert caught.value.body["param"] == "model"
     with pytest.raises(openai.NotFoundError):
         client.images.generate(model="no_such_model", prompt="a cat")
+
+
+def test_the_image_model_is_listed(client: openai.OpenAI) -> None:
+    assert MODEL in {model.id for model in client.models.list().data}
+    assert client.models.retrieve(MODEL).id == MODEL
 
 
 def test_the_server_keeps_serving_after_bad_requests(client: openai.OpenAI) -> None:

@@ -64,8 +64,10 @@ def vision_server(
     (repository / VLM / "config.yaml").write_text(f"backend: transformers\nparameters:\n  model_path: {vlm_dir}\n")
     build_causal_lm(repository / TEXT_ONLY / "1")
     (repository / TEXT_ONLY / "config.yaml").write_text("backend: transformers\n")
-    server = start_server(repository)
-    deadline = time.monotonic() + 120
+    # Loading torch, the pipeline and the models takes a while on a busy machine.
+    server = start_server(repository, wait=False)
+    server.wait_ready(timeout=300)
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         states = {row["name"]: row["state"] for row in httpx.post(f"{server.url}/v2/repository/index").json()}
         if all(states.get(name) == "READY" for name in (VLM, TEXT_ONLY)):

@@ -40,7 +40,7 @@ from server.frontends.openai.serving_responses import OpenAIServingResponses
 from server.frontends.openai.serving_tokenization import OpenAIServingTokenization
 
 API_KEY_ENV = "MODELDOCK_OPENAI_API_KEY"
-LANGUAGE_TASKS = ("generate", "embed", "transcribe", "speak")
+LANGUAGE_TASKS = ("generate", "embed", "transcribe", "speak", "text-to-image")
 Body = TypeVar("Body", bound=BaseModel)
 
 
