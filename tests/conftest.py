@@ -17,6 +17,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_REPOSITORY = ROOT / "model_repository"
+# Bundled models whose engine takes a minute or more to start on a small CPU machine. They have end-to-end tests
+# of their own (and tests/test_bundled_repository.py serves the whole folder), so the shared ``server`` fixture's
+# copy leaves them out instead of making every read-only test wait for them.
+SLOW_TO_LOAD = ("tiny_vllm",)
+# What the copies of the bundled repository leave out: the scripts that build it.
+BUILD_FILES = ("build.py", "*_models.py", "__pycache__")
 BIND_ATTEMPTS = 3
 
 
@@ -109,11 +115,9 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
 
 @pytest.fixture(scope="session")
 def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A private copy of the bundled repository, so no test can alter the committed one."""
+    """A private copy of the bundled repository, so no test can alter the committed one (less ``SLOW_TO_LOAD``)."""
     target = tmp_path_factory.mktemp("bundled") / "model_repository"
-    shutil.copytree(
-        BUNDLED_REPOSITORY, target, ignore=shutil.ignore_patterns("build.py", "language_models.py", "__pycache__")
-    )
+    shutil.copytree(BUNDLED_REPOSITORY, target, ignore=shutil.ignore_patterns(*BUILD_FILES, *SLOW_TO_LOAD))
     return target
 
 

@@ -18,10 +18,11 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.grpc import service_pb2_grpc
 
-from tests.conftest import BUNDLED_REPOSITORY, ServerProcess
+from tests.conftest import BUNDLED_REPOSITORY, SLOW_TO_LOAD, ServerProcess
 from tests.scheduling.test_batching_e2e import body, grpc_request, sleepy_config, wait_for_pending, write_model
 
-BUNDLED_MODELS = {path.parent.name for path in BUNDLED_REPOSITORY.glob("*/config.yaml")}
+# The models of the ``bundled_repository`` fixture's copy.
+BUNDLED_MODELS = {path.parent.name for path in BUNDLED_REPOSITORY.glob("*/config.yaml")} - set(SLOW_TO_LOAD)
 
 SENT = 5
 # Requests the server turns away with 400 (a wrong shape): Triton counts them as failed inferences.
