@@ -108,6 +108,7 @@ def test_transcription_equals_pipeline(client: openai.OpenAI, asr: Any) -> None:
     result = client.audio.transcriptions.create(model=WHISPER, file=("clip.wav", encoded(samples)))
     assert result.text == reference(asr, samples)["text"]
     assert result.text  # the random model always says something
+    assert {WHISPER, TTS} <= {model.id for model in client.models.list().data}
 
 
 def test_formats_decode_to_the_same_samples(client: openai.OpenAI, asr: Any) -> None:
