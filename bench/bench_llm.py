@@ -421,7 +421,9 @@ class RunningSystem:
     def run(self, key: str, clients: int, requests: list[BenchRequest]) -> LevelResult:
         console.print(f"  {self.name}: {key} ({clients} clients, {len(requests)} requests) ...")
         before = step_counters(self.metrics_url) if self.metrics_url else {}
-        wall, timings, failures = asyncio.run(closed_loop(self.completions_url, self.model, requests, clients, self.extra))
+        wall, timings, failures = asyncio.run(
+            closed_loop(self.completions_url, self.model, requests, clients, self.extra)
+        )
         if self.metrics_url:
             console.print(f"    {describe_steps(before, step_counters(self.metrics_url))}")
         for failure in failures[:3]:
@@ -483,7 +485,9 @@ def run_interleaved(
     return list(merged.values())
 
 
-def modeldock_command(folder: Path, workdir: Path, args: Any, name: str, extra_config: str = "") -> tuple[list[str], str]:
+def modeldock_command(
+    folder: Path, workdir: Path, args: Any, name: str, extra_config: str = ""
+) -> tuple[list[str], str]:
     """A repository holding the model under ``name``, and the command serving it; returns (command, base URL)."""
     repository = workdir / f"repository_{name}"
     (repository / MODEL).mkdir(parents=True)
@@ -801,7 +805,17 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
     table = Table(
         title=f"{MODEL}: n_embd {args.n_embd}, {args.n_layer} layers, {args.n_head} heads, vocab {vocab}, on {where}"
     )
-    columns = ("system", "workload", "clients", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s", "TPOT ms")
+    columns = (
+        "system",
+        "workload",
+        "clients",
+        "requests",
+        "failed",
+        "out tok/s",
+        "TTFT p50 s",
+        "TTFT p99 s",
+        "TPOT ms",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column in ("system", "workload") else "right")
     for r in sorted(results, key=lambda r: (r.workload, r.clients, r.system)):
@@ -826,7 +840,9 @@ def report(results: list[LevelResult], args: argparse.Namespace, vocab: int, cei
 
     keyed = {(r.system, r.key): r for r in results}
     if any(r.system == "vllm" for r in results):
-        console.print("ModelDock against vLLM, same run (targets: tokens/s >= 1.0x; TTFT p99 no worse, p50 for prefix):")
+        console.print(
+            "ModelDock against vLLM, same run (targets: tokens/s >= 1.0x; TTFT p99 no worse, p50 for prefix):"
+        )
         for key in sorted({r.key for r in results}, key=lambda k: (not k.isdigit(), int(k) if k.isdigit() else 0, k)):
             ours, theirs = keyed.get(("modeldock", key)), keyed.get(("vllm", key))
             if ours is None or theirs is None or not theirs.tokens_per_s:

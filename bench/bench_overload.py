@@ -380,9 +380,7 @@ def report(result: OverloadResult) -> str:
             f"{phase.wrong:>6}  {rss}"
         )
     if result.capacity.tokens:
-        rates = ", ".join(
-            f"{p.name} {p.token_rate:.0f}" for p in (result.capacity, result.overload, result.recovery)
-        )
+        rates = ", ".join(f"{p.name} {p.token_rate:.0f}" for p in (result.capacity, result.overload, result.recovery))
         lines.append(f"accepted output tokens/s: {rates}")
     lines.append(f"server RSS before the overload: {result.baseline_rss_bytes / mib:.0f} MiB")
     return "\n".join(lines)

@@ -132,7 +132,9 @@ def gauge(metrics: httpx.Response, name: str) -> float:
 
 
 @pytest.mark.slow
-async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an_error(busy_server: ServerProcess) -> None:
+async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an_error(
+    busy_server: ServerProcess,
+) -> None:
     import openai
     import tritonclient.grpc as grpcclient
 

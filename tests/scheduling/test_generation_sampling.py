@@ -7,8 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from server.errors import InvalidInput  # noqa: E402
-from server.scheduling.generation.detokenizer import IncrementalDetokenizer  # noqa: E402
 from server.protocol.generation import SamplingParams  # noqa: E402
+from server.scheduling.generation.detokenizer import IncrementalDetokenizer  # noqa: E402
 from server.scheduling.generation.sampling import SequenceSampler  # noqa: E402
 
 
@@ -140,7 +140,7 @@ def test_bytes_that_never_form_utf8_are_sent_as_replacement_characters_without_s
         streamed += chunk
         whole = data[:count].decode("utf-8", errors="replace")
         assert whole.startswith(streamed)
-        assert len(whole) - len(streamed) <= 1, f"after {count} bytes {whole[len(streamed):]!r} is held back"
+        assert len(whole) - len(streamed) <= 1, f"after {count} bytes {whole[len(streamed) :]!r} is held back"
     assert streamed + detokenizer.flush() == data.decode("utf-8", errors="replace")
 
 

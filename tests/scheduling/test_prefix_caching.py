@@ -127,7 +127,9 @@ def reference(long_lm_dir: Path):
 
 async def run(engine: GenerationEngine, prompt: str, max_tokens: int) -> list[int]:
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    return [t async for o in engine.generate(GenerateRequest("t", prompt=prompt, sampling=sampling)) for t in o.token_ids]
+    return [
+        t async for o in engine.generate(GenerateRequest("t", prompt=prompt, sampling=sampling)) for t in o.token_ids
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +146,9 @@ async def test_a_shared_system_prompt_is_prefilled_once_and_answers_match_genera
     assert first == reference(system_prompt + QUESTIONS[0], 12)
     stats = cached_engine.stats
     hits_before = stats.prefix_cache_hits
-    answers = await asyncio.gather(*(run(cached_engine, system_prompt + q, 12 + 3 * i) for i, q in enumerate(QUESTIONS)))
+    answers = await asyncio.gather(
+        *(run(cached_engine, system_prompt + q, 12 + 3 * i) for i, q in enumerate(QUESTIONS))
+    )
     block = cached_engine.blocks.block_size
     shared_blocks = len(cached_engine.tokenizer.encode(system_prompt)) // block - 1
     # Every concurrent request found the system prompt's blocks (less one at most, where the question's first

@@ -104,7 +104,9 @@ async def test_greedy_answers_are_unchanged_and_drafts_are_accepted(speculating:
     assert stats.spec_accepted_tokens > 0 and stats.spec_draft_tokens >= stats.spec_accepted_tokens
 
 
-async def test_max_tokens_and_stop_strings_hold_when_drafts_run_past_them(speculating: GenerationEngine, reference) -> None:
+async def test_max_tokens_and_stop_strings_hold_when_drafts_run_past_them(
+    speculating: GenerationEngine, reference
+) -> None:
     prompt = PROMPTS[0]
     for max_tokens in (1, 2, 3, 7):
         tokens, _ = await run(speculating, prompt, greedy(max_tokens))

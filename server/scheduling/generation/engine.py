@@ -42,12 +42,12 @@ from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
 from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady, Overloaded
 from server.extensions.generation_metrics import GenerationStats
-from server.scheduling.generation.detokenizer import IncrementalDetokenizer
-from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
-from server.scheduling.generation.speculative import NgramDrafter, SpeculativeConfig
 from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams, TokenLogprobs
+from server.scheduling.generation.detokenizer import IncrementalDetokenizer
+from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
 from server.scheduling.generation.sampling import SequenceSampler, StepSampler, TokenTexts, prompt_logprobs
+from server.scheduling.generation.speculative import NgramDrafter, SpeculativeConfig
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +120,7 @@ class EngineLimits:
         waiting = config.int_parameter("max_waiting_seqs", minimum=1) or max_num_seqs * DEFAULT_WAITING_PER_RUNNING
         delay_ms = config.int_parameter("max_queue_delay_ms", minimum=1)
         delay = delay_ms / 1000 if delay_ms else None
-        return cls(
-            max_num_seqs, max_model_len, block_size, num_blocks, batched, caching, speculative, waiting, delay
-        )
+        return cls(max_num_seqs, max_model_len, block_size, num_blocks, batched, caching, speculative, waiting, delay)
 
 
 @dataclass(eq=False)

@@ -26,9 +26,9 @@ from server.config import ModelConfig
 from server.errors import InvalidInput, ModelDockError, ModelNotReady, QueueFull
 from server.extensions.generation_metrics import GenerationStats
 from server.extensions.statistics import FailureReason, ModelStats, RequestTiming
+from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
 from server.protocol.types import InferRequest, InferResponse
 from server.scheduling.generation.engine import EngineLimits, GenerationEngine
-from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
 from server.scheduling.instances import InstancePool
 from server.scheduling.scheduler import PendingRequest, Scheduler
 
