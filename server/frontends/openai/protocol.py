@@ -589,37 +589,6 @@ class ImageGenerationRequest(OpenAIModel):
     quality: str | None = None
     style: str | None = None
     user: str | None = None
-    seed: int | None = None
-    num_inference_steps: int | None = Field(default=None, ge=1)
-    guidance_scale: float | None = Field(default=None, ge=0.0)
-    negative_prompt: str | None = None
-
-
-class ImageData(BaseModel):
-    b64_json: str
-    revised_prompt: str | None = None
-
-
-class ImagesResponse(BaseModel):
-    created: int = Field(default_factory=_now)
-    data: list[ImageData]
-    output_format: Literal["png"] = "png"
-    size: str
-
-
-# -- images --------------------------------------------------------------------------------------------------------
-class ImageGenerationRequest(OpenAIModel):
-    """OpenAI's ``images.generate`` body, with the diffusion settings clients of other servers send as extensions
-    (``seed``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``)."""
-
-    model: str
-    prompt: str
-    n: int = Field(default=1, ge=1)
-    size: str | None = None
-    response_format: Literal["b64_json", "url"] | None = None
-    quality: str | None = None
-    style: str | None = None
-    user: str | None = None
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     num_inference_steps: int | None = Field(default=None, ge=1, lt=2**31)
     guidance_scale: float | None = Field(default=None, ge=0.0)
