@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.framework_lock import FRAMEWORK_LOCK
-from server.config import ModelConfig
+from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
 from server.devices import Device
 from server.errors import ModelLoadError
 from server.extensions.generation_metrics import GenerationStats
@@ -177,6 +177,28 @@ class GenerativeBackend(Backend):
 
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:
         raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")
+
+
+def tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
+    """One input or output, as a backend's ``auto_complete_config`` declares it."""
+    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
+
+
+def declare_generation_io(config: ModelConfig) -> None:
+    """Give a text-generating model Triton's LLM tensors (``text_input``, ``stream``, ``sampling_parameters``,
+    ``exclude_input_in_output`` in; ``text_output`` out), decoupled, where its config names none: every engine
+    (ModelDock's, vLLM, llama.cpp) then answers the same generate and infer requests. Changes ``config`` in place."""
+    config.parameters["task"] = "generate"
+    config.model_transaction_policy = ModelTransactionPolicy(decoupled=True)
+    if not config.input:
+        config.input = [
+            tensor("text_input", "TYPE_STRING", [1]),
+            tensor("stream", "TYPE_BOOL", [1], optional=True),
+            tensor("sampling_parameters", "TYPE_STRING", [1], optional=True),
+            tensor("exclude_input_in_output", "TYPE_BOOL", [1], optional=True),
+        ]
+    if not config.output:
+        config.output = [tensor("text_output", "TYPE_STRING", [-1])]
 
 
 class EngineBackend(Backend):

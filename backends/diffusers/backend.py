@@ -32,9 +32,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import Backend
+from backends.base import Backend, tensor
 from backends.framework_lock import FRAMEWORK_LOCK
-from server.config import DynamicBatching, ModelConfig, QueuePolicy, TensorConfig
+from server.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.devices import Device
 from server.errors import ConfigError, InvalidInput, ModelLoadError
 from server.extensions.diffusion_metrics import DENOISING
@@ -96,18 +96,14 @@ def native_size(folder: Path) -> tuple[int, int]:
     return width, height
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
-
-
 INPUTS = [
-    _tensor("prompt", "TYPE_STRING", [1]),
-    _tensor("negative_prompt", "TYPE_STRING", [1], optional=True),
-    _tensor("seed", "TYPE_INT64", [1], optional=True),
-    _tensor("num_inference_steps", "TYPE_INT32", [1], optional=True),
-    _tensor("guidance_scale", "TYPE_FP32", [1], optional=True),
-    _tensor("width", "TYPE_INT32", [1], optional=True),
-    _tensor("height", "TYPE_INT32", [1], optional=True),
+    tensor("prompt", "TYPE_STRING", [1]),
+    tensor("negative_prompt", "TYPE_STRING", [1], optional=True),
+    tensor("seed", "TYPE_INT64", [1], optional=True),
+    tensor("num_inference_steps", "TYPE_INT32", [1], optional=True),
+    tensor("guidance_scale", "TYPE_FP32", [1], optional=True),
+    tensor("width", "TYPE_INT32", [1], optional=True),
+    tensor("height", "TYPE_INT32", [1], optional=True),
 ]
 
 
@@ -157,7 +153,7 @@ class DiffusersBackend(Backend):
             config.input = [t.model_copy() for t in INPUTS]
         if not config.output:
             size = [int(config.parameters["height"]), int(config.parameters["width"]), 3]
-            config.output = [_tensor("image", "TYPE_UINT8", size), _tensor("png", "TYPE_STRING", [1])]
+            config.output = [tensor("image", "TYPE_UINT8", size), tensor("png", "TYPE_STRING", [1])]
         return config
 
     @classmethod

@@ -30,12 +30,12 @@ from typing import Any, ClassVar
 import llama_cpp
 import numpy as np
 
-from backends.base import EngineBackend
+from backends.base import EngineBackend, declare_generation_io
 from backends.llamacpp.sampling import LlamaSampling, llama_sampling
 from backends.llamacpp.settings import LlamaCppSettings, parse_settings
 from backends.llamacpp.text_stream import TextStream
 from backends.llamacpp.tokenizer import GGUFTokenizer
-from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
+from server.config import ModelConfig
 from server.devices import Device
 from server.errors import (
     BackendError,
@@ -51,10 +51,6 @@ from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, Logprob, TokenLogprobs
 
 log = logging.getLogger(__name__)
-
-
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
 
 
 class _QueueGauges:
@@ -109,17 +105,7 @@ class LlamaCppBackend(EngineBackend):
                 "instance_group for concurrency); leave max_batch_size at 0"
             )
         config = config.model_copy(deep=True)
-        config.parameters["task"] = "generate"
-        config.model_transaction_policy = ModelTransactionPolicy(decoupled=True)
-        if not config.input:
-            config.input = [
-                _tensor("text_input", "TYPE_STRING", [1]),
-                _tensor("stream", "TYPE_BOOL", [1], optional=True),
-                _tensor("sampling_parameters", "TYPE_STRING", [1], optional=True),
-                _tensor("exclude_input_in_output", "TYPE_BOOL", [1], optional=True),
-            ]
-        if not config.output:
-            config.output = [_tensor("text_output", "TYPE_STRING", [-1])]
+        declare_generation_io(config)
         return config
 
     @classmethod

@@ -20,11 +20,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import GenerativeBackend, StepBatch, StepResult
+from backends.base import GenerativeBackend, StepBatch, StepResult, declare_generation_io, tensor
 from backends.framework_lock import FRAMEWORK_LOCK
 from backends.transformers.speech_tasks import SPEECH_TASKS, complete_speech_config, load_speech_model, speech_task
 from backends.transformers.vision_language import VisionLanguageBackend, folder_is_vision_language, is_vision_language
-from server.config import ModelConfig, ModelTransactionPolicy, TensorConfig
+from server.config import ModelConfig
 from server.devices import Device
 from server.errors import BackendError, ConfigError, InvalidInput, ModelLoadError
 
@@ -97,10 +97,6 @@ def _leave_out_cudnn_attention(torch: Any) -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
-
-
 class TransformersBackend(GenerativeBackend):
     default_model_filename: ClassVar[str] = "config.json"
     supports_gpu: ClassVar[bool] = True
@@ -126,23 +122,14 @@ class TransformersBackend(GenerativeBackend):
                     "field 'max_batch_size': a generating model batches in its engine (parameters.max_num_seqs); "
                     "leave max_batch_size at 0"
                 )
-            config.model_transaction_policy = ModelTransactionPolicy(decoupled=True)
-            if not config.input:
-                config.input = [
-                    _tensor("text_input", "TYPE_STRING", [1]),
-                    _tensor("stream", "TYPE_BOOL", [1], optional=True),
-                    _tensor("sampling_parameters", "TYPE_STRING", [1], optional=True),
-                    _tensor("exclude_input_in_output", "TYPE_BOOL", [1], optional=True),
-                ]
-            if not config.output:
-                config.output = [_tensor("text_output", "TYPE_STRING", [-1])]
+            declare_generation_io(config)
         else:
             if not config.max_batch_size:
                 config.max_batch_size = DEFAULT_EMBED_BATCH
             if not config.input:
-                config.input = [_tensor("text_input", "TYPE_STRING", [1])]
+                config.input = [tensor("text_input", "TYPE_STRING", [1])]
             if not config.output:
-                config.output = [_tensor("embedding", "TYPE_FP32", [-1]), _tensor("token_count", "TYPE_INT32", [1])]
+                config.output = [tensor("embedding", "TYPE_FP32", [-1]), tensor("token_count", "TYPE_INT32", [1])]
         return config
 
     @classmethod

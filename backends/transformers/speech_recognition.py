@@ -24,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.config import DynamicBatching, ModelConfig, TensorConfig
+from backends.base import tensor
+from server.config import DynamicBatching, ModelConfig
 from server.errors import InvalidInput, ModelLoadError
 from server.protocol.audio_codec import AudioError, decode_audio
 
@@ -63,10 +64,6 @@ class TranscriptionOptions(BaseModel):
         return kwargs
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
-
-
 def complete_config(config: ModelConfig) -> ModelConfig:
     """A batching model (dynamic batcher on) with the inputs and outputs above, unless the config names its own."""
     if not config.max_batch_size:
@@ -77,15 +74,15 @@ def complete_config(config: ModelConfig) -> ModelConfig:
         config.dynamic_batching = DynamicBatching(max_queue_delay_microseconds=DEFAULT_QUEUE_DELAY_US)
     if not config.input:
         config.input = [
-            _tensor("audio", "TYPE_STRING", [1], optional=True),
-            _tensor("samples", "TYPE_FP32", [-1], optional=True),
-            _tensor("options", "TYPE_STRING", [1], optional=True),
+            tensor("audio", "TYPE_STRING", [1], optional=True),
+            tensor("samples", "TYPE_FP32", [-1], optional=True),
+            tensor("options", "TYPE_STRING", [1], optional=True),
         ]
     if not config.output:
         config.output = [
-            _tensor("text", "TYPE_STRING", [1]),
-            _tensor("chunks", "TYPE_STRING", [1]),
-            _tensor("duration", "TYPE_FP32", [1]),
+            tensor("text", "TYPE_STRING", [1]),
+            tensor("chunks", "TYPE_STRING", [1]),
+            tensor("duration", "TYPE_FP32", [1]),
         ]
     return config
 

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from server.config import ModelConfig, TensorConfig
+from backends.base import tensor
+from server.config import ModelConfig
 from server.errors import ConfigError, InvalidInput, ModelLoadError
 
 TASK = "speak"
@@ -38,17 +39,13 @@ class SpeechOptions(BaseModel):
     seed: int | None = Field(default=None, ge=0, description="Seed of the model's noise; the model's default if None")
 
 
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
-
-
 def complete_config(config: ModelConfig) -> ModelConfig:
     if config.max_batch_size:
         raise ConfigError("field 'max_batch_size': a text-to-speech model serves one utterance per call; leave it at 0")
     if not config.input:
-        config.input = [_tensor("text_input", "TYPE_STRING", [1]), _tensor("options", "TYPE_STRING", [1], True)]
+        config.input = [tensor("text_input", "TYPE_STRING", [1]), tensor("options", "TYPE_STRING", [1], True)]
     if not config.output:
-        config.output = [_tensor("waveform", "TYPE_FP32", [-1]), _tensor("sample_rate", "TYPE_INT32", [1])]
+        config.output = [tensor("waveform", "TYPE_FP32", [-1]), tensor("sample_rate", "TYPE_INT32", [1])]
     return config
 
 

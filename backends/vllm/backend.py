@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends.base import EngineBackend
+from backends.base import EngineBackend, declare_generation_io
 from backends.framework_lock import FRAMEWORK_LOCK
 from backends.vllm.engine_args import (
     VllmSettings,
@@ -37,7 +37,7 @@ from backends.vllm.engine_args import (
     read_settings,
 )
 from backends.vllm.translation import token_logprobs, vllm_sampling_params
-from server.config import InstanceGroup, ModelConfig, ModelTransactionPolicy, TensorConfig
+from server.config import InstanceGroup, ModelConfig
 from server.devices import Device, gpu_count
 from server.errors import (
     BackendError,
@@ -73,10 +73,6 @@ def require_vllm(config: ModelConfig) -> None:
         raise ModelLoadError(
             f"model '{config.name}': backend vllm needs vLLM, which is not installed; run: {install_command()}"
         )
-
-
-def _tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
-    return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)
 
 
 @contextlib.contextmanager
@@ -118,19 +114,9 @@ class VllmBackend(EngineBackend):
         settings = read_settings(config)
         engine_arguments(config, version_dir, settings)
         config = config.model_copy(deep=True)
-        config.parameters["task"] = "generate"
-        config.model_transaction_policy = ModelTransactionPolicy(decoupled=True)
+        declare_generation_io(config)
         if not config.instance_group:
             config.instance_group = [InstanceGroup(count=1)]
-        if not config.input:
-            config.input = [
-                _tensor("text_input", "TYPE_STRING", [1]),
-                _tensor("stream", "TYPE_BOOL", [1], optional=True),
-                _tensor("sampling_parameters", "TYPE_STRING", [1], optional=True),
-                _tensor("exclude_input_in_output", "TYPE_BOOL", [1], optional=True),
-            ]
-        if not config.output:
-            config.output = [_tensor("text_output", "TYPE_STRING", [-1])]
         return config
 
     @classmethod
