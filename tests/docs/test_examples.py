@@ -12,6 +12,7 @@ pays only for the engines its examples use.
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +22,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, ServerProcess
+from tests.conftest import BUILD_FILES, BUNDLED_REPOSITORY, ROOT, ServerProcess
 
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
 SKIP_MARK = "# not run:"
@@ -52,6 +53,15 @@ def blocks() -> Iterator[tuple[str, str]]:
 
 
 EXAMPLES = list(blocks())
+
+
+@pytest.fixture(scope="module")
+def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The whole bundled repository: unlike the shared fixture's copy it keeps the slow-starting engines (vLLM),
+    which load only if a block names them."""
+    target = tmp_path_factory.mktemp("examples") / "model_repository"
+    shutil.copytree(BUNDLED_REPOSITORY, target, ignore=shutil.ignore_patterns(*BUILD_FILES))
+    return target
 
 
 @pytest.fixture(scope="module")
