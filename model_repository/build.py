@@ -193,7 +193,9 @@ def build_speech_models(out: Path) -> list[Path]:
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print("note: transformers is not installed; tiny_whisper and tiny_tts not rebuilt (pip install 'modeldock[llm]')")
+        print(
+            "note: transformers is not installed; tiny_whisper and tiny_tts not rebuilt (pip install 'modeldock[llm]')"
+        )
         return []
     from model_repository.speech_models import build_vits, build_whisper
 

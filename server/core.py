@@ -15,15 +15,15 @@ from typing import Any
 from server import __version__
 from server.admission import Admission
 from server.errors import DeadlineExceeded, InvalidInput, ModelNotFound, ModelNotReady, NotAllowed, VersionRetired
-from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.diffusion_metrics import DenoisingCollector
+from server.extensions.log_settings import REQUEST_ID, ServerLogging
 from server.extensions.metrics import ServerMetrics
 from server.extensions.tracing import RequestTracing
+from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.protocol.shared_memory import SharedMemoryRegistry
 from server.protocol.types import InferRequest, InferResponse
 from server.repository.model_manager import ModelManager, ServedVersion
 from server.scheduling.deadlines import request_deadline, timed_out_message
-from server.protocol.generation import GenerateRequest, GenerationOutput
 from server.scheduling.validation import expected_shape
 
 SERVER_NAME = "modeldock"

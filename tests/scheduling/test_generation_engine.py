@@ -16,8 +16,8 @@ from server.config import ModelConfig  # noqa: E402
 from server.devices import CPU, Device  # noqa: E402
 from server.errors import BackendError, ConfigError, InvalidInput  # noqa: E402
 from server.extensions.generation_metrics import GenerationStats  # noqa: E402
-from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
 from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams  # noqa: E402
+from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
 
 PROMPTS = [
     "Hello world",
