@@ -47,8 +47,8 @@ from server.errors import (
     QueueFull,
 )
 from server.extensions.generation_metrics import GenerationStats
-from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, Logprob, TokenLogprobs
+from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -236,40 +236,6 @@ class LlamaCppBackend(EngineBackend):
             job.send(error)
         self._publish_queue()
 
-    def _prompt_ids(self, request: GenerateRequest) -> list[int]:
-        if request.prompt_token_ids is not None:
-            bad = [t for t in request.prompt_token_ids if not 0 <= t < len(self.tokenizer)]
-            if bad:
-                raise InvalidInput(
-                    f"prompt token ids {bad[:5]} are outside the vocabulary (0..{len(self.tokenizer) - 1})"
-                )
-            return list(request.prompt_token_ids)
-        if request.messages is not None:
-            text = render_chat(
-                self.tokenizer, request.messages, request.tools, request.chat_template_kwargs, self.config.name
-            )
-            return self.tokenizer.encode(text, add_special_tokens=False)
-        return self.tokenizer.encode(request.prompt or "")
-
-    def _max_tokens(self, prompt_ids: list[int], max_tokens: int | None) -> int:
-        """The tokens the request may generate; a prompt that leaves no room is refused, as the engine does."""
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty")
-        room = self._n_ctx - len(prompt_ids)
-        if room < 1:
-            raise InvalidInput(
-                f"the prompt has {len(prompt_ids)} tokens; model '{self.config.name}' takes at most {self._n_ctx} "
-                "tokens in all (prompt and output; parameters.n_ctx)"
-            )
-        if max_tokens is None:
-            return room
-        if max_tokens > room:
-            raise InvalidInput(
-                f"max_tokens {max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds n_ctx {self._n_ctx} of "
-                f"model '{self.config.name}'"
-            )
-        return max_tokens
-
     def _grammar(self, text: str | None) -> llama_cpp.LlamaGrammar | None:
         """The request's grammar, parsed once by llama.cpp first: an unparsable grammar gives no sampler at all,
         which the sampler chain would not survive, so it is refused here with a 400."""
@@ -289,8 +255,10 @@ class LlamaCppBackend(EngineBackend):
         if job.cancelled:
             return
         request, sampling = job.request, job.request.sampling
-        prompt_ids = self._prompt_ids(request)
-        max_tokens = self._max_tokens(prompt_ids, sampling.max_tokens)
+        prompt_ids = prompt_token_ids(self.tokenizer, request, self.config.name)
+        max_tokens = allowed_new_tokens(
+            prompt_ids, sampling.max_tokens, self._n_ctx, self.config.name, "parameters.n_ctx"
+        )
         grammar = self._grammar(job.sampling.grammar)
         llama = self._llama
         end_ids = set(sampling.stop_token_ids)

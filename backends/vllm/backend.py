@@ -48,8 +48,8 @@ from server.errors import (
     ModelNotFound,
     ModelNotReady,
 )
-from server.protocol.chat_templates import render_chat
-from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams
+from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput
+from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -183,49 +183,15 @@ class VllmBackend(EngineBackend):
     def load(self) -> int:
         return self._in_flight
 
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        """The prompt's tokens (blocking: call it off the event loop); chat messages through the chat template."""
-        if request.prompt_token_ids is not None:
-            vocab = len(self.tokenizer)
-            bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidInput(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-            return list(request.prompt_token_ids)
-        if request.messages is not None:
-            text = render_chat(
-                self.tokenizer, request.messages, request.tools, request.chat_template_kwargs, self.config.name
-            )
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.encode(request.prompt or ""))
-
-    def check_lengths(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
-        """The number of tokens the request may generate; prompts that leave no room are refused here, in the
-        same words as ModelDock's own engine, rather than by vLLM."""
-        limit = self._max_model_len
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty")
-        room = limit - len(prompt_ids)
-        if room < 1:
-            raise InvalidInput(
-                f"the prompt has {len(prompt_ids)} tokens; model '{self.config.name}' takes at most {limit} tokens "
-                "in all (prompt and output)"
-            )
-        if sampling.max_tokens is None:
-            return room
-        if sampling.max_tokens > room:
-            raise InvalidInput(
-                f"max_tokens {sampling.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                f"max_model_len {limit} of model '{self.config.name}'"
-            )
-        return sampling.max_tokens
-
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
         if self._stopped:
             raise ModelNotReady(f"model '{self.config.name}' is unloading")
         lora = self._adapter_request(request.adapter)
-        prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
+        prompt_ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, request, self.config.name)
         sampling = request.sampling
-        params = vllm_sampling_params(sampling, self.check_lengths(prompt_ids, sampling))
+        params = vllm_sampling_params(
+            sampling, allowed_new_tokens(prompt_ids, sampling.max_tokens, self._max_model_len, self.config.name)
+        )
         stats = self.stats
         arrival = time.monotonic()
         last_token_at: float | None = None

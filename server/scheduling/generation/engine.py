@@ -42,8 +42,8 @@ from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
 from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady, Overloaded
 from server.extensions.generation_metrics import GenerationStats
-from server.protocol.chat_templates import render_chat
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams, TokenLogprobs
+from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
 from server.scheduling.generation.sampling import SequenceSampler, StepSampler, TokenTexts, prompt_logprobs
@@ -212,41 +212,6 @@ class GenerationEngine:
         """Sequences this engine holds, for choosing the least busy engine of a model."""
         return len(self._running) + len(self._waiting) + len(self._incoming)
 
-    def prompt_ids(self, request: GenerateRequest) -> list[int]:
-        """Tokenize a request's prompt (blocking: call it off the event loop)."""
-        if request.prompt_token_ids is not None:
-            vocab = len(self.tokenizer)
-            bad = [t for t in request.prompt_token_ids if not 0 <= t < vocab]
-            if bad:
-                raise InvalidInput(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
-            return list(request.prompt_token_ids)
-        if request.messages is not None:
-            text = render_chat(
-                self.tokenizer, request.messages, request.tools, request.chat_template_kwargs, model=self.name
-            )
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        return list(self.tokenizer.encode(request.prompt or ""))
-
-    def check_lengths(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
-        """The number of tokens the request may generate; refuses prompts that leave no room."""
-        limit = self.limits.max_model_len
-        if not prompt_ids:
-            raise InvalidInput("the prompt is empty")
-        room = limit - len(prompt_ids)
-        if room < 1:
-            raise InvalidInput(
-                f"the prompt has {len(prompt_ids)} tokens; model '{self.name}' takes at most {limit} tokens in all "
-                "(prompt and output)"
-            )
-        if sampling.max_tokens is None:
-            return room
-        if sampling.max_tokens > room:
-            raise InvalidInput(
-                f"max_tokens {sampling.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds "
-                f"max_model_len {limit} of model '{self.name}'"
-            )
-        return sampling.max_tokens
-
     async def generate(self, request: GenerateRequest) -> AsyncIterator[GenerationOutput]:
         """Chunks of the completion as they are produced; closing the iterator aborts the sequence."""
         if self._stopping:
@@ -255,8 +220,8 @@ class GenerationEngine:
         if refusal is not None:
             self.stats.record_rejected()
             raise refusal
-        prompt_ids = await asyncio.to_thread(self.prompt_ids, request)
-        max_tokens = self.check_lengths(prompt_ids, request.sampling)
+        prompt_ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, request, self.name)
+        max_tokens = allowed_new_tokens(prompt_ids, request.sampling.max_tokens, self.limits.max_model_len, self.name)
         loop = asyncio.get_running_loop()
         outbox: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
         sampling = request.sampling
