@@ -23,6 +23,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -47,7 +48,14 @@ from server.errors import (
     QueueFull,
 )
 from server.extensions.generation_metrics import GenerationStats
-from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, Logprob, TokenLogprobs
+from server.protocol.generation import (
+    FinishReason,
+    GenerateRequest,
+    GenerationOutput,
+    Logprob,
+    TokenLogprobs,
+    outbox_chunks,
+)
 from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 
 log = logging.getLogger(__name__)
@@ -167,20 +175,10 @@ class LlamaCppBackend(EngineBackend):
             self._waiting.append(job)
             self._wake.notify()
         self._publish_queue()
-        finished = False
-        try:
-            while True:
-                item = await job.outbox.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
+        # Closed with this generator, so a caller that stops reading aborts at once, not when it is collected.
+        async with aclosing(outbox_chunks(job.outbox, lambda: self._abort(job))) as chunks:
+            async for item in chunks:
                 yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self._abort(job)
 
     def _abort(self, job: _Job) -> None:
         with self._wake:

@@ -6,6 +6,8 @@ Triton's generate extension, the KServe infer path and the OpenAI routes all bui
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -147,3 +149,25 @@ class GenerationOutput:
     completion_tokens: int = 0
     logprobs: list[TokenLogprobs] | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+
+
+async def outbox_chunks(
+    outbox: asyncio.Queue[GenerationOutput | BaseException], abort: Callable[[], None]
+) -> AsyncIterator[GenerationOutput]:
+    """The chunks an engine thread puts in ``outbox`` for one request, up to the finished one; an exception put there
+    is raised. A caller that stops reading early (a client gone, a stream closed) calls ``abort``, so the engine
+    stops working for nobody."""
+    finished = False
+    try:
+        while True:
+            item = await outbox.get()
+            if isinstance(item, BaseException):
+                finished = True
+                raise item
+            finished = item.finished
+            yield item
+            if finished:
+                return
+    finally:
+        if not finished:
+            abort()

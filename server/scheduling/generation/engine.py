@@ -35,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +43,14 @@ from backends.base import GenerativeBackend, StepBatch
 from server.config import ModelConfig
 from server.errors import BackendError, ConfigError, InvalidInput, ModelDockError, ModelNotReady, Overloaded
 from server.extensions.generation_metrics import GenerationStats
-from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput, SamplingParams, TokenLogprobs
+from server.protocol.generation import (
+    FinishReason,
+    GenerateRequest,
+    GenerationOutput,
+    SamplingParams,
+    TokenLogprobs,
+    outbox_chunks,
+)
 from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 from server.scheduling.generation.detokenizer import IncrementalDetokenizer
 from server.scheduling.generation.kv_blocks import BlockAllocator, OutOfBlocks
@@ -249,20 +257,10 @@ class GenerationEngine:
             self._incoming.append(sequence)
             self._wake.notify()
         self.stats.update_queue(len(self._running), len(self._waiting) + len(self._incoming))
-        finished = False
-        try:
-            while True:
-                item = await outbox.get()
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                finished = item.finished
+        # Closed with this generator, so a caller that stops reading aborts at once, not when it is collected.
+        async with aclosing(outbox_chunks(outbox, lambda: self.abort(sequence.id))) as chunks:
+            async for item in chunks:
                 yield item
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.abort(sequence.id)
 
     async def _grammar(self, sampling: SamplingParams, end_token_ids: frozenset[int]) -> Any:
         """The sequence's grammar matcher. Compiling runs in the structured-output thread pool (cached by spec),
