@@ -179,6 +179,16 @@ class GenerativeBackend(Backend):
         raise ModelLoadError(f"model '{self.config.name}' generates text: it runs through the generation engine")
 
 
+def model_folder(config: ModelConfig, version_dir: Path) -> Path:
+    """The folder a framework loads (a ``save_pretrained`` folder, say): ``parameters.model_path``, relative to the
+    model folder unless absolute, or else the version folder itself."""
+    named = config.parameters.get("model_path")
+    if not named:
+        return version_dir
+    path = Path(named)
+    return path if path.is_absolute() else version_dir.parent / path
+
+
 def tensor(name: str, data_type: str, dims: list[int], optional: bool = False) -> TensorConfig:
     """One input or output, as a backend's ``auto_complete_config`` declares it."""
     return TensorConfig(name=name, data_type=data_type, dims=dims, optional=optional)

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import Backend, tensor
+from backends.base import Backend, model_folder, tensor
 from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.devices import Device
@@ -52,15 +52,6 @@ DEFAULT_MAX_STEPS = 500
 # backend's do) so two models loading at once cannot see each other's half-built modules.
 # Shared with every backend (see backends/framework_lock.py): torch's lazy imports cross backends.
 _LOAD_LOCK = FRAMEWORK_LOCK
-
-
-def pipeline_folder(config: ModelConfig, version_dir: Path) -> Path:
-    """The folder with ``model_index.json``: ``parameters.model_path`` (relative to the model folder) or the version."""
-    named = config.parameters.get("model_path")
-    if not named:
-        return version_dir
-    path = Path(named)
-    return path if path.is_absolute() else (version_dir.parent / path)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -122,12 +113,12 @@ class DiffusersBackend(Backend):
 
     @classmethod
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
-        return pipeline_folder(config, version_dir) / "model_index.json"
+        return model_folder(config, version_dir) / "model_index.json"
 
     @classmethod
     def auto_complete_config(cls, config: ModelConfig, version_dir: Path) -> ModelConfig:
         """The image inputs and outputs, the size, a batch limit and a bounded queue, unless the config sets them."""
-        folder = pipeline_folder(config, version_dir)
+        folder = model_folder(config, version_dir)
         config = config.model_copy(deep=True)
         task = config.parameters.get("task", TASK)
         if task != TASK:
@@ -158,7 +149,7 @@ class DiffusersBackend(Backend):
 
     @classmethod
     def check_model(cls, config: ModelConfig, version_dir: Path) -> None:
-        native_size(pipeline_folder(config, version_dir))
+        native_size(model_folder(config, version_dir))
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)
@@ -166,7 +157,7 @@ class DiffusersBackend(Backend):
         from diffusers import AutoPipelineForText2Image
 
         self._torch = torch
-        folder = pipeline_folder(config, version_dir)
+        folder = model_folder(config, version_dir)
         self.torch_device = torch.device("cuda", device.index) if device.is_gpu else torch.device("cpu")
         default_dtype = "float16" if device.is_gpu else "float32"
         dtype = getattr(torch, config.parameters.get("dtype") or default_dtype)

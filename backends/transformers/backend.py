@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from backends.base import GenerativeBackend, StepBatch, StepResult, declare_generation_io, tensor
+from backends.base import GenerativeBackend, StepBatch, StepResult, declare_generation_io, model_folder, tensor
 from backends.framework_lock import FRAMEWORK_LOCK
 from backends.transformers.speech_tasks import SPEECH_TASKS, complete_speech_config, load_speech_model, speech_task
 from backends.transformers.vision_language import VisionLanguageBackend, folder_is_vision_language, is_vision_language
@@ -40,15 +40,6 @@ DEFAULT_EMBED_BATCH = 32
 # server loads models concurrently) can see each other's half-built modules; one at a time is safe.
 # Shared with every backend (see backends/framework_lock.py): torch's lazy imports cross backends.
 _LOAD_LOCK = FRAMEWORK_LOCK
-
-
-def model_folder(config: ModelConfig, version_dir: Path) -> Path:
-    """The folder with ``config.json``: ``parameters.model_path`` (relative to the model folder) or the version."""
-    named = config.parameters.get("model_path")
-    if not named:
-        return version_dir
-    path = Path(named)
-    return path if path.is_absolute() else (version_dir.parent / path)
 
 
 def detect_task(config: ModelConfig, folder: Path) -> str:

@@ -97,7 +97,8 @@ class VisionLanguageBackend(EngineBackend):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from backends.transformers.backend import _LOAD_LOCK, model_folder
+        from backends.base import model_folder
+        from backends.transformers.backend import _LOAD_LOCK
 
         self._torch = torch
         folder = model_folder(config, version_dir)

@@ -26,14 +26,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from backends.base import EngineBackend, declare_generation_io
+from backends.base import EngineBackend, declare_generation_io, model_folder
 from backends.framework_lock import FRAMEWORK_LOCK
 from backends.vllm.engine_args import (
     VllmSettings,
     adapter_folder,
     cpu_environment,
     engine_arguments,
-    model_folder,
     read_settings,
 )
 from backends.vllm.translation import token_logprobs, vllm_sampling_params

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from backends.base import model_folder
 from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import LOAD_TIMEOUT_PARAMETER, ModelConfig
 from server.errors import ConfigError, ModelLoadError
@@ -70,15 +71,6 @@ def read_settings(config: ModelConfig) -> VllmSettings:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise ConfigError(f"model '{config.name}': field 'parameters.{where}': {error['msg']}") from None
-
-
-def model_folder(config: ModelConfig, version_dir: Path) -> Path:
-    """The folder vLLM loads: ``parameters.model_path`` (relative to the model folder) or the version folder."""
-    named = config.parameters.get("model_path")
-    if not named:
-        return version_dir
-    path = Path(named)
-    return path if path.is_absolute() else version_dir.parent / path
 
 
 def adapter_folder(config: ModelConfig, version_dir: Path, path: str) -> Path:
