@@ -4,6 +4,6 @@ Both front ends (HTTP and gRPC) decode into and encode from the types here, so t
 place. Tensors may arrive inline, as binary, or in a registered shared memory region, so the shared memory registry
 lives here too, as do the parameters of a load request and what a generation request asks for and gets back
 (``generation``: the same for the OpenAI routes, the generate extension and every text engine), with the rules every
-engine applies to a prompt (``chat_templates``, ``prompts``). Every layer above uses these types; this package
-imports only ``server.errors``.
+engine applies to a prompt and to its completion's text (``chat_templates``, ``prompts``, ``stop_strings``). Every
+layer above uses these types; this package imports only ``server.errors``.
 """

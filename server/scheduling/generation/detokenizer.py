@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from server.protocol.stop_strings import StopStringText
+
 _REPLACEMENT = "\ufffd"
 # How many tokens back a held character may have started: one of at most four bytes, at least one byte a token.
 _SETTLE_LOOKBACK = 4
@@ -26,49 +28,24 @@ _SETTLE_LOOKBACK = 4
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, stop: list[str]) -> None:
         self._tokenizer = tokenizer
-        self._stop = stop
-        self._longest_stop = max((len(s) for s in stop), default=0)
         self._token_ids: list[int] = []
-        self._text = ""
-        self._sent = 0
+        self._text = StopStringText(stop)
         # The window: tokens from ``_prefix`` on are decoded each step; those before ``_read`` are in ``_text``,
         # and so are the first ``_window_sent`` characters of the window's text (None: up to ``_read``'s).
         self._prefix = 0
         self._read = 0
         self._window_sent: int | None = None
-        # Past a stop string nothing more is decoded.
-        self._stopped = False
-
-    @property
-    def text(self) -> str:
-        return self._text
 
     def add(self, token_id: int) -> tuple[str, bool]:
         """Append a token; return the text that may be sent now, and whether a stop string was reached."""
         self._token_ids.append(token_id)
-        self._text += self._decode_new(final=False)
-        if self._stop:
-            # Only a stop string that ends in the new text can be new; search from where one could start.
-            search_from = max(0, self._sent - self._longest_stop)
-            found = [i for s in self._stop if (i := self._text.find(s, search_from)) != -1]
-            if found:
-                self._text = self._text[: min(found)]
-                self._stopped = True
-                return self.flush(), True
-        ready = len(self._text)
-        held = 0
-        for stop in self._stop:
-            for size in range(min(len(stop) - 1, ready - self._sent), held, -1):
-                if self._text[ready - size : ready] == stop[:size]:
-                    held = size
-                    break
-        return self._take(ready - held), False
+        return self._text.append(self._decode_new(final=False))
 
     def flush(self) -> str:
         """Everything not yet sent (at the end of a sequence nothing is held back any more)."""
-        if not self._stopped:
-            self._text += self._decode_new(final=True)
-        return self._take(len(self._text))
+        if self._text.stopped:
+            return self._text.finish()
+        return self._text.finish(self._decode_new(final=True))
 
     def _decode_new(self, final: bool) -> str:
         """The text the tokens past ``_read`` add, less a character at the end that is still missing bytes (unless
@@ -103,10 +80,3 @@ class IncrementalDetokenizer:
                 # The window now starts at ``cut``: what was sent past it is counted from there.
                 self._window_sent = max(0, sent - len(text))
                 return
-
-    def _take(self, end: int) -> str:
-        if end <= self._sent:
-            return ""
-        chunk = self._text[self._sent : end]
-        self._sent = end
-        return chunk
