@@ -10,6 +10,7 @@ threads (``--threads``). Rounds alternate peer and ModelDock so drifting load on
 
     python bench/bench_audio.py                     # 3 rounds of 16 clips of 10 s, 64 tokens each
     python bench/bench_audio.py --rounds 5 --threads 2
+    python bench/bench_audio.py --device cuda       # both sides on the first GPU (a KIND_GPU instance)
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads, for the peer and the server alike")
     parser.add_argument("--max-tokens", type=int, default=64, help="decoder positions (tokens per transcript)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run the model")
     args = parser.parse_args()
 
     import openai
@@ -110,8 +112,12 @@ def main() -> None:
         folder = build_whisper(
             repository / MODEL / "1", d_model=384, layers=4, heads=6, max_target_positions=args.max_tokens
         )
-        (repository / MODEL / "config.yaml").write_text("backend: transformers\nmax_batch_size: 8\n")
-        pipe = transformers.pipeline("automatic-speech-recognition", model=str(folder))
+        config = "backend: transformers\nmax_batch_size: 8\n"
+        if args.device == "cuda":
+            config += "instance_group:\n  - {kind: KIND_GPU, gpus: [0]}\n"
+        (repository / MODEL / "config.yaml").write_text(config)
+        device = 0 if args.device == "cuda" else -1
+        pipe = transformers.pipeline("automatic-speech-recognition", model=str(folder), device=device)
         audio = clips(args.clips, args.seconds)
         files = [wav(samples) for samples in audio]
         total_audio = args.clips * args.seconds
@@ -130,7 +136,8 @@ def main() -> None:
             process.terminate()
             process.wait(timeout=30)
     median = {name: statistics.median(values) for name, values in results.items()}
-    print(f"\n{args.clips} clips of {args.seconds:g} s, {args.max_tokens} tokens each, {args.threads} torch thread(s)")
+    where = torch.cuda.get_device_name(0) if args.device == "cuda" else f"CPU, {args.threads} torch thread(s)"
+    print(f"\n{args.clips} clips of {args.seconds:g} s, {args.max_tokens} tokens each, {where}")
     print("audio seconds per wall second (median of rounds):")
     for name, value in median.items():
         print(f"  {name:<12} {value:7.2f}  ({value / median['pipeline']:.2f}x the pipeline)")
