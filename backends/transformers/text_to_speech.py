@@ -1,7 +1,8 @@
 """Text to speech (``parameters.task: speak``): VITS (MMS-TTS) and other text-to-waveform models.
 
 VITS makes a whole utterance in one forward pass (it is not autoregressive), so there is nothing to stream while
-it runs: a request gets its waveform once the pass is done. Its duration predictor and prior draw random noise, so
+it runs: a request gets its waveform once the pass is done. Streaming is the OpenAI front end's work: it sends a
+long text here a sentence at a time and passes each waveform on as it comes (``serving_audio.speech_pieces``). Its duration predictor and prior draw random noise, so
 the same text gives a different waveform on each call unless the random generator is seeded; every request is
 seeded (``options.seed``, else ``parameters.seed``, else 0), so a text spoken twice sounds the same and equals what
 the model itself gives after ``torch.manual_seed(seed)``. Utterances differ in length, so the model serves one

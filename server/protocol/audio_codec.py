@@ -13,6 +13,7 @@ before a sample of it is decoded.
 from __future__ import annotations
 
 import io
+import struct
 from typing import Any
 
 import numpy as np
@@ -140,3 +141,103 @@ def float_wav(samples: np.ndarray, sample_rate: int) -> bytes:
     buffer = io.BytesIO()
     _soundfile().write(buffer, samples, sample_rate, format="WAV", subtype="FLOAT")
     return buffer.getvalue()
+
+
+# Formats whose bytes are final once written, so a body can be sent while the audio is still being made.
+STREAMED_FORMATS = ("pcm", "wav", "opus")
+# A streamed WAV's RIFF and data sizes: unknown up front, so the largest value, as OpenAI's streamed WAV has them.
+_UNKNOWN_SIZE = 0xFFFFFFFF
+
+
+class _AppendOnlySink:
+    """The file object libsndfile writes an Ogg stream to: bytes pile up until ``take`` hands them on.
+
+    libsndfile writes Ogg pages strictly in order and never goes back over them, so every byte is final when it is
+    written and can leave at once (FLAC and MP3 are not streamed for the opposite reason, see ``StreamingEncoder``).
+    """
+
+    def __init__(self) -> None:
+        self._pending = bytearray()
+        self._position = 0
+
+    def write(self, data: bytes) -> int:
+        self._pending += data
+        self._position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        # libsndfile asks where it is (and where the end is) when it opens the file; it never moves back on Ogg.
+        return self._position
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def take(self) -> bytes:
+        data, self._pending = bytes(self._pending), bytearray()
+        return data
+
+
+class StreamingEncoder:
+    """Samples in, the bytes of one audio file out as the samples come (``STREAMED_FORMATS`` only).
+
+    ``pcm`` has no header. ``wav`` starts with a 16-bit PCM header whose sizes say "unknown", which libsndfile,
+    ffmpeg and browsers read to the end of the body. ``opus`` is libsndfile's Ogg Opus writer, fed piece by piece,
+    with rates Opus cannot code resampled by one soxr stream so piece boundaries leave no seams. FLAC and MP3 are
+    not offered: libsndfile goes back at the end to write the length into their headers (STREAMINFO, the Xing
+    frame), and readers that find none there stop early or fail.
+
+    The samples a reader decodes from ``header() + encode(a) + encode(b) + close()`` are those of one file written
+    from ``a`` and ``b`` joined: ``pcm16`` is taken sample by sample, and the Opus encoder keeps its state.
+    """
+
+    def __init__(self, audio_format: str, sample_rate: int) -> None:
+        if audio_format not in STREAMED_FORMATS:
+            raise ValueError(f"'{audio_format}' is not streamed; use encode_audio")
+        self.audio_format = audio_format
+        self.sample_rate = sample_rate
+        self._sink: _AppendOnlySink | None = None
+        self._file: Any = None
+        self._resampler: Any = None
+        if audio_format == "opus":
+            coded_rate = sample_rate if sample_rate in _OPUS_RATES else 48000
+            if coded_rate != sample_rate:
+                try:
+                    import soxr
+                except ImportError as exc:
+                    raise InvalidInput(f"resampling audio needs soxr ({exc}): {AUDIO_EXTRA}") from None
+                self._resampler = soxr.ResampleStream(sample_rate, coded_rate, 1, dtype="float32", quality="HQ")
+            self._sink = _AppendOnlySink()
+            container, subtype = ENCODINGS["opus"]
+            self._file = _soundfile().SoundFile(self._sink, "w", coded_rate, 1, format=container, subtype=subtype)
+
+    def header(self) -> bytes:
+        """What goes out before the first samples."""
+        if self.audio_format != "wav":
+            return self._sink.take() if self._sink is not None else b""
+        fmt = struct.pack("<HHIIHH", 1, 1, self.sample_rate, self.sample_rate * 2, 2, 16)
+        return (
+            b"RIFF" + struct.pack("<I", _UNKNOWN_SIZE) + b"WAVE"
+            + b"fmt " + struct.pack("<I", len(fmt)) + fmt
+            + b"data" + struct.pack("<I", _UNKNOWN_SIZE)
+        )  # fmt: skip
+
+    def encode(self, samples: np.ndarray) -> bytes:
+        """The bytes for the next mono float32 samples (possibly none yet: Opus fills whole Ogg pages)."""
+        if self._file is None:
+            return pcm16(samples).tobytes()
+        if self._resampler is not None:
+            samples = self._resampler.resample_chunk(np.ascontiguousarray(samples, dtype=np.float32))
+        self._file.write(np.clip(samples, -1.0, 1.0))
+        return self._sink.take()  # type: ignore[union-attr]
+
+    def close(self) -> bytes:
+        """The last bytes: what the encoder still held, and the end of the Ogg stream."""
+        if self._file is None:
+            return b""
+        if self._resampler is not None:
+            self._file.write(self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+        self._file.close()
+        return self._sink.take()  # type: ignore[union-attr]

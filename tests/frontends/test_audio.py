@@ -247,6 +247,110 @@ def test_speech_is_a_wav_of_the_models_samples(client: openai.OpenAI, vits: tupl
         assert decoded.size > 0
 
 
+# Sentences the model speaks one at a time when sent together; each is spoken alone for the reference.
+SENTENCES = [
+    "the quick brown fox jumps over the lazy dog.",
+    "a streamed answer starts before the last sentence is spoken!",
+    "is this the third sentence?",
+    "yes, and it is followed by a fourth one.",
+    "five sentences make a short paragraph.",
+]
+
+
+def spoken_alone(vits: tuple[Any, Any], sentences: list[str], seed: int = 0) -> np.ndarray:
+    """What the model says for each sentence alone, with the seed the server uses, joined."""
+    return np.concatenate([vits_output(vits, sentence, seed=seed) for sentence in sentences])
+
+
+def test_speech_pieces_are_sentences_and_bounded_clauses() -> None:
+    from server.frontends.openai.serving_audio import speech_pieces
+
+    assert speech_pieces(" ".join(SENTENCES)) == SENTENCES
+    assert speech_pieces('he said "stop." then left\nnew line... ok') == [
+        'he said "stop."',
+        "then left",
+        "new line...",
+        "ok",
+    ]
+    long = ", ".join(["one clause of a long sentence"] * 20) + "."
+    pieces = speech_pieces(long, max_chars=80)
+    assert len(pieces) > 1 and all(len(piece) <= 80 for piece in pieces)
+    assert " ".join(pieces) == long
+    assert speech_pieces("x" * 200, max_chars=80) == ["x" * 80, "x" * 80, "x" * 40]
+
+
+def test_streamed_speech_arrives_sentence_by_sentence(client: openai.OpenAI, vits: tuple[Any, Any]) -> None:
+    text = " ".join(SENTENCES * 2)
+    expected = pcm16(spoken_alone(vits, SENTENCES * 2))
+    started = time.monotonic()
+    arrivals: list[float] = []
+    chunks: list[bytes] = []
+    with client.audio.speech.with_streaming_response.create(
+        model=TTS, input=text, voice="alloy", response_format="pcm"
+    ) as response:
+        assert response.headers.get("content-length") is None
+        for chunk in response.iter_bytes():
+            arrivals.append(time.monotonic() - started)
+            chunks.append(chunk)
+    total = time.monotonic() - started
+    # Audio came in pieces, the first well before the request ended.
+    assert len(chunks) > 1 and arrivals[0] < total
+    assert arrivals[0] < arrivals[-1]
+    np.testing.assert_array_equal(np.frombuffer(b"".join(chunks), dtype="<i2"), expected)
+    # A client that reads the body at once gets the same bytes.
+    assert client.audio.speech.create(model=TTS, input=text, voice="alloy", response_format="pcm").read() == b"".join(
+        chunks
+    )
+
+
+def test_streamed_formats_decode_to_the_sentences_samples(client: openai.OpenAI, vits: tuple[Any, Any]) -> None:
+    from server.protocol.audio_codec import encode_audio
+
+    text = " ".join(SENTENCES)
+    joined = spoken_alone(vits, SENTENCES, seed=3)
+    rate = vits[0].config.sampling_rate
+
+    def body(audio_format: str) -> bytes:
+        with client.audio.speech.with_streaming_response.create(
+            model=TTS, input=text, voice="alloy", response_format=audio_format, extra_body={"seed": 3}
+        ) as response:
+            return b"".join(response.iter_bytes())
+
+    wav = body("wav")
+    # The header goes out first, so its sizes say "unknown"; readers take the samples up to the end of the body.
+    assert wav[4:8] == b"\xff\xff\xff\xff" and wav[40:44] == b"\xff\xff\xff\xff"
+    samples, wav_rate = soundfile.read(io.BytesIO(wav), dtype="int16")
+    assert wav_rate == rate
+    np.testing.assert_array_equal(samples, pcm16(joined))
+    flac, _ = soundfile.read(io.BytesIO(body("flac")), dtype="int16")
+    np.testing.assert_array_equal(flac, pcm16(joined))
+    # Opus streamed page by page decodes to what the same samples encoded as one file decode to.
+    opus, _ = soundfile.read(io.BytesIO(body("opus")))
+    whole, _ = soundfile.read(io.BytesIO(encode_audio(joined, rate, "opus")))
+    np.testing.assert_array_equal(opus, whole)
+    mp3, _ = soundfile.read(io.BytesIO(body("mp3")))
+    assert mp3.size > 0
+
+
+def test_speech_as_server_sent_events(audio_server: ServerProcess, client: openai.OpenAI) -> None:
+    import base64
+    import json
+
+    text = " ".join(SENTENCES)
+    request = {"model": TTS, "input": text, "voice": "alloy", "response_format": "pcm", "stream_format": "sse"}
+    events = []
+    with httpx.stream("POST", f"{audio_server.url}/v1/audio/speech", json=request, timeout=300) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line.removeprefix("data: ")))
+    deltas = [event for event in events if event["type"] == "speech.audio.delta"]
+    assert len(deltas) > 1 and events[-1]["type"] == "speech.audio.done" and len(events) == len(deltas) + 1
+    assert events[-1]["usage"]["input_tokens"] == len(text)
+    audio = b"".join(base64.b64decode(delta["audio"]) for delta in deltas)
+    assert audio == client.audio.speech.create(model=TTS, input=text, voice="alloy", response_format="pcm").read()
+
+
 def test_kserve_speech_returns_the_models_float_samples(audio_server: ServerProcess, vits: tuple[Any, Any]) -> None:
     text = "one two three"
     grpc = grpcclient.InferenceServerClient(audio_server.grpc_url)
@@ -292,6 +396,7 @@ def test_bad_input_is_a_400_naming_the_field(audio_server: ServerProcess, client
         ({**speech, "response_format": "aac"}, "response_format"),
         ({**speech, "speed": 9}, "speed"),
         ({**speech, "model": WHISPER}, "model"),
+        ({**speech, "stream_format": "video"}, "stream_format"),
     ):
         assert_openai_error(httpx.post(f"{url}/v1/audio/speech", json=body, timeout=60), param)
     with pytest.raises(openai.NotFoundError):
