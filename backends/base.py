@@ -29,6 +29,7 @@ from server.devices import Device
 from server.errors import ModelLoadError
 from server.extensions.generation_metrics import GenerationStats
 from server.protocol.generation import GenerateRequest, GenerationOutput
+from server.protocol.types import InferRequest
 
 ENTRY_POINT_GROUP = "modeldock.backends"
 
@@ -59,6 +60,8 @@ class Backend(ABC):
     releases_gil: ClassVar[bool] = True
     #: Whether the backend accepts GPU instances at all.
     supports_gpu: ClassVar[bool] = False
+    #: Whether ``apply_request_parameters`` does anything (kept off every other model's per-request path).
+    reads_request_parameters: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         self.config = config
@@ -81,6 +84,15 @@ class Backend(ABC):
     @classmethod
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:
         return version_dir / (config.default_model_filename or cls.default_model_filename)
+
+    @classmethod  # noqa: B027 - optional hook: only backends with ``reads_request_parameters`` have one
+    def apply_request_parameters(cls, config: ModelConfig, request: InferRequest) -> None:
+        """Turn the request ``parameters`` this backend acts on into input tensors of ``request``, in place.
+
+        Called when a request is admitted (for HTTP, gRPC and the OpenAI routes alike), before it is validated and
+        queued: a batch carries only tensors, so a setting sent as a KServe parameter must become one to reach
+        ``execute``. Raise ``InvalidInput`` naming the parameter for a bad value.
+        """
 
     @abstractmethod
     def execute(self, inputs: Mapping[str, np.ndarray], output_names: list[str]) -> dict[str, np.ndarray]:

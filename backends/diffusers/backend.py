@@ -8,7 +8,9 @@ Each row of a batch is one image: ``prompt`` (BYTES), optionally ``negative_prom
 ``num_inference_steps`` (INT32), ``guidance_scale`` (FP32), ``width`` and ``height`` (INT32). Out come ``image``
 (UINT8, [height, width, 3]) and ``png`` (BYTES, the same image encoded). Rows that share their step count and
 guidance run through the pipeline as one call, each with its own ``torch.Generator`` seeded from its row, so an
-image is the one the pipeline makes alone for that prompt and seed. A row without a seed gets a random one.
+image is the one the pipeline makes alone for that prompt and seed. A row without a seed gets a random one. The
+same settings may come as request parameters (and ``n`` images per prompt): ``image_parameters.py`` turns them
+into these inputs when the request is admitted, for KServe v2 and the OpenAI images route alike.
 
 One model serves one image size (``parameters.width``/``height``, by default the pipeline's native size): the
 batcher merges requests by their tensors' shapes, not their values, so rows of one batch must make images of one
@@ -33,11 +35,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from backends.base import Backend, model_folder, tensor
+from backends.diffusers.image_parameters import apply_image_parameters
 from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import DynamicBatching, ModelConfig, QueuePolicy
 from server.devices import Device
 from server.errors import ConfigError, InvalidInput, ModelLoadError
 from server.extensions.diffusion_metrics import DENOISING
+from server.protocol.types import InferRequest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -110,6 +114,12 @@ def encode_png(image: np.ndarray) -> bytes:
 class DiffusersBackend(Backend):
     default_model_filename: ClassVar[str] = "model_index.json"
     supports_gpu: ClassVar[bool] = True
+    reads_request_parameters: ClassVar[bool] = True
+
+    @classmethod
+    def apply_request_parameters(cls, config: ModelConfig, request: InferRequest) -> None:
+        """Image settings sent as request parameters become inputs (``image_parameters.py``)."""
+        apply_image_parameters(config, request)
 
     @classmethod
     def model_path(cls, config: ModelConfig, version_dir: Path) -> Path:

@@ -83,12 +83,20 @@ class ServedVersion:
             scheduler = make_scheduler(config, str(version), pool, stats, model_dir)
         self.scheduler = scheduler
         self.cache = cache
+        # The backend's mapping of request parameters to inputs, for the few backends that have one.
+        self.apply_request_parameters = (
+            backend_cls.apply_request_parameters
+            if backend_cls is not None and backend_cls.reads_request_parameters
+            else None
+        )
         # Set when a reload has swapped in a replacement, so a request that picked this version just before the
         # swap is resubmitted to the replacement instead of failing.
         self.retired = False
 
     def _admit(self, request: InferRequest) -> None:
         try:
+            if self.apply_request_parameters is not None and request.parameters:
+                self.apply_request_parameters(self.config, request)
             validate_request(self.config, request)
         except InvalidInput:
             # Counted as a failed inference (reason OTHER), so a client sending bad tensors shows on the dashboards.

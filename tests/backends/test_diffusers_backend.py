@@ -161,6 +161,66 @@ def test_bad_settings_are_refused_by_name(diffusion_server: ServerProcess, colum
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
 
 
+@pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_request_parameters_reach_the_pipeline(diffusion_server: ServerProcess, pipeline: Any, module: Any) -> None:
+    """The settings as KServe request parameters (what the OpenAI images route sends too), ``n`` included."""
+    url = diffusion_server.grpc_url if module is grpcclient else diffusion_server.url.removeprefix("http://")
+    client = module.InferenceServerClient(url)
+    parameters = {
+        "seed": 42,
+        "num_inference_steps": 2,
+        "guidance_scale": 2.5,
+        "negative_prompt": "blurry",
+        "size": f"{IMAGE_SIZE}x{IMAGE_SIZE}",
+        "n": 2,
+    }
+    result = client.infer(MODEL, inputs(module, ["a bowl of fruit"]), parameters=parameters)
+    # Image k of the request is made with seed + k.
+    expected = reference(
+        pipeline, ["a bowl of fruit"] * 2, [42, 43], steps=2, negative_prompt=["blurry"] * 2, guidance_scale=2.5
+    )
+    np.testing.assert_array_equal(result.as_numpy("image"), expected)
+    # n copies of each row of a seed input: copy i gets that row's seed + i.
+    seeded = client.infer(MODEL, inputs(module, ["a cat", "a dog"], seed=([7, 100], "INT64")), parameters={"n": 2})
+    np.testing.assert_array_equal(
+        seeded.as_numpy("image"), reference(pipeline, ["a cat", "a cat", "a dog", "a dog"], [7, 8, 100, 101])
+    )
+
+
+@pytest.mark.parametrize(
+    ("parameters", "named"),
+    [
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": "3"}, "num_inference_steps"),
+        ({"guidance_scale": -1.0}, "guidance_scale"),
+        ({"seed": "seven"}, "seed"),
+        ({"size": "32x32"}, "size"),
+        ({"size": "big"}, "size"),
+        ({"width": 32}, "width"),
+        ({"n": 0}, "n"),
+        ({"n": 5}, "n"),
+    ],
+)
+def test_bad_request_parameters_are_refused_by_name(
+    diffusion_server: ServerProcess, parameters: dict, named: str
+) -> None:
+    client = httpclient.InferenceServerClient(diffusion_server.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match=f"request parameter '{named}'") as caught:
+        client.infer(MODEL, inputs(httpclient, ["a cat"]), parameters=parameters)
+    assert caught.value.status() == "400"
+    grpc = grpcclient.InferenceServerClient(diffusion_server.grpc_url)
+    with pytest.raises(InferenceServerException, match=f"request parameter '{named}'") as refused:
+        grpc.infer(MODEL, inputs(grpcclient, ["a cat"]), parameters=parameters)
+    assert refused.value.status() == "StatusCode.INVALID_ARGUMENT"
+
+
+def test_a_setting_sent_as_input_and_parameter_is_refused(diffusion_server: ServerProcess) -> None:
+    client = httpclient.InferenceServerClient(diffusion_server.url.removeprefix("http://"))
+    with pytest.raises(InferenceServerException, match="request parameter 'seed': also given as input") as caught:
+        client.infer(MODEL, inputs(httpclient, ["a cat"], seed=([1], "INT64")), parameters={"seed": 2})
+    assert caught.value.status() == "400"
+
+
 def test_empty_prompt_is_refused_and_the_server_keeps_serving(diffusion_server: ServerProcess) -> None:
     client = httpclient.InferenceServerClient(diffusion_server.url.removeprefix("http://"))
     with pytest.raises(InferenceServerException, match="input 'prompt' is empty"):

@@ -4,7 +4,8 @@ The ``n`` images of a request are the rows of one batch (``prompt`` repeated, ``
 go through the model's dynamic batcher and bounded queue like any client's; a full queue answers 503 at once.
 Images come back as PNG, base64 in ``b64_json``. ``response_format: url`` is refused with a 400: the server keeps
 no files to point a URL at. ``size`` must be the model's own (``parameters.width`` x ``height``), and ``n`` at most
-the model's ``max_batch_size``.
+the model's ``max_batch_size``: the model itself checks both, with the other settings, as it checks a KServe
+client's request parameters.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ __all__ = ["ImageGenerationRequest", "OpenAIServingImages"]
 
 TASK = "text-to-image"
 PNG_OUTPUT = "png"
-# Which request field a backend's complaint about one of its inputs is about.
-_INPUT_FIELDS = {"width": "size", "height": "size"}
-_INPUT_NAME = re.compile(r"input '(\w+)'")
+# The request field a model's complaint is about: its parameters and inputs carry the fields' own names.
+_SETTING_NAME = re.compile(r"(?:request parameter|input) '(\w+)'")
+# The request's fields the model reads as request parameters, by the names it reads them under.
+_SETTINGS = ("n", "size", "seed", "num_inference_steps", "guidance_scale", "negative_prompt")
 
 
 class OpenAIServingImages:
@@ -56,22 +58,11 @@ class OpenAIServingImages:
                 "'response_format' url is not offered: this server keeps no image files; use b64_json",
                 "response_format",
             )
-        if request.size is not None and request.size != size:
-            raise OpenAIRequestError(
-                f"'size' {request.size!r} cannot be made by model '{request.model}', which makes {size} images",
-                "size",
-            )
-        limit = int(config.get("max_batch_size", 0)) or 1
-        if request.n > limit:
-            raise OpenAIRequestError(
-                f"'n' {request.n} is over model '{request.model}''s limit of {limit} images per request", "n"
-            )
         try:
             response = await self.core.infer(self._infer_request(request))
         except InvalidInput as exc:
-            named = _INPUT_NAME.search(exc.message)
-            param = _INPUT_FIELDS.get(named.group(1), named.group(1)) if named else None
-            raise OpenAIRequestError(exc.message, param) from None
+            named = _SETTING_NAME.search(exc.message)
+            raise OpenAIRequestError(exc.message, named.group(1) if named else None) from None
         images = response.outputs[PNG_OUTPUT].reshape(-1)
         body = ImagesResponse(
             data=[ImageData(b64_json=base64.b64encode(bytes(png)).decode("ascii")) for png in images], size=size
@@ -80,26 +71,15 @@ class OpenAIServingImages:
 
     @staticmethod
     def _infer_request(request: ImageGenerationRequest) -> InferRequest:
-        n = request.n
-        inputs: dict[str, np.ndarray] = {"prompt": np.array([[request.prompt.encode()]] * n, dtype=np.object_)}
-        datatypes = {"prompt": "BYTES"}
-        if request.negative_prompt is not None:
-            inputs["negative_prompt"] = np.array([[request.negative_prompt.encode()]] * n, dtype=np.object_)
-            datatypes["negative_prompt"] = "BYTES"
-        if request.seed is not None:
-            # Each image its own seed, so n seeded images differ yet each can be made again alone.
-            inputs["seed"] = np.array([[(request.seed + i) % 2**63] for i in range(n)], dtype=np.int64)
-            datatypes["seed"] = "INT64"
-        if request.num_inference_steps is not None:
-            inputs["num_inference_steps"] = np.full((n, 1), request.num_inference_steps, dtype=np.int32)
-            datatypes["num_inference_steps"] = "INT32"
-        if request.guidance_scale is not None:
-            inputs["guidance_scale"] = np.full((n, 1), request.guidance_scale, dtype=np.float32)
-            datatypes["guidance_scale"] = "FP32"
+        """The prompt as the one input row; ``n``, ``size`` and the diffusion settings as request parameters, which
+        the model reads exactly as it reads a KServe client's (``backends/diffusers/image_parameters.py``), so the
+        two ways in cannot drift apart."""
+        settings = {name: getattr(request, name) for name in _SETTINGS if getattr(request, name) is not None}
         return InferRequest(
             model_name=request.model,
             id=request_id("img"),
-            inputs=inputs,
-            input_datatypes=datatypes,
+            inputs={"prompt": np.array([[request.prompt.encode()]], dtype=np.object_)},
+            input_datatypes={"prompt": "BYTES"},
             outputs=[RequestedOutput(PNG_OUTPUT)],
+            parameters=settings,
         )
