@@ -369,43 +369,6 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
-def run_http_system(
-    system: str,
-    threads: int,
-    command: list[str],
-    ready_url: str,
-    completions_url: str,
-    model: str,
-    workloads: dict[int, list[BenchRequest]],
-    workdir: Path,
-    extra: dict[str, Any],
-    warm_up: WarmUp,
-    metrics_url: str | None = None,
-) -> list[LevelResult]:
-    log = workdir / f"{system}.log"
-    with open(log, "wb") as out:
-        env = {**os.environ, **OFFLINE_ENV, **thread_env(threads)}
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
-    results = []
-    try:
-        wait_http(ready_url, process, 300, log)
-        warm_up.run(lambda: asyncio.run(closed_loop(completions_url, model, warm_up.requests, warm_up.clients, extra)))
-        for clients, requests in workloads.items():
-            console.print(f"  {system}: {clients} clients, {len(requests)} requests ...")
-            before = step_counters(metrics_url) if metrics_url else {}
-            wall, timings, failures = asyncio.run(closed_loop(completions_url, model, requests, clients, extra))
-            if metrics_url:
-                console.print(f"    {describe_steps(before, step_counters(metrics_url))}")
-            for failure in failures[:3]:
-                console.print(f"[red]  {system}: request failed: {failure}[/red]")
-            results.append(LevelResult(system, clients, wall, timings, failed=len(failures)))
-    except Exception as exc:  # one system failing must not lose the others' numbers
-        console.print(f"[red]{system} failed: {type(exc).__name__}: {exc}[/red]\n{log.read_text()[-2000:]}")
-    finally:
-        stop(process)
-    return results
-
-
 @dataclass
 class RunningSystem:
     """An HTTP system started once and given workload after workload (``run_interleaved``)."""
@@ -430,6 +393,22 @@ class RunningSystem:
             console.print(f"[red]  {self.name}: request failed: {failure}[/red]")
         workload = "" if key == str(clients) else key
         return LevelResult(self.name, clients, wall, timings, failed=len(failures), workload=workload)
+
+
+def run_levels(system: RunningSystem | None, workloads: dict[int, list[BenchRequest]]) -> list[LevelResult]:
+    """One system alone, level after level, then stopped (the single-round run without ``--rounds``)."""
+    if system is None:
+        return []
+    try:
+        results = []
+        for clients, requests in workloads.items():
+            try:
+                results.append(system.run(str(clients), clients, requests))
+            except Exception as exc:  # one level failing must not lose the others' numbers
+                console.print(f"[red]{system.name} failed at {clients} clients: {type(exc).__name__}: {exc}[/red]")
+        return results
+    finally:
+        stop(system.process)
 
 
 def start_system(
@@ -620,38 +599,7 @@ def profile_modeldock(system: RunningSystem, clients: int, requests: list[BenchR
 
 
 def run_modeldock(folder: Path, workloads: dict[int, list[BenchRequest]], workdir: Path, args: Any) -> list[Any]:
-    repository = workdir / "repository"
-    (repository / MODEL).mkdir(parents=True)
-    os.symlink(folder, repository / MODEL / "1")
-    config = (
-        "backend: transformers\n"
-        f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
-        f"  dtype: {args.dtype}\n"
-    )
-    for item in args.parameter:
-        key, _, value = item.partition("=")
-        config += f"  {key}: {value!r}\n"
-    if args.device == "cuda":
-        config += "instance_group:\n  - {kind: KIND_GPU, gpus: [0]}\n"
-    (repository / MODEL / "config.yaml").write_text(config)
-    port = free_port()
-    command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
-    command += ["--http-port", str(port), "--grpc-port", str(free_port()), "--metrics-port", "0"]
-    command += ["--model-control-mode", "none", "--log-level", "warning"]
-    base = f"http://127.0.0.1:{port}"
-    return run_http_system(
-        "modeldock",
-        args.threads,
-        command,
-        f"{base}/v2/models/{MODEL}/ready",
-        f"{base}/v1/completions",
-        MODEL,
-        workloads,
-        workdir,
-        {"ignore_eos": True},
-        WarmUp.for_args(args),
-        metrics_url=f"{base}/metrics",
-    )
+    return run_levels(start_modeldock(folder, workdir, args), workloads)
 
 
 def step_counters(url: str) -> dict[str, float]:
@@ -695,18 +643,18 @@ def run_transformers_serve(
     command = [executable, "serve", str(folder), "--continuous-batching", "--host", "127.0.0.1"]
     command += ["--port", str(port), "--device", torch_device(args), "--dtype", args.dtype, "--log-level", "warning"]
     base = f"http://127.0.0.1:{port}"
-    return run_http_system(
+    system = start_system(
         "hf_serve_cb",
         args.threads,
         command,
         f"{base}/health",
         f"{base}/v1/completions",
         str(folder),
-        workloads,
         workdir,
         {},
         WarmUp.for_args(args),
     )
+    return run_levels(system, workloads)
 
 
 # -- in-process baselines --------------------------------------------------------------------------------------------
