@@ -351,6 +351,25 @@ def test_speech_as_server_sent_events(audio_server: ServerProcess, client: opena
     assert audio == client.audio.speech.create(model=TTS, input=text, voice="alloy", response_format="pcm").read()
 
 
+def test_a_client_that_leaves_stops_the_speech(audio_server: ServerProcess, client: openai.OpenAI) -> None:
+    import re
+
+    def spoken_pieces() -> float:
+        text = httpx.get(f"{audio_server.url}/metrics", timeout=10).text
+        found = re.search(rf'^nv_inference_request_success\{{model="{TTS}",version="1"\}} (\S+)$', text, re.M)
+        return float(found.group(1)) if found else 0.0
+
+    sentences = SENTENCES * 8
+    before = spoken_pieces()
+    request = {"model": TTS, "input": " ".join(sentences), "voice": "alloy", "response_format": "pcm"}
+    with httpx.stream("POST", f"{audio_server.url}/v1/audio/speech", json=request, timeout=300) as response:
+        assert next(response.iter_bytes())
+    time.sleep(1.0)
+    # The first piece, and the few queued ahead of it when the client left: not the other forty sentences.
+    assert spoken_pieces() - before <= 4
+    assert client.audio.speech.create(model=TTS, input="still here.", voice="alloy", response_format="pcm").read()
+
+
 def test_kserve_speech_returns_the_models_float_samples(audio_server: ServerProcess, vits: tuple[Any, Any]) -> None:
     text = "one two three"
     grpc = grpcclient.InferenceServerClient(audio_server.grpc_url)
