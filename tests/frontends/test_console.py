@@ -3,13 +3,17 @@
 The server runs the bundled repository in explicit mode, so the console can unload and load; what the page shows
 is checked against the server's own APIs, the streamed chat against transformers' greedy ``generate`` and the tensor
 form's answer against ONNX Runtime on the model file. The screenshots the documentation shows (docs/images/) are
-taken here, so they always show the console as it is.
+taken here, so they always show the console as it is: ``MODELDOCK_SCREENSHOTS=docs/images pytest
+tests/frontends/test_console.py`` refreshes them; a plain run writes them to a temporary folder and leaves the
+checkout as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,7 +35,7 @@ CHROMIUM_FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = ROOT / "docs" / "images"
+SCREENSHOTS = ROOT / os.environ.get("MODELDOCK_SCREENSHOTS", Path(tempfile.gettempdir()) / "modeldock-console")
 TIMEOUT_MS = 60_000
 ADMIN_HEADER = "admin-key"
 ADMIN_KEY = "s3cret"
