@@ -143,33 +143,43 @@ def float_wav(samples: np.ndarray, sample_rate: int) -> bytes:
     return buffer.getvalue()
 
 
-# Formats whose bytes are final once written, so a body can be sent while the audio is still being made.
-STREAMED_FORMATS = ("pcm", "wav", "opus")
+# Formats whose bytes can go out as they are written, so a body can be sent while the audio is still being made.
+STREAMED_FORMATS = ("pcm", "wav", "opus", "mp3")
 # A streamed WAV's RIFF and data sizes: unknown up front, so the largest value, as OpenAI's streamed WAV has them.
 _UNKNOWN_SIZE = 0xFFFFFFFF
+# libsndfile's 0 (best) to 1 (smallest) for a streamed MP3's constant bit rate: 0.5 gives about 85 kbit/s at 16 kHz.
+_STREAMED_MP3_COMPRESSION = 0.5
 
 
-class _AppendOnlySink:
-    """The file object libsndfile writes an Ogg stream to: bytes pile up until ``take`` hands them on.
+class _ForwardSink:
+    """The file object libsndfile encodes into for a stream: bytes pile up until ``take`` hands them on.
 
-    libsndfile writes Ogg pages strictly in order and never goes back over them, so every byte is final when it is
-    written and can leave at once (FLAC and MP3 are not streamed for the opposite reason, see ``StreamingEncoder``).
+    Bytes handed on are gone, so a write that goes back over them is dropped. libsndfile writes Ogg pages strictly
+    in order; for MP3 it goes back only at the end, to fill its first frame with a Xing header (the length and
+    gapless information), which a stream cannot know up front: that frame stays as it went out, silence, as in a
+    live MP3 stream.
     """
 
     def __init__(self) -> None:
         self._pending = bytearray()
+        self._sent = 0
         self._position = 0
 
     def write(self, data: bytes) -> int:
-        self._pending += data
-        self._position += len(data)
-        return len(data)
+        size = len(data)
+        start = self._position - self._sent
+        if start < 0:
+            data, start = data[-start:], 0
+        self._pending[start : start + len(data)] = data
+        self._position += size
+        return size
 
     def tell(self) -> int:
         return self._position
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        # libsndfile asks where it is (and where the end is) when it opens the file; it never moves back on Ogg.
+        end = self._sent + len(self._pending)
+        self._position = offset + {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: end}[whence]
         return self._position
 
     def read(self, size: int = -1) -> bytes:
@@ -177,6 +187,7 @@ class _AppendOnlySink:
 
     def take(self) -> bytes:
         data, self._pending = bytes(self._pending), bytearray()
+        self._sent += len(data)
         return data
 
 
@@ -185,12 +196,14 @@ class StreamingEncoder:
 
     ``pcm`` has no header. ``wav`` starts with a 16-bit PCM header whose sizes say "unknown", which libsndfile,
     ffmpeg and browsers read to the end of the body. ``opus`` is libsndfile's Ogg Opus writer, fed piece by piece,
-    with rates Opus cannot code resampled by one soxr stream so piece boundaries leave no seams. FLAC and MP3 are
-    not offered: libsndfile goes back at the end to write the length into their headers (STREAMINFO, the Xing
-    frame), and readers that find none there stop early or fail.
+    with rates Opus cannot code resampled by one soxr stream so piece boundaries leave no seams. ``mp3`` is
+    libsndfile's LAME encoder at a constant bit rate: with no Xing header to give the length (see ``_ForwardSink``)
+    readers reckon it from the size and bit rate, which only a constant rate gets right. FLAC is not offered: a
+    reader of a FLAC stream whose STREAMINFO does not give its length (libsndfile's own) fails.
 
     The samples a reader decodes from ``header() + encode(a) + encode(b) + close()`` are those of one file written
-    from ``a`` and ``b`` joined: ``pcm16`` is taken sample by sample, and the Opus encoder keeps its state.
+    from ``a`` and ``b`` joined: ``pcm16`` is taken sample by sample, and the Opus and MP3 encoders keep their
+    state (MP3 then has a silent first frame and no gapless information, as a live stream has).
     """
 
     def __init__(self, audio_format: str, sample_rate: int) -> None:
@@ -198,7 +211,7 @@ class StreamingEncoder:
             raise ValueError(f"'{audio_format}' is not streamed; use encode_audio")
         self.audio_format = audio_format
         self.sample_rate = sample_rate
-        self._sink: _AppendOnlySink | None = None
+        self._sink: _ForwardSink | None = None
         self._file: Any = None
         self._resampler: Any = None
         if audio_format == "opus":
@@ -209,9 +222,22 @@ class StreamingEncoder:
                 except ImportError as exc:
                     raise InvalidInput(f"resampling audio needs soxr ({exc}): {AUDIO_EXTRA}") from None
                 self._resampler = soxr.ResampleStream(sample_rate, coded_rate, 1, dtype="float32", quality="HQ")
-            self._sink = _AppendOnlySink()
+            self._sink = _ForwardSink()
             container, subtype = ENCODINGS["opus"]
             self._file = _soundfile().SoundFile(self._sink, "w", coded_rate, 1, format=container, subtype=subtype)
+        elif audio_format == "mp3":
+            self._sink = _ForwardSink()
+            container, subtype = ENCODINGS["mp3"]
+            self._file = _soundfile().SoundFile(
+                self._sink,
+                "w",
+                sample_rate,
+                1,
+                format=container,
+                subtype=subtype,
+                compression_level=_STREAMED_MP3_COMPRESSION,
+                bitrate_mode="CONSTANT",
+            )
 
     def header(self) -> bytes:
         """What goes out before the first samples."""
@@ -225,7 +251,7 @@ class StreamingEncoder:
         )  # fmt: skip
 
     def encode(self, samples: np.ndarray) -> bytes:
-        """The bytes for the next mono float32 samples (possibly none yet: Opus fills whole Ogg pages)."""
+        """The bytes for the next mono float32 samples (possibly none yet: the encoders fill whole pages, frames)."""
         if self._file is None:
             return pcm16(samples).tobytes()
         if self._resampler is not None:

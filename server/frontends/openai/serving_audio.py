@@ -9,8 +9,9 @@ long, is a 400 naming ``file`` for its own client and never fails a batch shared
 Speech is made a piece at a time (``speech_pieces``: sentences, and clauses of long ones) and sent as each piece is
 ready, so the first audio arrives after the first sentence rather than after the whole text. Each piece is its own
 request (seeded alike), so what a client hears equals the model speaking each sentence alone, whether it reads the
-body as it comes or all at once. ``pcm``, ``wav`` (its header sizes marked unknown, as OpenAI streams WAV) and
-``opus`` are streamed; ``flac`` and ``mp3`` need their length in the header and come whole once all is spoken.
+body as it comes or all at once. ``pcm``, ``wav`` (its header sizes marked unknown, as OpenAI streams WAV),
+``opus`` and ``mp3`` (constant bit rate) are streamed (``audio_codec.StreamingEncoder``); ``flac`` needs its length
+in its header and comes whole once all is spoken.
 ``stream_format: sse`` sends the same bytes base64 in ``speech.audio.delta`` events, then ``speech.audio.done``.
 
 A streamed transcription (``stream=true``) is cut into the model's windows (30 s for Whisper); every window is its
@@ -333,7 +334,7 @@ class OpenAIServingAudio:
     async def _encoded(
         first: np.ndarray, rest: AsyncIterator[tuple[np.ndarray, int]], rate: int, audio_format: str
     ) -> AsyncIterator[bytes]:
-        """The file's bytes as each piece is spoken; pieces that give no bytes yet (Opus fills pages) send none."""
+        """The file's bytes as each piece is spoken; pieces that give no bytes yet (an encoder filling a page) send none."""
         encoder = await asyncio.to_thread(audio_codec.StreamingEncoder, audio_format, rate)
         head = encoder.header() + await asyncio.to_thread(encoder.encode, first)
         if head:
