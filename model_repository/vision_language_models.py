@@ -27,8 +27,12 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_vision_language_model(out: Path, *, seed: int = 0) -> Path:
-    """An ``Idefics3ForConditionalGeneration`` folder (config, weights, tokenizer, processor) at ``out``."""
+def build_vision_language_model(out: Path, *, seed: int = 0, text_heads: int = 4, text_kv_heads: int = 2) -> Path:
+    """An ``Idefics3ForConditionalGeneration`` folder (config, weights, tokenizer, processor) at ``out``.
+
+    The language model is 64 wide; vLLM's CPU attention wants heads of at least 32 dimensions, so its tests ask for
+    ``text_heads=2``.
+    """
     import torch
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor, Idefics3Processor
 
@@ -59,8 +63,8 @@ def build_vision_language_model(out: Path, *, seed: int = 0) -> Path:
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            "num_attention_heads": text_heads,
+            "num_key_value_heads": text_kv_heads,
             "max_position_embeddings": 1024,
             # Wide initial weights spread the logits, so greedy decoding has clear winners.
             "initializer_range": 0.2,

@@ -7,18 +7,13 @@ sampling settings into one ``generate`` call (prompts left-padded, each row's im
 row's tokens back as they come through a streamer. Rows end on their own (end of sequence, a stop string, a client
 that left) while the rest of the batch goes on.
 
-Images come as OpenAI ``image_url`` content parts. Data URLs (``data:image/png;base64,...``) are decoded here;
-remote URLs are refused unless the operator sets ``parameters.allow_remote_images: true``, since fetching them lets
-any client make the server open connections. Decoded images larger than ``parameters.max_image_bytes`` (20 MB by
-default) are refused too.
+Images come as OpenAI ``image_url`` content parts, decoded under the operator's limits (remote URLs, image size,
+images per request) by ``server.protocol.chat_images``, as for ``backend: vllm``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import io
 import json
 import queue
 import threading
@@ -32,11 +27,10 @@ from backends.base import EngineBackend
 from server.config import ModelConfig
 from server.devices import Device
 from server.errors import InvalidInput, ModelLoadError, ModelNotReady
+from server.protocol.chat_images import ImageLimits, decode_message_images
 from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams
 
 DEFAULT_MAX_NUM_SEQS = 8
-DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
-REMOTE_FETCH_TIMEOUT_S = 10.0
 # Sampling fields this engine does not offer, each refused by name rather than ignored.
 _UNOFFERED = ("logprobs", "prompt_logprobs", "structured_outputs", "logit_bias", "stop_token_ids")
 
@@ -124,8 +118,7 @@ class VisionLanguageBackend(EngineBackend):
             eos = self.tokenizer.eos_token_id
         self._eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         self._max_num_seqs = config.int_parameter("max_num_seqs", minimum=1) or DEFAULT_MAX_NUM_SEQS
-        self._max_image_bytes = config.int_parameter("max_image_bytes", minimum=1) or DEFAULT_MAX_IMAGE_BYTES
-        self._allow_remote = config.bool_parameter("allow_remote_images", default=False)
+        self._image_limits = ImageLimits.from_parameters(config.parameters, config.name)
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._waiting: list[_Job] = []
         self._in_flight = 0
@@ -198,20 +191,7 @@ class VisionLanguageBackend(EngineBackend):
         """The prompt text (the processor's chat template for messages) and the images it refers to, in order."""
         if request.messages is None:
             return request.prompt or "", []
-        images: list[Any] = []
-        messages: list[dict[str, Any]] = []
-        for i, message in enumerate(request.messages):
-            content = message.get("content")
-            if isinstance(content, list):
-                parts = []
-                for j, part in enumerate(content):
-                    if part.get("type") == "image_url":
-                        images.append(self._image(part.get("image_url"), f"messages[{i}].content[{j}].image_url"))
-                        parts.append({"type": "image"})
-                    else:
-                        parts.append({"type": "text", "text": str(part.get("text", ""))})
-                content = parts
-            messages.append({**message, "content": content})
+        messages, images = decode_message_images(request.messages, self._image_limits, self.config.name)
         kwargs = dict(request.chat_template_kwargs or {})
         kwargs.setdefault("add_generation_prompt", True)
         try:
@@ -219,54 +199,6 @@ class VisionLanguageBackend(EngineBackend):
         except Exception as exc:  # a template error is the messages' fault (roles, content shapes)
             raise InvalidInput(f"messages cannot be rendered with the chat template: {exc}") from None
         return prompt, images
-
-    def _image(self, image_url: Any, where: str) -> Any:
-        """A data URL (or, where allowed, a remote URL) decoded to an RGB image."""
-        from PIL import Image, UnidentifiedImageError
-
-        url = image_url.get("url") if isinstance(image_url, dict) else image_url
-        if not isinstance(url, str) or not url:
-            raise InvalidInput(f"{where}: expected an object with a 'url'")
-        if url.startswith("data:"):
-            header, _, payload = url.partition(",")
-            if not header.endswith(";base64"):
-                raise InvalidInput(f"{where}: a data URL must be base64 (data:image/png;base64,...)")
-            if len(payload) * 3 // 4 > self._max_image_bytes:
-                raise InvalidInput(f"{where}: the image is over {self._max_image_bytes} bytes")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError):
-                raise InvalidInput(f"{where}: the data URL is not valid base64") from None
-        elif url.startswith(("http://", "https://")):
-            if not self._allow_remote:
-                raise InvalidInput(
-                    f"{where}: remote image URLs are not allowed on model '{self.config.name}'; send the image as "
-                    "a data URL (the operator may allow remote URLs with parameters.allow_remote_images)"
-                )
-            data = self._fetch(url, where)
-        else:
-            raise InvalidInput(f"{where}: expected a data: or http(s): URL")
-        try:
-            with Image.open(io.BytesIO(data)) as opened:
-                return opened.convert("RGB")
-        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
-            raise InvalidInput(f"{where}: not an image that can be decoded: {exc}") from None
-
-    def _fetch(self, url: str, where: str) -> bytes:
-        import httpx
-
-        try:
-            with httpx.stream("GET", url, timeout=REMOTE_FETCH_TIMEOUT_S, follow_redirects=True) as response:
-                response.raise_for_status()
-                chunks, size = [], 0
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > self._max_image_bytes:
-                        raise InvalidInput(f"{where}: the image is over {self._max_image_bytes} bytes")
-                    chunks.append(chunk)
-                return b"".join(chunks)
-        except httpx.HTTPError as exc:
-            raise InvalidInput(f"{where}: the image could not be fetched: {exc}") from None
 
     # -- the worker thread --------------------------------------------------------------------------------------
     def _run(self) -> None:

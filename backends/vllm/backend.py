@@ -5,7 +5,9 @@ A version folder holds what ``save_pretrained`` writes, or ``parameters.model_pa
 other parameter is one of vLLM's engine arguments by its own name (see ``engine_args``). The generation scheduler
 uses this backend directly as its engine, so every front end (OpenAI, Triton's generate extension, gRPC streaming)
 and the metrics work as for ModelDock's own engine. LoRA adapters named in ``parameters.lora_adapters`` or loaded at
-run time are picked per request (``GenerateRequest.adapter``), as vLLM serves them.
+run time are picked per request (``GenerateRequest.adapter``), as vLLM serves them. A vision-language model (one
+vLLM runs as multi-modal) takes ``image_url`` content parts in chat messages (``image_chat``); a text-only model given
+an image is refused with a 400 naming the model.
 
 Without vLLM installed the model is refused when its config is read, with the pip command to run as the reason, and
 the rest of the repository serves.
@@ -35,6 +37,7 @@ from backends.vllm.engine_args import (
     engine_arguments,
     read_settings,
 )
+from backends.vllm.image_chat import render_image_chat
 from backends.vllm.translation import token_logprobs, vllm_sampling_params
 from server.config import InstanceGroup, ModelConfig
 from server.devices import Device, gpu_count
@@ -47,6 +50,7 @@ from server.errors import (
     ModelNotFound,
     ModelNotReady,
 )
+from server.protocol.chat_images import ImageLimits, has_images
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput
 from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 
@@ -112,6 +116,7 @@ class VllmBackend(EngineBackend):
             )
         settings = read_settings(config)
         engine_arguments(config, version_dir, settings)
+        ImageLimits.from_parameters(config.parameters, config.name)
         config = config.model_copy(deep=True)
         declare_generation_io(config)
         if not config.instance_group:
@@ -142,6 +147,7 @@ class VllmBackend(EngineBackend):
         from backends.vllm.engine_stats import engine_stats_logger
 
         self.settings: VllmSettings = read_settings(config)
+        self._image_limits = ImageLimits.from_parameters(config.parameters, config.name)
         arguments = engine_arguments(config, version_dir, self.settings)
         self.lora_enabled = bool(arguments.get("enable_lora"))
         self._adapter_ids = itertools.count(1)
@@ -166,6 +172,7 @@ class VllmBackend(EngineBackend):
             self._processes = [p for p in multiprocessing.active_children() if p not in running]
         self.tokenizer = self._engine.tokenizer
         self._max_model_len = int(self._engine.model_config.max_model_len)
+        self._multimodal = bool(self._engine.model_config.is_multimodal_model)
         self._request_ids = itertools.count()
         self._in_flight = 0
         self._stopped = False
@@ -186,7 +193,14 @@ class VllmBackend(EngineBackend):
         if self._stopped:
             raise ModelNotReady(f"model '{self.config.name}' is unloading")
         lora = self._adapter_request(request.adapter)
-        prompt_ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, request, self.config.name)
+        prompt: Any
+        if self._multimodal and request.messages is not None and has_images(request.messages):
+            prompt = await render_image_chat(self._engine.renderer, request, self._image_limits, self.config.name)
+            prompt_ids = list(prompt["prompt_token_ids"])
+        else:
+            # A text-only model refuses image parts here, naming the model (server.protocol.chat_templates).
+            prompt_ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, request, self.config.name)
+            prompt = {"prompt_token_ids": prompt_ids}
         sampling = request.sampling
         params = vllm_sampling_params(
             sampling, allowed_new_tokens(prompt_ids, sampling.max_tokens, self._max_model_len, self.config.name)
@@ -199,9 +213,7 @@ class VllmBackend(EngineBackend):
         first_chunk = True
         # vLLM needs ids unique among its requests in flight; clients' ids need not be.
         request_id = f"{request.request_id}-{next(self._request_ids)}"
-        stream = self._engine.generate(
-            {"prompt_token_ids": prompt_ids}, params, request_id=request_id, lora_request=lora
-        )
+        stream = self._engine.generate(prompt, params, request_id=request_id, lora_request=lora)
         self._in_flight += 1
         try:
             while True:

@@ -26,6 +26,7 @@ from backends.base import model_folder
 from backends.framework_lock import FRAMEWORK_LOCK
 from server.config import LOAD_TIMEOUT_PARAMETER, ModelConfig
 from server.errors import ConfigError, ModelLoadError
+from server.protocol.chat_images import IMAGE_LIMIT_PARAMETERS
 
 # Small enough for tests and laptops; vLLM's own default (4 GiB) is for servers. Raise it with the parameter.
 DEFAULT_CPU_KVCACHE_SPACE_GB = 1
@@ -51,8 +52,9 @@ class VllmSettings(BaseModel):
     cpu_omp_threads_bind: str = ""
 
 
-# ModelDock parameters that are not vLLM's: this backend's settings and the server's own.
-MODELDOCK_PARAMETERS = frozenset({*VllmSettings.model_fields, "task", LOAD_TIMEOUT_PARAMETER})
+# ModelDock parameters that are not vLLM's: this backend's settings, the limits on a chat request's images (the same
+# for every engine; ``server.protocol.chat_images``) and the server's own.
+MODELDOCK_PARAMETERS = frozenset({*VllmSettings.model_fields, *IMAGE_LIMIT_PARAMETERS, "task", LOAD_TIMEOUT_PARAMETER})
 
 
 def read_settings(config: ModelConfig) -> VllmSettings:
