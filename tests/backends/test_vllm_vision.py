@@ -260,3 +260,12 @@ def test_text_only_chat_still_works_on_the_vision_model(client: openai.OpenAI) -
         model=VLM, messages=[{"role": "user", "content": "Hello"}], temperature=0, max_tokens=4
     )
     assert response.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logprobs_and_structured_outputs_apply_to_image_requests(client: openai.OpenAI) -> None:
+    response = ask(client, png(*PICTURES[1]), logprobs=True, top_logprobs=2)
+    tokens = response.choices[0].logprobs.content
+    assert tokens and all(t.logprob <= 0 and 1 <= len(t.top_logprobs) <= 2 for t in tokens)
+    choices = ["cat", "dog", "neither"]
+    constrained = ask(client, png(*PICTURES[1]), extra_body={"structured_outputs": {"choice": choices}})
+    assert constrained.choices[0].message.content in choices
