@@ -15,9 +15,9 @@ from backends.transformers import TransformersBackend  # noqa: E402
 from server.config import ModelConfig  # noqa: E402
 from server.devices import CPU, Device  # noqa: E402
 from server.errors import BackendError, ConfigError, InvalidInput  # noqa: E402
-from server.extensions.generation_metrics import GenerationStats  # noqa: E402
 from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams  # noqa: E402
 from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from tests.scheduling.generation_engines import greedy, make_engine  # noqa: E402
 
 PROMPTS = [
     "Hello world",
@@ -31,37 +31,11 @@ PROMPTS = [
 ]
 
 
-def make_engine(folder: Path, device: Device = CPU, **parameters: str) -> GenerationEngine:
-    config = TransformersBackend.auto_complete_config(
-        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
-    )
-    backend = TransformersBackend(config, folder, device)
-    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
-
-
 @pytest.fixture(scope="module")
 def engine(causal_lm_dir: Path) -> Iterator[GenerationEngine]:
     engine = make_engine(causal_lm_dir)
     yield engine
     engine.stop()
-
-
-@pytest.fixture(scope="module")
-def reference(causal_lm_dir: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(causal_lm_dir).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(causal_lm_dir)
-
-    def generate_alone(prompt: str, max_new_tokens: int) -> list[int]:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, ids.shape[1] :].tolist()
-
-    return generate_alone
-
-
-def greedy(max_tokens: int, **extra: object) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
 
 
 async def collect(engine: GenerationEngine, prompt: str, sampling: SamplingParams) -> list[GenerationOutput]:
@@ -135,6 +109,35 @@ async def test_a_new_request_does_not_wait_for_the_running_batch(engine: Generat
     assert len(tokens(short)) == 3
     assert not long_request.done(), "the short request waited for the long one to finish"
     assert len(tokens(await long_request)) == 150
+
+
+async def test_a_request_arriving_while_others_decode_gets_its_first_token_from_the_next_step(
+    causal_lm_dir: Path, reference
+) -> None:
+    """New arrivals are admitted at every step, their prompts mixed into the decoding batch (chunked prefill), not
+    held until the running sequences finish or pause; the running ones keep their token a step."""
+    engine = make_engine(causal_lm_dir)
+    engine.stop()  # its steps run on this thread below, one at a time
+    running = [
+        engine.new_sequence(GenerateRequest("t", prompt=p, sampling=greedy(12)), engine.tokenizer.encode(p))
+        for p in PROMPTS
+    ]
+    engine._waiting.extend(running)
+    for _ in range(3):
+        engine._step()
+    late_prompt = "Tell me a story about a robot"
+    late = engine.new_sequence(
+        GenerateRequest("t", prompt=late_prompt, sampling=greedy(6)), engine.tokenizer.encode(late_prompt)
+    )
+    engine._waiting.append(late)
+    engine._step()
+    assert len(late.output_ids) == 1
+    assert [len(s.output_ids) for s in running] == [4] * len(PROMPTS)
+    while engine._running:
+        engine._step()
+    assert late.output_ids == reference(late_prompt, 6)
+    for prompt, sequence in zip(PROMPTS, running, strict=True):
+        assert sequence.output_ids == reference(prompt, 12), prompt
 
 
 async def test_closing_the_stream_aborts_and_frees_the_sequence(engine: GenerationEngine) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,12 +13,11 @@ from server.scheduling.generation.kv_blocks import BlockAllocator, block_hash
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.transformers import TransformersBackend  # noqa: E402
-from server.config import ModelConfig  # noqa: E402
-from server.devices import CPU  # noqa: E402
-from server.extensions.generation_metrics import GenerationStats, generation_families  # noqa: E402
+from server.errors import BackendError  # noqa: E402
+from server.extensions.generation_metrics import generation_families  # noqa: E402
 from server.protocol.generation import GenerateRequest, SamplingParams  # noqa: E402
-from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from server.scheduling.generation.engine import GenerationEngine  # noqa: E402
+from tests.scheduling.generation_engines import greedy, greedy_reference, make_engine  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Tell me a story", "1 2 3", "Hello world!", "def main():"]
 
@@ -93,14 +92,6 @@ def long_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _language_models().build_causal_lm(tmp_path_factory.mktemp("long-lm") / "model", n_positions=1024)
 
 
-def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
-    config = TransformersBackend.auto_complete_config(
-        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
-    )
-    backend = TransformersBackend(config, folder, CPU)
-    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
-
-
 @pytest.fixture(scope="module")
 def system_prompt(long_lm_dir: Path) -> str:
     tokenizer = transformers.AutoTokenizer.from_pretrained(long_lm_dir)
@@ -112,17 +103,8 @@ def system_prompt(long_lm_dir: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(long_lm_dir: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(long_lm_dir).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(long_lm_dir)
-
-    def generate_alone(prompt: str, max_new_tokens: int) -> list[int]:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, ids.shape[1] :].tolist()
-
-    return generate_alone
+def reference(long_lm_dir: Path) -> Callable[[str, int], list[int]]:
+    return greedy_reference(long_lm_dir)
 
 
 async def run(engine: GenerationEngine, prompt: str, max_tokens: int) -> list[int]:
@@ -190,3 +172,72 @@ async def test_preempted_sequences_with_shared_blocks_still_match(long_lm_dir: P
         assert engine.blocks.used_blocks == 0
     finally:
         engine.stop()
+
+
+async def test_requests_arriving_together_compute_their_shared_start_once_in_their_first_step(
+    long_lm_dir: Path, system_prompt: str, reference
+) -> None:
+    """As in vLLM, the blocks a step will fill are named when it is scheduled: requests that arrive together with
+    the same system prompt share it in the step that computes it, instead of each computing it until the first
+    of them has finished a step; every answer is still transformers' own."""
+    engine = make_engine(long_lm_dir, max_num_batched_tokens="4096")
+    engine.stop()  # its steps run on this thread below, one at a time
+    prompts = [system_prompt + q for q in QUESTIONS]
+    sequences = [
+        engine.new_sequence(GenerateRequest("t", prompt=p, sampling=greedy(8)), engine.tokenizer.encode(p))
+        for p in prompts
+    ]
+    engine._waiting.extend(sequences)
+    work = engine._schedule()
+    assert [s for s, _ in work] == sequences  # all admitted in one step
+    block = engine.blocks.block_size
+    shared = (len(engine.tokenizer.encode(system_prompt)) // block - 1) * block
+    lengths = [len(s.prompt_ids) for s in sequences]
+    assert sum(count for _, count in work) <= lengths[0] + sum(length - shared for length in lengths[1:])
+    engine._run(work)
+    assert all(len(s.output_ids) == 1 for s in sequences)  # every first token from that one step
+    while engine._running:
+        engine._step()
+    for prompt, sequence in zip(prompts, sequences, strict=True):
+        assert sequence.output_ids == reference(prompt, 8), prompt
+    assert engine.blocks.used_blocks == 0
+
+
+async def test_blocks_named_for_a_step_that_failed_are_not_found_later(
+    long_lm_dir: Path, system_prompt: str, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The names given ahead of a step stand for keys and values it never wrote if it fails: they are dropped, so
+    the next request with the same start computes it instead of reading what the blocks held before."""
+    engine = make_engine(long_lm_dir)
+    try:
+        await run(engine, "Hello", 1)  # the engine's warm-up steps are over
+        forward = engine.backend.forward
+        failures = iter([RuntimeError("the device fell over")])
+
+        def failing_once(batch):  # the first step of the request below fails, then the model works again
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            return forward(batch)
+
+        monkeypatch.setattr(engine.backend, "forward", failing_once)
+        prompt = system_prompt + QUESTIONS[1]
+        with pytest.raises(BackendError):
+            await run(engine, prompt, 4)
+        hits = engine.stats.prefix_cache_hits
+        assert await run(engine, prompt, 12) == reference(prompt, 12)
+        assert engine.stats.prefix_cache_hits == hits
+    finally:
+        engine.stop()
+
+
+def test_forgotten_blocks_are_empty_again() -> None:
+    blocks = BlockAllocator(num_blocks=4, block_size=4, enable_prefix_caching=True)
+    table, hashes = named_table(blocks, list(range(8)))
+    forgotten = table[:1]
+    blocks.forget(forgotten)
+    assert blocks.cached_prefix(list(range(8)), hashes) == []
+    blocks.release(table)
+    assert blocks.free_blocks == 4
+    blocks.forget(table[1:])  # a released (evictable) named block goes back to the empty ones
+    assert blocks.free_blocks == 4 and blocks.cached_prefix(list(range(8)), hashes) == []

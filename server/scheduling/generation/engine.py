@@ -9,8 +9,8 @@ client that leaves aborts its sequence before the next step.
 
 With prefix caching (on unless ``parameters.enable_prefix_caching`` is false), a sequence is admitted with the
 cached blocks of its longest cached start already computed (see ``kv_blocks``), so a shared system prompt is
-prefilled once, and a preempted sequence gets back what no one else needed meanwhile; each block a step fills is
-named for the sequences after it.
+prefilled once, and a preempted sequence gets back what no one else needed meanwhile; each block a step will fill
+is named when the step is scheduled, so requests that arrive together share it from their first step.
 
 With n-gram speculation (``parameters.speculative``, see ``speculative``), a greedy decoding sequence runs its next
 token together with draft tokens copied from earlier in its own text, and keeps as many as the model's argmax at
@@ -205,6 +205,8 @@ class GenerationEngine:
         self._stopping = False
         # Chunks produced by the step in progress, handed to their event loops in one call each when it ends.
         self._outgoing: list[tuple[Sequence, GenerationOutput | BaseException]] = []
+        # Blocks named in the step being scheduled before it computes them (see ``_name_ahead``).
+        self._named_ahead: list[int] = []
         # When the latest sequences were admitted: the rate that predicts how long a new request would wait.
         self._admissions: deque[float] = deque(maxlen=_ADMISSION_WINDOW)
         self.token_texts = TokenTexts(self.tokenizer)
@@ -229,38 +231,43 @@ class GenerationEngine:
             self.stats.record_rejected()
             raise refusal
         prompt_ids = await asyncio.to_thread(prompt_token_ids, self.tokenizer, request, self.name)
-        max_tokens = allowed_new_tokens(prompt_ids, request.sampling.max_tokens, self.limits.max_model_len, self.name)
-        loop = asyncio.get_running_loop()
-        outbox: asyncio.Queue[GenerationOutput | BaseException] = asyncio.Queue()
-        sampling = request.sampling
-        eos = [] if sampling.ignore_eos else self.backend.eos_token_ids
-        end_token_ids = frozenset([*sampling.stop_token_ids, *eos])
         grammar = None
-        if sampling.structured_outputs is not None:
-            grammar = await self._grammar(sampling, end_token_ids)
-        sampler = SequenceSampler(sampling, prompt_ids, self.backend.vocab_size, end_token_ids, grammar)
-
-        sequence = Sequence(
-            id=next(self._ids),
-            prompt_ids=prompt_ids,
-            sampling=request.sampling,
-            max_tokens=max_tokens,
-            loop=loop,
-            outbox=outbox,
-            sampler=sampler,
-            detokenizer=IncrementalDetokenizer(self.tokenizer, request.sampling.stop),
-            arrival=time.monotonic(),
-            end_token_ids=end_token_ids,
-            drafter=NgramDrafter(self.limits.speculative) if self.limits.speculative else None,
-        )
+        if request.sampling.structured_outputs is not None:
+            grammar = await self._grammar(request.sampling, self._end_token_ids(request.sampling))
+        sequence = self.new_sequence(request, prompt_ids, grammar)
         with self._wake:
             self._incoming.append(sequence)
             self._wake.notify()
         self.stats.update_queue(len(self._running), len(self._waiting) + len(self._incoming))
         # Closed with this generator, so a caller that stops reading aborts at once, not when it is collected.
-        async with aclosing(outbox_chunks(outbox, lambda: self.abort(sequence.id))) as chunks:
+        async with aclosing(outbox_chunks(sequence.outbox, lambda: self.abort(sequence.id))) as chunks:
             async for item in chunks:
                 yield item
+
+    def new_sequence(self, request: GenerateRequest, prompt_ids: list[int], grammar: Any = None) -> Sequence:
+        """The sequence that will answer ``request`` (its chunks go to the running event loop), not yet handed to
+        the engine; ``grammar``: its structured-output matcher, if it has one."""
+        max_tokens = allowed_new_tokens(prompt_ids, request.sampling.max_tokens, self.limits.max_model_len, self.name)
+        sampling = request.sampling
+        end_token_ids = self._end_token_ids(sampling)
+        return Sequence(
+            id=next(self._ids),
+            prompt_ids=prompt_ids,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            loop=asyncio.get_running_loop(),
+            outbox=asyncio.Queue(),
+            sampler=SequenceSampler(sampling, prompt_ids, self.backend.vocab_size, end_token_ids, grammar),
+            detokenizer=IncrementalDetokenizer(self.tokenizer, sampling.stop),
+            arrival=time.monotonic(),
+            end_token_ids=end_token_ids,
+            drafter=NgramDrafter(self.limits.speculative) if self.limits.speculative else None,
+        )
+
+    def _end_token_ids(self, sampling: SamplingParams) -> frozenset[int]:
+        """Tokens that end a sequence: its stop token ids, and the model's end-of-sequence ids unless ignored."""
+        eos = [] if sampling.ignore_eos else self.backend.eos_token_ids
+        return frozenset([*sampling.stop_token_ids, *eos])
 
     async def _grammar(self, sampling: SamplingParams, end_token_ids: frozenset[int]) -> Any:
         """The sequence's grammar matcher. Compiling runs in the structured-output thread pool (cached by spec),
@@ -381,6 +388,7 @@ class GenerationEngine:
                 self._step()
             except Exception as exc:  # a model failure fails the sequences of this step, not the engine
                 log.exception("model '%s': generation step failed", self.name)
+                self._forget_named_ahead()
                 error = exc if isinstance(exc, ModelDockError) else BackendError(f"{type(exc).__name__}: {exc}")
                 for sequence in list(self._running):
                     self._retire(sequence, error=error)
@@ -415,6 +423,7 @@ class GenerationEngine:
 
     def _step(self) -> None:
         started = time.perf_counter()
+        self._named_ahead = []
         work = self._schedule()
         if work:
             decoding = all(count - len(s.drafts) == 1 and s.computed == s.length - 1 for s, count in work)
@@ -443,6 +452,7 @@ class GenerationEngine:
                 break
             count = min(sequence.length - sequence.computed, budget)
             work.append((sequence, count))
+            self._name_ahead(sequence, count)
             budget -= count
         while budget > 0 and self._waiting and len(self._running) < self.limits.max_num_seqs:
             sequence = self._waiting[0]
@@ -465,6 +475,7 @@ class GenerationEngine:
                 self._admissions.append(time.monotonic())
             count = min(tokens - sequence.computed, budget)
             work.append((sequence, count))
+            self._name_ahead(sequence, count)
             budget -= count
         if any(s.drafts for s, _ in work) and any(s.sampling.prompt_logprobs is not None for s, _ in work):
             # A step that keeps prompt logits keeps every token's; drafts wait for a step without them.
@@ -501,9 +512,28 @@ class GenerationEngine:
         hashes = self.blocks.full_block_hashes(tokens, sequence.block_hashes)
         return self.blocks.cached_prefix(tokens, hashes[: (len(tokens) - 1) // self.blocks.block_size])
 
-    def _name_full_blocks(self, sequence: Sequence) -> None:
-        """Name the blocks this step filled, so later sequences with the same start can share them."""
-        full = sequence.computed // self.blocks.block_size
+    def _name_ahead(self, sequence: Sequence, count: int) -> None:
+        """Name the blocks this step's ``count`` prompt tokens will fill before the step runs, as vLLM does, so a
+        sequence admitted later in the same step shares them instead of computing the same start again: sixteen
+        requests arriving together with one system prompt compute it once, in the first step, not once per
+        request until the first of them has finished a step. This is sound because the backend writes every new
+        key and value of a layer into the cache before any sequence of the step attends in that layer. If the step
+        fails, these names are forgotten (``_forget_named_ahead``): the blocks may hold nothing."""
+        if not self.blocks.enable_prefix_caching:
+            return
+        before = sequence.named_blocks
+        self._name_full_blocks(sequence, sequence.computed + count)
+        self._named_ahead.extend(sequence.block_table[before : sequence.named_blocks])
+
+    def _forget_named_ahead(self) -> None:
+        """A step that failed computed none of the blocks named for it: no later sequence may find them."""
+        self.blocks.forget(self._named_ahead)
+        self._named_ahead = []
+
+    def _name_full_blocks(self, sequence: Sequence, computed: int | None = None) -> None:
+        """Name the blocks filled up to ``computed`` tokens (by default, its tokens already computed), so later
+        sequences with the same start can share them."""
+        full = (sequence.computed if computed is None else computed) // self.blocks.block_size
         if full <= sequence.named_blocks:
             return
         size = self.blocks.block_size

@@ -160,6 +160,18 @@ class BlockAllocator:
         self._by_hash[name] = block
         self._names[block] = (name, CachedBlock(parent, tokens))
 
+    def forget(self, blocks: list[int]) -> None:
+        """Drop the names of ``blocks`` (their contents cannot be trusted); one no sequence holds becomes empty."""
+        for block in blocks:
+            named = self._names.pop(block, None)
+            if named is None:
+                continue
+            del self._by_hash[named[0]]
+            if block in self._evictable:
+                del self._evictable[block]
+                self._free_map[block] = _FREE
+                self._empty_count += 1
+
     def _evict(self) -> int:
         block, _ = self._evictable.popitem(last=False)
         name, _ = self._names.pop(block)
