@@ -16,29 +16,14 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.transformers import TransformersBackend  # noqa: E402
 from model_repository.language_models import build_causal_lm  # noqa: E402
-from server.config import ModelConfig  # noqa: E402
-from server.devices import CPU  # noqa: E402
 from server.errors import Overloaded  # noqa: E402
-from server.extensions.generation_metrics import GenerationStats  # noqa: E402
-from server.protocol.generation import GenerateRequest, SamplingParams  # noqa: E402
-from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from server.protocol.generation import GenerateRequest  # noqa: E402
+from server.scheduling.generation.engine import GenerationEngine  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
+from tests.scheduling.generation_engines import greedy, make_engine  # noqa: E402
 
 LONG = 200  # tokens: holds the only seat for a while
-
-
-def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
-    config = TransformersBackend.auto_complete_config(
-        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
-    )
-    backend = TransformersBackend(config, folder, CPU)
-    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
-
-
-def greedy(max_tokens: int) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
 async def held(engine: GenerationEngine, sequences: int) -> None:

@@ -17,11 +17,9 @@ from server.scheduling.generation.speculative import NgramDrafter, SpeculativeCo
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.transformers import TransformersBackend  # noqa: E402
-from server.devices import CPU  # noqa: E402
-from server.extensions.generation_metrics import GenerationStats  # noqa: E402
 from server.protocol.generation import GenerateRequest, SamplingParams  # noqa: E402
-from server.scheduling.generation.engine import EngineLimits, GenerationEngine  # noqa: E402
+from server.scheduling.generation.engine import GenerationEngine  # noqa: E402
+from tests.scheduling.generation_engines import greedy, make_engine  # noqa: E402
 
 SPECULATIVE = '{"method": "ngram", "num_tokens": 4}'
 # Prompts that repeat themselves, so the lookup finds drafts, and others that do not.
@@ -57,14 +55,6 @@ def test_drafts_follow_the_latest_earlier_occurrence_of_the_longest_matching_end
 
 
 # -- the engine ------------------------------------------------------------------------------------------------------
-def make_engine(folder: Path, **parameters: str) -> GenerationEngine:
-    config = TransformersBackend.auto_complete_config(
-        ModelConfig(name="lm", backend="transformers", parameters=parameters), folder
-    )
-    backend = TransformersBackend(config, folder, CPU)
-    return GenerationEngine("lm", backend, EngineLimits.from_config(config, backend), GenerationStats())
-
-
 @pytest.fixture(scope="module")
 def speculating(causal_lm_dir: Path) -> Iterator[GenerationEngine]:
     engine = make_engine(causal_lm_dir, speculative=SPECULATIVE)
@@ -72,27 +62,9 @@ def speculating(causal_lm_dir: Path) -> Iterator[GenerationEngine]:
     engine.stop()
 
 
-@pytest.fixture(scope="module")
-def reference(causal_lm_dir: Path):
-    model = transformers.AutoModelForCausalLM.from_pretrained(causal_lm_dir).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(causal_lm_dir)
-
-    def generate_alone(prompt: str, max_new_tokens: int) -> list[int]:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-        return out[0, ids.shape[1] :].tolist()
-
-    return generate_alone
-
-
 async def run(engine: GenerationEngine, prompt: str, sampling: SamplingParams) -> tuple[list[int], str]:
     outputs = [o async for o in engine.generate(GenerateRequest("t", prompt=prompt, sampling=sampling))]
     return [t for o in outputs for t in o.token_ids], "".join(o.text for o in outputs)
-
-
-def greedy(max_tokens: int, **extra: object) -> SamplingParams:
-    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **extra)
 
 
 async def test_greedy_answers_are_unchanged_and_drafts_are_accepted(speculating: GenerationEngine, reference) -> None:

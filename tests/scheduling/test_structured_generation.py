@@ -24,7 +24,7 @@ jsonschema = pytest.importorskip("jsonschema")
 from server.errors import InvalidInput  # noqa: E402
 from server.protocol.generation import GenerateRequest, GenerationOutput, SamplingParams  # noqa: E402
 from server.scheduling.generation.engine import GenerationEngine  # noqa: E402
-from tests.scheduling.test_generation_engine import make_engine  # noqa: E402
+from tests.scheduling.generation_engines import make_engine  # noqa: E402
 
 PROMPT = "Once upon a time"
 EOS = 0
