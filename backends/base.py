@@ -62,6 +62,9 @@ class Backend(ABC):
     supports_gpu: ClassVar[bool] = False
     #: Whether ``apply_request_parameters`` does anything (kept off every other model's per-request path).
     reads_request_parameters: ClassVar[bool] = False
+    #: Whether ``execute`` on a CPU instance only computes (no I/O, sleeps, locks or waits on anything else), so a
+    #: batch its instance has measured at a few microseconds may run on the event loop instead of its thread.
+    runs_inline_when_cheap: ClassVar[bool] = False
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         self.config = config

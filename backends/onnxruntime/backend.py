@@ -169,6 +169,7 @@ class OnnxRuntimeBackend(Backend):
     default_model_filename: ClassVar[str] = "model.onnx"
     releases_gil: ClassVar[bool] = True
     supports_gpu: ClassVar[bool] = True
+    runs_inline_when_cheap: ClassVar[bool] = True
 
     def __init__(self, config: ModelConfig, version_dir: Path, device: Device) -> None:
         super().__init__(config, version_dir, device)

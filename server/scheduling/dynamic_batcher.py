@@ -173,6 +173,12 @@ class DynamicBatcher(Scheduler):
         idle = self.pool.try_acquire()
         if idle is not None:
             return idle
+        # The batch started last may run on the event loop (a cheap model's, see ``InlineEstimate``) as soon as this
+        # task yields, and free its instance: one turn of the loop is cheaper than a getter task and ``wait``.
+        await asyncio.sleep(0)
+        idle = self.pool.try_acquire()
+        if idle is not None:
+            return idle
         getter = asyncio.ensure_future(self.pool.acquire())
         while True:
             deadline = self._next_deadline_ns()

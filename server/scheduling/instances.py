@@ -1,12 +1,17 @@
 """Model instances and the pool that hands batches to whichever instance is idle.
 
 Each instance owns one backend object and one worker thread, so instances run truly concurrently for backends
-that release the GIL (ONNX Runtime, PyTorch) and the event loop never runs model code.
+that release the GIL (ONNX Runtime, PyTorch) and the event loop does not wait for model code (but see below).
 
 A backend class that declares ``releases_gil = False`` (the Python backend: arbitrary user code) gets
 ``ProcessModelInstance`` instead: the backend object lives in its own worker process, so GIL-bound user code
 cannot stall the server and a crash in it (segfault, ``os._exit``) fails only the batch in flight; the worker is
 then restarted. That class attribute is the one rule: it is a property of the backend, not a per-model setting.
+
+The exception: a batch of a CPU instance whose backend declares ``runs_inline_when_cheap`` (its ``execute`` only
+computes) runs on the event loop itself when the instance has measured its batches at well under the cost of the
+hop to its thread and back (``InlineEstimate``, ``INLINE_MAX_S``): for a model as cheap as a few vector operations
+that hop is most of a request's cost, and the loop waits less for the model than it would for the hop.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import queue
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -134,6 +140,64 @@ class InstanceThread(Executor):
             self._thread.join()
 
 
+# A batch expected to take longer than this runs on the instance thread, never on the event loop: waking the thread
+# and the loop again costs tens of microseconds of CPU, so below this the hop costs more than the loop waits.
+INLINE_MAX_S = 100e-6
+# An inline batch that took longer than this stops inline runs at once, for a number of batches that doubles each
+# time it happens: a model whose batches are sometimes slow then stalls the loop less and less often.
+INLINE_STOP_S = 1e-3
+_FIRST_HOLD, _LONGEST_HOLD = 16, 16384
+# A batch with a deadline closer than this runs on the thread, where a hang can be abandoned when it passes.
+_INLINE_MIN_TIMEOUT_S = 0.01
+# Batches remembered for the estimate.
+_WINDOW = 8
+
+
+class InlineEstimate:
+    """Whether an instance's next batch is cheap enough to run on the event loop, from the batches it ran.
+
+    A batch's cost is predicted from each of the last few batches as its time, scaled up by how many more input
+    bytes the new batch holds (never down), and the cheapest of those predictions is taken: time measured on a busy
+    machine only ever comes out longer than the model's own (another thread holds the core, ONNX Runtime's threads
+    wait for one), so the cheapest recent batch is the model's cost and the rest is noise. Times are the running
+    thread's CPU time, which leaves out waiting for the GIL. Nothing is known before the first batch, which runs on
+    the thread. A model that turns slow moves to the thread as soon as its cheapest recent batch is over
+    ``INLINE_MAX_S``, and at once when one inline batch runs past ``INLINE_STOP_S``.
+    """
+
+    __slots__ = ("_recent", "_hold", "_next_hold")
+
+    def __init__(self) -> None:
+        self._recent: deque[tuple[float, int]] = deque(maxlen=_WINDOW)
+        self._hold = 0
+        self._next_hold = _FIRST_HOLD
+
+    def allows(self, nbytes: int) -> bool:
+        if self._hold:
+            self._hold -= 1
+            return False
+        if not self._recent:
+            return False
+        for seconds, measured_bytes in self._recent:
+            if seconds * max(nbytes, measured_bytes, 1) < INLINE_MAX_S * max(measured_bytes, 1):
+                return True
+        return False
+
+    def record(self, seconds: float, nbytes: int, inline: bool) -> None:
+        if inline and seconds > INLINE_STOP_S:
+            self._recent.clear()
+            self._hold = self._next_hold
+            self._next_hold = min(2 * self._next_hold, _LONGEST_HOLD)
+        self._recent.append((seconds, nbytes))
+
+
+def _input_bytes(inputs: Mapping[str, np.ndarray]) -> int:
+    total = 0
+    for array in inputs.values():
+        total += array.nbytes
+    return total
+
+
 class ModelInstance:
     """One backend object with its own worker thread.
 
@@ -149,13 +213,19 @@ class ModelInstance:
     self_calls: int = 0
 
     def __init__(
-        self, placement: InstancePlacement, backend: Backend, rebuild: Callable[[], Backend] | None = None
+        self,
+        placement: InstancePlacement,
+        backend: Backend,
+        rebuild: Callable[[], Backend] | None = None,
+        runs_inline_when_cheap: bool = False,
     ) -> None:
         self.name = placement.name
         self.device = placement.device
         self.backend = backend
         self._rebuild = rebuild
         self._executor = self._new_executor()
+        # None: every batch runs on the thread (a GPU instance waits on its device; other backends may block).
+        self._inline = InlineEstimate() if runs_inline_when_cheap and not placement.device.is_gpu else None
 
     def _new_executor(self) -> InstanceThread:
         return InstanceThread(f"instance-{self.name}")
@@ -163,9 +233,25 @@ class ModelInstance:
     async def execute(
         self, inputs: Mapping[str, np.ndarray], output_names: list[str], timeout_s: float | None = None
     ) -> dict[str, np.ndarray]:
-        """Run one batch; past ``timeout_s`` it fails with ``BackendError`` and the instance is replaced."""
-        loop = asyncio.get_running_loop()
-        running = loop.run_in_executor(self._executor, self.backend.execute, inputs, output_names)
+        """Run one batch; past ``timeout_s`` it fails with ``BackendError`` and the instance is replaced.
+
+        A batch ``InlineEstimate`` finds cheap runs here, on the event loop, without a hop to the thread."""
+        estimate = self._inline
+        if estimate is None:
+            running = asyncio.get_running_loop().run_in_executor(
+                self._executor, self.backend.execute, inputs, output_names
+            )
+        else:
+            nbytes = _input_bytes(inputs)
+            if estimate.allows(nbytes) and (timeout_s is None or timeout_s >= _INLINE_MIN_TIMEOUT_S):
+                start = time.thread_time()
+                try:
+                    return self.backend.execute(inputs, output_names)
+                finally:
+                    estimate.record(time.thread_time() - start, nbytes, inline=True)
+            running = asyncio.get_running_loop().run_in_executor(
+                self._executor, self._timed_execute, estimate, inputs, output_names, nbytes
+            )
         if timeout_s is None:
             return await running
         done, _ = await asyncio.wait({running}, timeout=max(timeout_s, 0.0))
@@ -176,6 +262,16 @@ class ModelInstance:
                 "and the instance restarted"
             )
         return running.result()
+
+    def _timed_execute(
+        self, estimate: InlineEstimate, inputs: Mapping[str, np.ndarray], output_names: list[str], nbytes: int
+    ) -> dict[str, np.ndarray]:
+        """``backend.execute`` on the instance thread, timed by the thread's CPU time for ``estimate``."""
+        start = time.thread_time()
+        try:
+            return self.backend.execute(inputs, output_names)
+        finally:
+            estimate.record(time.thread_time() - start, nbytes, inline=False)
 
     def _abandon(self, running: asyncio.Future[dict[str, np.ndarray]]) -> None:
         log.error("instance %s did not answer in time; replacing its thread and backend", self.name)
@@ -495,7 +591,7 @@ def create_instances(
                 instances.append(ProcessModelInstance(placement, config, version_dir, backend_cls, timeout_s))
                 continue
             rebuild = functools.partial(backend_cls, config, version_dir, placement.device)
-            instances.append(ModelInstance(placement, rebuild(), rebuild))
+            instances.append(ModelInstance(placement, rebuild(), rebuild, backend_cls.runs_inline_when_cheap))
     except BaseException:
         for instance in instances:
             instance.unload()
