@@ -6,8 +6,8 @@ other parameter is one of vLLM's engine arguments by its own name (see ``engine_
 uses this backend directly as its engine, so every front end (OpenAI, Triton's generate extension, gRPC streaming)
 and the metrics work as for ModelDock's own engine. LoRA adapters named in ``parameters.lora_adapters`` or loaded at
 run time are picked per request (``GenerateRequest.adapter``), as vLLM serves them. A vision-language model (one
-vLLM runs as multi-modal) takes ``image_url`` content parts in chat messages (``image_chat``); a text-only model given
-an image is refused with a 400 naming the model.
+vLLM runs as multi-modal) takes ``image_url`` content parts in chat messages, and its chats are rendered by vLLM's
+own renderer (``image_chat``); a text-only model given an image is refused with a 400 naming the model.
 
 Without vLLM installed the model is refused when its config is read, with the pip command to run as the reason, and
 the rest of the repository serves.
@@ -37,7 +37,7 @@ from backends.vllm.engine_args import (
     engine_arguments,
     read_settings,
 )
-from backends.vllm.image_chat import render_image_chat
+from backends.vllm.image_chat import render_vision_chat
 from backends.vllm.translation import token_logprobs, vllm_sampling_params
 from server.config import InstanceGroup, ModelConfig
 from server.devices import Device, gpu_count
@@ -50,7 +50,7 @@ from server.errors import (
     ModelNotFound,
     ModelNotReady,
 )
-from server.protocol.chat_images import ImageLimits, has_images
+from server.protocol.chat_images import ImageLimits
 from server.protocol.generation import FinishReason, GenerateRequest, GenerationOutput
 from server.protocol.prompts import allowed_new_tokens, prompt_token_ids
 
@@ -194,8 +194,8 @@ class VllmBackend(EngineBackend):
             raise ModelNotReady(f"model '{self.config.name}' is unloading")
         lora = self._adapter_request(request.adapter)
         prompt: Any
-        if self._multimodal and request.messages is not None and has_images(request.messages):
-            prompt = await render_image_chat(self._engine.renderer, request, self._image_limits, self.config.name)
+        if self._multimodal and request.messages is not None:
+            prompt = await render_vision_chat(self._engine.renderer, request, self._image_limits, self.config.name)
             prompt_ids = list(prompt["prompt_token_ids"])
         else:
             # A text-only model refuses image parts here, naming the model (server.protocol.chat_templates).

@@ -1,5 +1,6 @@
-"""Chat messages with images, rendered for a vision-language model by vLLM's own renderer, as ``LLM.chat`` and
-vLLM's OpenAI server render them.
+"""The chat messages of a vision-language model, with or without images, rendered by vLLM's own renderer, as
+``LLM.chat`` and vLLM's OpenAI server render them (the chat template of such a model is often its processor's only,
+which the tokenizer-based rendering of text models would not find).
 
 The images are decoded once, under the operator's limits, by ``server.protocol.chat_images`` (the same code and
 limits as ``backend: transformers``' vision engine), and handed to vLLM as ``image_pil`` content parts, so vLLM never
@@ -23,7 +24,7 @@ from server.protocol.generation import GenerateRequest
 _RESERVED_KWARGS = frozenset({"tokenize", "return_dict", "conversation", "messages", "tools", "chat_template"})
 
 
-async def render_image_chat(renderer: Any, request: GenerateRequest, limits: ImageLimits, model: str) -> Any:
+async def render_vision_chat(renderer: Any, request: GenerateRequest, limits: ImageLimits, model: str) -> Any:
     """vLLM's engine input for ``request.messages`` (a ``MultiModalInput``: ``prompt_token_ids`` and the images'
     processed tensors)."""
     from vllm.renderers import ChatParams, merge_kwargs

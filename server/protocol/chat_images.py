@@ -54,13 +54,6 @@ class ImageLimits(BaseModel):
 IMAGE_LIMIT_PARAMETERS = frozenset(ImageLimits.model_fields)
 
 
-def has_images(messages: list[dict[str, Any]]) -> bool:
-    return any(
-        isinstance(message.get("content"), list) and any(part.get("type") == "image_url" for part in message["content"])
-        for message in messages
-    )
-
-
 def decode_message_images(
     messages: list[dict[str, Any]], limits: ImageLimits, model: str
 ) -> tuple[list[dict[str, Any]], list[Any]]:
