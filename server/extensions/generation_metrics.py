@@ -122,6 +122,28 @@ class GenerationStats:
         with self._lock:
             return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
 
+    def to_json(self) -> dict[str, int | float]:
+        """The engine's counters and gauges for the statistics JSON (``/v2/models/{model}/stats``), so a client
+        without a Prometheus scraper can read the prefix cache's hit rate, the queue and the cache's use."""
+        with self._lock:
+            queries = self.prefix_cache_queries
+            return {
+                "prompt_tokens": self.prompt_tokens,
+                "generation_tokens": self.generation_tokens,
+                "finished": self.finished,
+                "aborted": self.aborted,
+                "preempted": self.preempted,
+                "rejected": self.rejected,
+                "prefix_cache_queries": queries,
+                "prefix_cache_hits": self.prefix_cache_hits,
+                "prefix_cache_hit_rate": self.prefix_cache_hits / queries if queries else 0.0,
+                "spec_draft_tokens": self.spec_draft_tokens,
+                "spec_accepted_tokens": self.spec_accepted_tokens,
+                "running": self.running,
+                "waiting": self.waiting,
+                "kv_cache_usage": self.kv_cache_usage,
+            }
+
     def update_queue(self, running: int, waiting: int, kv_cache_usage: float | None = None) -> None:
         with self._lock:
             self.running, self.waiting = running, waiting

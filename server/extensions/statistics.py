@@ -129,8 +129,10 @@ class ModelStats:
 
     # -- reporting ----------------------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        """Triton's ``ModelStatistics`` JSON; the gRPC front end converts this dict to the protobuf."""
-        return {
+        """Triton's ``ModelStatistics`` JSON; the gRPC front end converts this dict to the protobuf. A version served
+        by a generation engine adds ``generation`` (ModelDock's own field: its token counters, the prefix cache's
+        hit rate, the queue), which Triton's protobuf has no place for."""
+        result: dict[str, Any] = {
             "name": self.name,
             "version": self.version,
             "last_inference": self.last_inference_ms,
@@ -156,6 +158,9 @@ class ModelStats:
                 for size, stats in sorted(self.batches.items())
             ],
         }
+        if self.generation is not None:
+            result["generation"] = self.generation.to_json()
+        return result
 
 
 class StatisticsRegistry:

@@ -288,9 +288,14 @@ def model_config_response(config_json: Mapping[str, Any]) -> pb.ModelConfigRespo
 
 
 def model_statistics_response(statistics: Mapping[str, Any]) -> pb.ModelStatisticsResponse:
-    """Triton's JSON statistics shape (``{"model_stats": [...]}``) as the protobuf message."""
+    """Triton's JSON statistics shape (``{"model_stats": [...]}``) as the protobuf message. A generating model's
+    ``generation`` figures (ModelDock's own JSON field) have no place in Triton's message and stay HTTP-only."""
+    models = [{k: v for k, v in model.items() if k != "generation"} for model in statistics.get("model_stats", [])]
     return json_format.ParseDict(
-        dict(statistics), pb.ModelStatisticsResponse(), ignore_unknown_fields=False, descriptor_pool=_pool.POOL
+        {**statistics, "model_stats": models},
+        pb.ModelStatisticsResponse(),
+        ignore_unknown_fields=False,
+        descriptor_pool=_pool.POOL,
     )
 
 

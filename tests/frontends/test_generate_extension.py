@@ -196,6 +196,27 @@ def test_metrics_count_tokens_and_a_disconnected_stream_is_aborted(llm_server: S
     assert stats["inference_stats"]["success"]["count"] >= 1
 
 
+def test_statistics_json_has_the_prefix_cache_hit_rate_and_grpc_statistics_still_convert(
+    llm_server: ServerProcess,
+) -> None:
+    """The engine's figures are in ``/v2/models/{model}/stats`` under ``generation`` (the same counters Prometheus
+    shows), so a client without a scraper reads the prefix cache's hit rate; Triton's gRPC message has no place for
+    them and leaves them out."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 4  # several full blocks, asked twice
+    for _ in range(2):
+        assert generate(llm_server, {"text_input": prompt, "parameters": {"max_tokens": 2}}).status_code == 200
+    engine = httpx.get(f"{llm_server.url}/v2/models/lm/stats").json()["model_stats"][0]["generation"]
+    assert engine["prefix_cache_hits"] == metric(llm_server, "modeldock_llm_prefix_cache_hits_total") > 0
+    assert engine["prefix_cache_queries"] == metric(llm_server, "modeldock_llm_prefix_cache_queries_total")
+    assert engine["prefix_cache_hit_rate"] == pytest.approx(
+        engine["prefix_cache_hits"] / engine["prefix_cache_queries"]
+    )
+    assert engine["running"] == 0 and engine["generation_tokens"] >= 4
+    with grpcclient.InferenceServerClient(llm_server.grpc_url) as client:
+        stats = client.get_inference_statistics("lm", as_json=True)
+    assert stats["model_stats"][0]["name"] == "lm" and "generation" not in stats["model_stats"][0]
+
+
 def test_unload_and_load_a_language_model(llm_server: ServerProcess) -> None:
     assert httpx.post(f"{llm_server.url}/v2/repository/models/lm/unload", timeout=60).status_code == 200
     assert httpx.get(f"{llm_server.url}/v2/models/lm/ready").status_code == 400
