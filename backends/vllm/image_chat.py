@@ -25,12 +25,16 @@ _RESERVED_KWARGS = frozenset({"tokenize", "return_dict", "conversation", "messag
 
 
 async def render_vision_chat(renderer: Any, request: GenerateRequest, limits: ImageLimits, model: str) -> Any:
-    """vLLM's engine input for ``request.messages`` (a ``MultiModalInput``: ``prompt_token_ids`` and the images'
-    processed tensors)."""
+    """vLLM's engine input for ``request.messages``: ``prompt_token_ids`` (image tokens included) and, where the
+    messages carry images, their processed tensors."""
     from vllm.renderers import ChatParams, merge_kwargs
     from vllm.utils.mistral import is_mistral_tokenizer
 
     assert request.messages is not None
+    template_kwargs = dict(request.chat_template_kwargs or {})
+    reserved = sorted(_RESERVED_KWARGS.intersection(template_kwargs))
+    if reserved:
+        raise InvalidInput(f"chat_template_kwargs may not set {', '.join(reserved)}")
     messages, _ = await asyncio.to_thread(decode_message_images, request.messages, limits, model)
     conversation = [
         {
@@ -44,10 +48,6 @@ async def render_vision_chat(renderer: Any, request: GenerateRequest, limits: Im
         }
         for message in messages
     ]
-    template_kwargs = dict(request.chat_template_kwargs or {})
-    reserved = sorted(_RESERVED_KWARGS.intersection(template_kwargs))
-    if reserved:
-        raise InvalidInput(f"chat_template_kwargs may not set {', '.join(reserved)}")
     continue_final = bool(template_kwargs.get("continue_final_message", False))
     # The same arguments as ``LLM.chat`` gives its renderer.
     chat_params = ChatParams(
@@ -64,8 +64,6 @@ async def render_vision_chat(renderer: Any, request: GenerateRequest, limits: Im
     tok_params = renderer.default_chat_tok_params.with_kwargs(add_special_tokens=False)
     try:
         _, (engine_input,) = await renderer.render_chat_async([conversation], chat_params, tok_params)
-    except InvalidInput:
-        raise
     except Exception as exc:  # the template or the processor refusing these messages and images
         raise InvalidInput(
             f"model '{model}': the messages and their images cannot be rendered: {type(exc).__name__}: {exc}"
