@@ -29,6 +29,10 @@ bottleneck. Install them with ``apt-get install wrk nghttp2-client``.
 
 ``--independent`` measures under an independent side-by-side run's conditions (issue 24): tiny and mlp at 64
 connections, 1-row requests, ONNX Runtime on one thread, ModelDock started with its defaults, 10 s rounds.
+
+``--grpc`` is issue 24's gRPC comparison in one command: tiny at 64 connections, unary ``ModelInfer`` and
+``ModelStreamInfer`` (16 requests a stream) for ModelDock, the grpcio asyncio floors, MLServer and Triton, 5 rounds
+of 3 s; the "vs grpcio asyncio floor" and "floor CPU/req ÷ ours" columns hold the targets.
 """
 
 from __future__ import annotations
@@ -574,6 +578,14 @@ def print_table(report: Report) -> str:
             f"{ratio(anchor.cpu_us_per_request, m.cpu_us_per_request) if anchor else '-'} | "
             f"{ratio(floor.cpu_us_per_request, m.cpu_us_per_request) if floor else '-'} | {m.errors} |"
         )
+    for (model, concurrency, target), m in by_key.items():
+        if target != "modeldock-grpc" or (peer := by_key.get((model, concurrency, "mlserver-grpc"))) is None:
+            continue
+        lines.append("")
+        lines.append(
+            f"{model} c={concurrency}: ModelDock's gRPC against MLServer's: {ratio(m.rps, peer.rps)} req/s, "
+            f"CPU per request {ratio(peer.cpu_us_per_request, m.cpu_us_per_request)} (MLServer's ÷ ours)"
+        )
     for model, rates in report.in_process.items():
         best = max(rates, key=rates.__getitem__)
         lines.append("")
@@ -657,8 +669,21 @@ def main() -> None:
         help="the independent run's conditions: tiny and mlp at c=64, one ONNX Runtime thread, ModelDock started "
         "with its defaults (beside the bench's start), 10 s rounds",
     )
+    parser.add_argument(
+        "--grpc",
+        action="store_true",
+        help="issue 24's gRPC comparison: tiny at c=64, unary and streaming, ModelDock against the grpcio asyncio "
+        "floors, MLServer's gRPC and Triton's, 5 rounds",
+    )
     parser.add_argument("--output", type=Path, default=BENCH / "results", help="folder for bench_triton.{json,md}")
     args = parser.parse_args()
+    if args.grpc:
+        args.models, args.concurrency, args.rounds = "tiny", "64", max(args.rounds, 5)
+        args.duration = max(args.duration, 3.0)
+        args.targets = (
+            "modeldock-grpc,floor-grpc-aio,mlserver-grpc,triton-grpc,"
+            "modeldock-grpc-stream,floor-grpc-aio-stream,triton-grpc-stream"
+        )
     if args.independent:
         args.models, args.concurrency, args.threads, args.duration = "tiny,mlp", "64", 1, max(args.duration, 10.0)
         args.targets = (
