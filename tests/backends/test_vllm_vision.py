@@ -15,6 +15,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -137,6 +138,8 @@ def reference(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             "VLLM_WORKER_MULTIPROC_METHOD": "fork",
         },
         cwd=work,
+        # Its own process group, so an early end of the module takes vLLM's engine processes with it.
+        start_new_session=True,
     )
 
     def answers() -> list[dict]:
@@ -146,7 +149,8 @@ def reference(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
     yield answers
     if process.poll() is None:
-        process.kill()
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
     log.close()
 
 
