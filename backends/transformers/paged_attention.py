@@ -25,6 +25,8 @@ from backends.base import StepBatch
 
 ATTENTION_NAME = "modeldock_paged"
 STEP_ARGUMENT = "modeldock_step"
+# Runs of consecutive blocks a decoding sequence's keys are read from in place (on the CPU); past that, gathered.
+MAX_DECODE_RUNS = 4
 
 
 class PagedKVCache:
@@ -63,9 +65,9 @@ class StepTensors:
     # On the CPU, each prompt attends on its own instead (see ``_prompt_attention``): (first query, queries, first
     # key, keys, causal mask or None when the prompt starts at position 0) per prefilling sequence.
     prefill_segments: list[tuple[int, int, int, int, torch.Tensor | None]] | None = None
-    # On the CPU, each decoding sequence attends on its own too (see ``_decode_attention``): its keys as a slice of
-    # the cache, (first slot, count), when its blocks are consecutive, else the slots to gather.
-    decode_spans: list[tuple[int, int] | torch.Tensor] | None = None
+    # On the CPU, each decoding sequence attends on its own too (see ``_decode_attention``): its keys as slices of
+    # the cache, one (first slot, count) per run of consecutive blocks, or the slots to gather when they are many.
+    decode_spans: list[list[tuple[int, int]] | torch.Tensor] | None = None
 
     @classmethod
     def build(
@@ -160,13 +162,20 @@ class StepTensors:
 
 def _decode_span(
     table: list[int], count: int, size: int, row: int, slots: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> tuple[int, int] | torch.Tensor:
-    """Where a decoding sequence's ``count`` keys are: one slice when its blocks are consecutive, else its slots."""
+) -> list[tuple[int, int]] | torch.Tensor:
+    """Where a decoding sequence's ``count`` keys are: one slice of the cache per run of consecutive blocks (a
+    sequence that shares a cached prompt start has two: the shared blocks, then its own), or its slots when the
+    runs are too many for a slice each to pay."""
     blocks = -(-count // size)
-    first = table[0]
-    if table[:blocks] == list(range(first, first + blocks)):
-        return first * size, count
-    return slots(torch.full((count,), row, dtype=torch.long), torch.arange(count))
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for index in range(1, blocks + 1):
+        if index == blocks or table[index] != table[index - 1] + 1:
+            if len(runs) == MAX_DECODE_RUNS:
+                return slots(torch.full((count,), row, dtype=torch.long), torch.arange(count))
+            runs.append((table[start] * size, min(index * size, count) - start * size))
+            start = index
+    return runs
 
 
 def _prompt_segments(starts: list[int], lengths: list[int]) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
@@ -220,28 +229,56 @@ def _decode_attention(
     queries: torch.Tensor,
     cache_key: torch.Tensor,
     cache_value: torch.Tensor,
-    spans: list[tuple[int, int] | torch.Tensor],
+    spans: list[list[tuple[int, int]] | torch.Tensor],
     scaling: float | None,
 ) -> torch.Tensor:
-    """Each decoding sequence against its own keys, read in place where they are consecutive.
+    """Each decoding sequence against its own keys, read in place, a run of consecutive blocks at a time.
 
     The batched form gathers every sequence's keys into one padded tensor per layer, a copy of the whole context
     that on the CPU costs more than the attention itself (2.5 ms against 0.9 ms a layer for 13 sequences of 171
-    tokens). queries [heads, rows, dim] -> [1, rows, heads, dim].
+    tokens). A sequence whose keys lie in several runs (one that shares a cached prompt start) attends to each run
+    in place and the partial results are merged by their log-sum-exp, as flash attention merges its tiles: for a
+    500-token shared start that took 0.7 ms a layer against 5.4 ms gathering it. queries [heads, rows, dim] ->
+    [1, rows, heads, dim].
     """
     heads, rows, dim = queries.shape
     out = torch.empty((rows, heads, dim), dtype=queries.dtype, device=queries.device)
     for row, span in enumerate(spans):
-        if isinstance(span, tuple):
-            first, count = span
-            keys, values = cache_key[first : first + count], cache_value[first : first + count]
-        else:
-            keys, values = cache_key.index_select(0, span), cache_value.index_select(0, span)
-        # [keys, kv_heads, dim] -> [1, heads, keys, dim]
-        keys, values = _expand_heads(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], heads)
         query = queries[:, row : row + 1][None]  # [1, heads, 1, dim]
-        out[row] = F.scaled_dot_product_attention(query, keys, values, scale=scaling)[0, :, 0]
+        if isinstance(span, torch.Tensor):
+            out[row] = _attend(query, cache_key.index_select(0, span), cache_value.index_select(0, span), scaling)
+        elif len(span) == 1:
+            first, count = span[0]
+            out[row] = _attend(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
+        else:
+            out[row] = _attend_runs(query, cache_key, cache_value, span, scaling)
     return out[None]
+
+
+def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:
+    """One query row against keys and values laid out as the cache holds them ([keys, kv_heads, dim])."""
+    keys, values = _expand_heads(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], query.shape[1])
+    return F.scaled_dot_product_attention(query, keys, values, scale=scaling)[0, :, 0]
+
+
+def _attend_runs(
+    query: torch.Tensor,
+    cache_key: torch.Tensor,
+    cache_value: torch.Tensor,
+    runs: list[tuple[int, int]],
+    scaling: float | None,
+) -> torch.Tensor:
+    """One query row against several slices of the cache: each attended in place (PyTorch's CPU flash kernel,
+    which also returns the log-sum-exp of its scores), then weighted by the share of the softmax's mass it holds."""
+    outputs, lses = [], []
+    for first, count in runs:
+        keys, values = cache_key[first : first + count], cache_value[first : first + count]
+        keys, values = _expand_heads(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], query.shape[1])
+        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
+        outputs.append(output[0, :, 0])  # [heads, dim]
+        lses.append(lse[0, :, 0])  # [heads]
+    weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [runs, heads, 1]
+    return (torch.stack(outputs) * weights).sum(0).to(query.dtype)
 
 
 def paged_attention(

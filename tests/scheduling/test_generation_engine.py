@@ -224,21 +224,33 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
 
 
 def test_decode_keys_read_in_place_or_gathered_give_the_same_logits(causal_lm_dir: Path) -> None:
-    """On the CPU a decoding sequence's keys are one slice of the cache when its blocks are consecutive, gathered
-    when not; both must match the padded batch that CUDA graphs use."""
+    """On the CPU a decoding sequence's keys are read in place, a slice per run of consecutive blocks (merged by
+    their log-sum-exp when there are several, as for a sequence sharing a cached start), and gathered when the runs
+    are many; every way must match the padded batch that CUDA graphs use."""
     from backends.base import StepBatch
-    from backends.transformers.paged_attention import StepTensors
+    from backends.transformers.paged_attention import MAX_DECODE_RUNS, StepTensors
 
-    engine = make_engine(causal_lm_dir, kv_block_size="4")
+    engine = make_engine(causal_lm_dir, kv_block_size="2")
     engine.stop()
     backend = engine.backend
     prompt = [(7 * i + 3) % 50 + 1 for i in range(10)]
+    tables = {
+        "consecutive": [4, 5, 6, 7, 8, 9],
+        "two runs": [20, 21, 22, 4, 5, 6],
+        "scattered": [9, 1, 6, 3, 12, 15],
+    }
     logits = {}
-    for name, table in {"consecutive": [4, 5, 6], "scattered": [9, 1, 6]}.items():
-        backend.forward(StepBatch([prompt], [0], [table], 4, [0], [0]))
-        step = StepBatch([[prompt[-1]]], [10], [table], 4, [0], [0])
+    for name, table in tables.items():
+        backend.forward(StepBatch([prompt], [0], [table], 2, [0], [0]))
+        step = StepBatch([[prompt[-1]]], [10], [table], 2, [0], [0])
         spans = StepTensors.build(step, backend._cache, backend.torch_device).decode_spans
-        assert spans is not None and isinstance(spans[0], tuple) == (name == "consecutive")
+        assert spans is not None
+        expected_runs = {"consecutive": 1, "two runs": 2}.get(name)
+        if expected_runs is None:
+            assert isinstance(spans[0], torch.Tensor) and 6 > MAX_DECODE_RUNS  # gathered
+        else:
+            assert isinstance(spans[0], list) and len(spans[0]) == expected_runs
+            assert sum(count for _, count in spans[0]) == 11
         logits[name] = backend.forward(step).logits[0]
         padded = StepTensors.build(step, backend._cache, backend.torch_device, padded_decode=True)
         logits[f"{name} padded"] = backend._run_model(padded)[0]
