@@ -719,6 +719,9 @@ def main() -> None:
         work = Path(tmp)
         onnx_paths = write_repositories(work, models, args.threads, site)
         servers: dict[str, Target] = {}
+        # Triton's Python backend stub has died under gRPC load in some runs (a segmentation fault): it is started
+        # again for the next round, at most this many times, so one crash does not leave its targets without figures.
+        triton_restarts = 3
         try:
             for name in server_names:
                 if name.startswith("modeldock"):
@@ -753,6 +756,11 @@ def main() -> None:
                     for _ in range(args.rounds):
                         for target in targets:
                             server = servers[split_target(target)[0]]
+                            if server.name == "triton" and server.process.poll() is not None and triton_restarts:
+                                triton_restarts -= 1
+                                print("triton died; starting it again for the next measurements", flush=True)
+                                server = servers["triton"] = start_triton(work, triton_dir)
+                                wait_ready(server, models)
                             if server.process.poll() is not None:
                                 continue  # reported once, when it died; the other targets carry on
                             try:

@@ -1,7 +1,8 @@
 """The KServe v2 gRPC front end (Triton's ``GRPCInferenceService``): RPCs translate to ``InferenceServer`` calls only.
 
 It runs on ``grpc.aio`` in the same event loop as the HTTP front end, so both share one ``InferenceServer`` and
-neither blocks the other; model work happens in the instances' threads, never in a handler.
+neither blocks the other; model work happens in the instances (on their threads, or on the loop for a batch measured
+at microseconds: ``server.scheduling.instances``), never in a handler.
 """
 
 from __future__ import annotations
