@@ -12,7 +12,8 @@ keys and values as one slice of the cache instead of gathering them slot by slot
 fifth of a decode step); a sequence that could not stay consecutive is still correct, just gathered.
 
 Automatic prefix caching, as vLLM does it: a block full of computed tokens is named by a hash of its tokens and
-its parent block's hash, so the name stands for the whole prefix up to the block's end. A sequence that starts
+its parent block's hash, so the name stands for the whole prefix up to the block's end (the engine names a block
+when the step that fills it is scheduled, and ``forget``s the names if that step fails). A sequence that starts
 with the same tokens takes those blocks instead of computing them again (blocks are reference-counted; a shared
 block is never written, only the blocks past the shared prefix are). A released block keeps its contents and name
 while nothing needs its memory: it waits in a least-recently-used list and is evicted, oldest first, only when no
