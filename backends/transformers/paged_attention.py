@@ -238,8 +238,8 @@ def _decode_attention(
     that on the CPU costs more than the attention itself (2.5 ms against 0.9 ms a layer for 13 sequences of 171
     tokens). A sequence whose keys lie in several runs (one that shares a cached prompt start) attends to each run
     in place and the partial results are merged by their log-sum-exp, as flash attention merges its tiles: for a
-    500-token shared start that took 0.7 ms a layer against 5.4 ms gathering it. queries [heads, rows, dim] ->
-    [1, rows, heads, dim].
+    500-token shared start, one row and layer alone took 0.7 ms against 5.4 ms gathering it, and a whole decode
+    step of 16 such rows about 5 % less time (a shared machine). queries [heads, rows, dim] -> [1, rows, heads, dim].
     """
     heads, rows, dim = queries.shape
     out = torch.empty((rows, heads, dim), dtype=queries.dtype, device=queries.device)
