@@ -53,7 +53,13 @@ class ServerProcess:
         args += extra_args
         self._log = open(log_path, "wb")
         environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.process = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=environment)
+        #: A server started for one module is stopped at its end (see ``_stop_module_servers``); the shared one
+        #: (``server`` fixture) lives for the whole session.
+        self.shared = False
+        # Its own process group, so ``stop`` also takes the engine processes it started (vLLM's, Ray's) with it.
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env=environment, start_new_session=True
+        )
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
@@ -80,6 +86,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # Whatever the server left behind in its group (an engine process it could not stop in time) goes too, so
+        # its memory is free for the tests that follow.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         self._log.close()
 
 
@@ -108,9 +120,23 @@ def start_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
                 server.stop()
         raise AssertionError("unreachable")
 
+    start.started = started  # type: ignore[attr-defined]  # read by _stop_module_servers
     yield start
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_module_servers(start_server: Callable[..., ServerProcess]) -> Iterator[None]:
+    """Stop the servers a test module started when the module ends, not at the end of the session: a server holds
+    its models' memory (an engine's KV cache is a GiB or more), and dozens of idle ones left the last modules
+    without memory to load their own."""
+    started: list[ServerProcess] = start_server.started  # type: ignore[attr-defined]
+    before = len(started)
+    yield
+    for server in started[before:]:
+        if not server.shared:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -124,7 +150,9 @@ def bundled_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., ServerProcess], bundled_repository: Path) -> ServerProcess:
     """One server on the bundled models, shared by the read-only end-to-end tests."""
-    return start_server(bundled_repository)
+    server = start_server(bundled_repository)
+    server.shared = True
+    return server
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
