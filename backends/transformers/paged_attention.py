@@ -243,6 +243,7 @@ def _decode_attention(
     """
     heads, rows, dim = queries.shape
     out = torch.empty((rows, heads, dim), dtype=queries.dtype, device=queries.device)
+    shared = _shared_runs(queries, cache_key, cache_value, spans, scaling)
     for row, span in enumerate(spans):
         query = queries[:, row : row + 1][None]  # [1, heads, 1, dim]
         if isinstance(span, torch.Tensor):
@@ -251,8 +252,38 @@ def _decode_attention(
             first, count = span[0]
             out[row] = _attend(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
         else:
-            out[row] = _attend_runs(query, cache_key, cache_value, span, scaling)
+            out[row] = _attend_runs(query, row, cache_key, cache_value, span, scaling, shared)
     return out[None]
+
+
+# A run of the cache attended once for every row that reads it: (outputs [heads, rows, dim], log-sum-exps
+# [heads, rows], each row's column).
+SharedRun = tuple[torch.Tensor, torch.Tensor, dict[int, int]]
+
+
+def _shared_runs(
+    queries: torch.Tensor,
+    cache_key: torch.Tensor,
+    cache_value: torch.Tensor,
+    spans: list[list[tuple[int, int]] | torch.Tensor],
+    scaling: float | None,
+) -> dict[tuple[int, int], SharedRun]:
+    """Runs of blocks that several decoding rows read (a cached prompt start they share), each attended once with
+    all those rows' queries. Row by row, 16 rows after a 500-token start read its keys 16 times a layer, more bytes
+    than the model's weights; together the keys are read once and the scores are one matrix product."""
+    readers: dict[tuple[int, int], list[int]] = {}
+    for row, span in enumerate(spans):
+        if not isinstance(span, torch.Tensor) and len(span) > 1:
+            for run in span:
+                readers.setdefault(run, []).append(row)
+    shared: dict[tuple[int, int], SharedRun] = {}
+    for (first, count), rows in readers.items():
+        if len(rows) < 2:
+            continue
+        query = queries[:, rows][None]  # [1, heads, rows, dim]
+        output, lse = _attend_slice(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
+        shared[(first, count)] = (output, lse, {row: column for column, row in enumerate(rows)})
+    return shared
 
 
 def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -261,22 +292,38 @@ def _attend(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scali
     return F.scaled_dot_product_attention(query, keys, values, scale=scaling)[0, :, 0]
 
 
+def _attend_slice(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows [1, heads, rows, dim] against one slice of the cache, in place (PyTorch's CPU flash kernel, which
+    also returns the log-sum-exp of its scores): outputs [heads, rows, dim] and log-sum-exps [heads, rows]."""
+    keys, values = _expand_heads(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], query.shape[1])
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
+    return output[0], lse[0]
+
+
 def _attend_runs(
     query: torch.Tensor,
+    row: int,
     cache_key: torch.Tensor,
     cache_value: torch.Tensor,
     runs: list[tuple[int, int]],
     scaling: float | None,
+    shared: dict[tuple[int, int], SharedRun],
 ) -> torch.Tensor:
-    """One query row against several slices of the cache: each attended in place (PyTorch's CPU flash kernel,
-    which also returns the log-sum-exp of its scores), then weighted by the share of the softmax's mass it holds."""
+    """One query row against several slices of the cache, each attended in place (or taken from the rows that
+    share it), then weighted by the share of the softmax's mass it holds."""
     outputs, lses = [], []
     for first, count in runs:
-        keys, values = cache_key[first : first + count], cache_value[first : first + count]
-        keys, values = _expand_heads(keys.transpose(0, 1)[None], values.transpose(0, 1)[None], query.shape[1])
-        output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, keys, values, scale=scaling)
-        outputs.append(output[0, :, 0])  # [heads, dim]
-        lses.append(lse[0, :, 0])  # [heads]
+        if (first, count) in shared:
+            output, lse, columns = shared[(first, count)]
+            column = columns[row]
+            outputs.append(output[:, column])  # [heads, dim]
+            lses.append(lse[:, column])  # [heads]
+            continue
+        output, lse = _attend_slice(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
+        outputs.append(output[:, 0])
+        lses.append(lse[:, 0])
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [runs, heads, 1]
     return (torch.stack(outputs) * weights).sum(0).to(query.dtype)
 

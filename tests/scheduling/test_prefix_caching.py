@@ -231,6 +231,27 @@ async def test_blocks_named_for_a_step_that_failed_are_not_found_later(
         engine.stop()
 
 
+def test_rows_sharing_a_cached_start_read_it_once_and_attend_as_to_their_whole_context() -> None:
+    """Decode attention in place: rows whose keys start with the same cached run attend to it in one call, and each
+    row's result is what attending to its whole context at once gives."""
+    from backends.transformers import paged_attention
+
+    generator = torch.Generator().manual_seed(0)
+    heads, dim, rows = 4, 16, 5
+    cache_key, cache_value = (torch.randn(512, heads, dim, generator=generator) for _ in range(2))
+    queries = torch.randn(heads, rows, dim, generator=generator)
+    # Row 0 holds the start and its own blocks as one run; rows 1-4 share the start (0, 64), then their own.
+    spans = [[(0, 80)]] + [[(0, 64), (128 + 64 * row, 10 + row)] for row in range(1, rows)]
+    shared = paged_attention._shared_runs(queries, cache_key, cache_value, spans, None)
+    assert list(shared) == [(0, 64)] and shared[(0, 64)][2] == {1: 0, 2: 1, 3: 2, 4: 3}
+    out = paged_attention._decode_attention(queries, cache_key, cache_value, spans, None)[0]
+    for row, span in enumerate(spans):
+        slots = torch.cat([torch.arange(first, first + count) for first, count in span])
+        keys, values = cache_key[slots].transpose(0, 1), cache_value[slots].transpose(0, 1)
+        whole = torch.nn.functional.scaled_dot_product_attention(queries[:, row : row + 1], keys, values)
+        torch.testing.assert_close(out[row], whole[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_forgotten_blocks_are_empty_again() -> None:
     blocks = BlockAllocator(num_blocks=4, block_size=4, enable_prefix_caching=True)
     table, hashes = named_table(blocks, list(range(8)))
