@@ -281,7 +281,8 @@ def _shared_runs(
         if len(rows) < 2:
             continue
         query = queries[:, rows][None]  # [1, heads, rows, dim]
-        output, lse = _attend_slice(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
+        keys, values = cache_key[first : first + count], cache_value[first : first + count]
+        output, lse = _attend_slice(query, keys, values, scaling)
         shared[(first, count)] = (output, lse, {row: column for column, row in enumerate(rows)})
     return shared
 
@@ -321,7 +322,8 @@ def _attend_runs(
             outputs.append(output[:, column])  # [heads, dim]
             lses.append(lse[:, column])  # [heads]
             continue
-        output, lse = _attend_slice(query, cache_key[first : first + count], cache_value[first : first + count], scaling)
+        keys, values = cache_key[first : first + count], cache_value[first : first + count]
+        output, lse = _attend_slice(query, keys, values, scaling)
         outputs.append(output[:, 0])
         lses.append(lse[:, 0])
     weights = torch.softmax(torch.stack(lses), dim=0).unsqueeze(-1)  # [runs, heads, 1]
