@@ -185,7 +185,12 @@ class TransformersBackend(GenerativeBackend):
                 from backends.transformers import packed_linear
 
                 if packed_linear.can_pack(self.model, self.torch_device):
-                    packed_linear.pack_linear_layers(self.model)
+                    single_row = (
+                        config.bool_parameter("single_row_weights")
+                        if "single_row_weights" in config.parameters
+                        else None
+                    )
+                    packed_linear.pack_linear_layers(self.model, single_row)
         self._paged = paged_attention
         self._cache: Any = None
         self._graphs: Any = None
