@@ -191,6 +191,11 @@ class TransformersBackend(GenerativeBackend):
                         else None
                     )
                     packed_linear.pack_linear_layers(self.model, single_row)
+            if self.task == "generate" and self.torch_device.type == "cpu":
+                if config.bool_parameter("fused_activations", default=True):
+                    from backends.transformers.fused_activations import fuse_tanh_gelu
+
+                    fuse_tanh_gelu(self.model)
         self._paged = paged_attention
         self._cache: Any = None
         self._graphs: Any = None
