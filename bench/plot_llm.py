@@ -10,13 +10,13 @@ from pathlib import Path
 COLOURS = {"modeldock": "#3f51b5", "modeldock_ngram": "#9fa8da", "vllm": "#f57c00"}
 
 
-def main() -> None:
+def draw(results: Path, target: Path) -> None:
+    """The bars for one ``--json`` result, written to ``target`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = Path(sys.argv[1])
     rows = json.loads(results.read_text())
     workloads = list(dict.fromkeys(f"{r['workload']} {r['clients']}" for r in rows))
     systems = [s for s in COLOURS if any(r["system"] == s for r in rows)]
@@ -33,7 +33,13 @@ def main() -> None:
         axis.set_title(title)
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(results.with_name("plot.png"), dpi=90)
+    figure.savefig(target, dpi=90)
+    plt.close(figure)
+
+
+def main() -> None:
+    results = Path(sys.argv[1])
+    draw(results, results.with_name("plot.png"))
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
 """Draws the performance page's plots (docs/images/bench-*.png) from the benchmark results committed under
 bench/results/, so the figures on the page are the measured ones: ``python docs/performance_plots.py``.
 
-Each plot is requests per second against concurrency for ModelDock and Triton measured in the same run by
-``bench/bench_triton.py`` (interleaved rounds, medians), one line per server and protocol.
+The Triton plots are requests per second against concurrency for ModelDock and Triton measured in the same run by
+``bench/bench_triton.py`` (interleaved rounds, medians), one line per server and protocol; the language-model plot is
+``bench/plot_llm.py``'s bars for a ``bench/bench_llm.py`` run beside vLLM.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -19,6 +22,8 @@ RUNS = {
     "tiny-granian": "tiny model (compute ~0): the request path",
     "mlp-granian": "MLP (compute-bound)",
 }
+# Result folders of bench_llm.py runs (results.json) drawn by bench/plot_llm.py.
+LLM_RUNS = ["llm-vllm-quiet"]
 SERIES = {
     "modeldock-http-binary": ("ModelDock HTTP binary", "#3f51b5", "-"),
     "triton-http-binary": ("Triton HTTP binary", "#76b900", "-"),
@@ -61,7 +66,20 @@ def main(images: Path = IMAGES) -> list[Path]:
         target = images / f"bench-{run}.png"
         plot(run, title, target)
         written.append(target)
+    for run in LLM_RUNS:
+        target = images / f"bench-{run}.png"
+        plot_llm().draw(RESULTS / run / "results.json", target)
+        written.append(target)
     return written
+
+
+def plot_llm() -> ModuleType:
+    """bench/plot_llm.py (the bench folder is scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("plot_llm", ROOT / "bench" / "plot_llm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

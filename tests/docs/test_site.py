@@ -35,7 +35,7 @@ def test_performance_plots_draw_from_the_committed_results(tmp_path: Path) -> No
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     written = module.main(tmp_path)
-    assert [path.name for path in written] == [f"bench-{run}.png" for run in module.RUNS]
+    assert [path.name for path in written] == [f"bench-{run}.png" for run in (*module.RUNS, *module.LLM_RUNS)]
     for path in written:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         # The page shows the committed copy of each plot.
