@@ -237,12 +237,13 @@ def workload(tokenizer: Any, count: int, seed: int, args: argparse.Namespace) ->
     return requests
 
 
-def shared_prefix_workload(tokenizer: Any, count: int, args: argparse.Namespace) -> list[BenchRequest]:
+def shared_prefix_workload(tokenizer: Any, count: int, args: argparse.Namespace, seed: int = 7) -> list[BenchRequest]:
     """Requests that start with the same ~``--system-prompt-tokens``-token system prompt, then a question of their own
-    (as a chat service's requests do): what automatic prefix caching serves from cache."""
+    (as a chat service's requests do): what automatic prefix caching serves from cache. The system prompt is the same
+    whatever the ``seed``; the questions are not."""
     import random
 
-    rng = random.Random(7)
+    rng = random.Random(seed)
     text_ids = tokenizer(_TEXT * 40, add_special_tokens=False)["input_ids"]
     system = tokenizer.decode(text_ids[: args.system_prompt_tokens])
     requests = []
@@ -254,12 +255,12 @@ def shared_prefix_workload(tokenizer: Any, count: int, args: argparse.Namespace)
     return requests
 
 
-def repetitive_workload(tokenizer: Any, count: int, args: argparse.Namespace) -> list[BenchRequest]:
+def repetitive_workload(tokenizer: Any, count: int, args: argparse.Namespace, seed: int = 11) -> list[BenchRequest]:
     """Prompts that repeat a passage, with long answers: the greedy answers of the random-weight model fall into
     loops of their own, and n-gram speculation drafts from the prompt and from those loops."""
     import random
 
-    rng = random.Random(11)
+    rng = random.Random(seed)
     text_ids = tokenizer(_TEXT * 20, add_special_tokens=False)["input_ids"]
     requests = []
     for _ in range(count):
@@ -439,15 +440,19 @@ def start_system(
     return RunningSystem(system, process, log, completions_url, model, extra, metrics_url)
 
 
+Workloads = dict[str, tuple[int, list[BenchRequest]]]
+
+
 def run_interleaved(
-    systems: list[RunningSystem], workloads: dict[str, tuple[int, list[BenchRequest]]], rounds: int
+    systems: list[RunningSystem], workloads: Callable[[int], Workloads], rounds: int
 ) -> list[LevelResult]:
     """Every workload on every system, round after round, the systems' order alternating, so the load of a shared
-    machine falls on all of them alike; each system's rounds add up."""
+    machine falls on all of them alike; each system's rounds add up. ``workloads(round)`` draws each round's
+    requests afresh (see ``run_side_by_side``)."""
     merged: dict[tuple[str, str], LevelResult] = {}
     for index in range(rounds):
         console.print(f"round {index + 1} of {rounds}")
-        for key, (clients, requests) in workloads.items():
+        for key, (clients, requests) in workloads(index).items():
             order = systems if index % 2 == 0 else systems[::-1]
             for system in order:
                 if system.name.endswith("_ngram") and key != "repeat":
@@ -476,6 +481,9 @@ def modeldock_command(
         f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
         f"  dtype: {args.dtype}\n{extra_config}"
     )
+    if args.device == "cpu" and not any(item.startswith("kv_cache") for item in args.parameter):
+        # The same KV cache memory as vLLM's CPU server is given.
+        config += f"  kv_cache_memory_mb: {args.kv_cache_gb * 1024}\n"
     for item in args.parameter:
         key, _, value = item.partition("=")
         config += f"  {key}: {value!r}\n"
@@ -517,7 +525,7 @@ def start_modeldock_vllm(folder: Path, workdir: Path, args: Any) -> RunningSyste
     (repository / MODEL / "config.yaml").write_text(
         "backend: vllm\n"
         f"parameters:\n  max_num_seqs: {args.max_num_seqs}\n  max_model_len: {args.max_model_len}\n"
-        f"  dtype: {args.dtype}\n  cpu_kvcache_space_gb: {args.vllm_kv_cache_gb}\n"
+        f"  dtype: {args.dtype}\n  cpu_kvcache_space_gb: {args.kv_cache_gb}\n"
     )
     port = free_port()
     command = [sys.executable, "-m", "server", "serve", "--model-repository", str(repository), "--host", "127.0.0.1"]
@@ -548,7 +556,7 @@ def start_vllm(folder: Path, workdir: Path, args: Any) -> RunningSystem | None:
     command = [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--host", "127.0.0.1"]
     command += ["--port", str(port), "--dtype", args.dtype, "--max-model-len", str(args.max_model_len)]
     command += ["--max-num-seqs", str(args.max_num_seqs), "--disable-log-stats", "--served-model-name", MODEL]
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gb), "VLLM_NO_USAGE_STATS": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_cache_gb), "VLLM_NO_USAGE_STATS": "1"}
     base = f"http://127.0.0.1:{port}"
     return start_system(
         "vllm",
@@ -871,21 +879,34 @@ def run_side_by_side(
     workdir: Path,
     args: argparse.Namespace,
 ) -> list[LevelResult]:
-    """ModelDock (and vLLM, and ModelDock with speculation) up at once, the workloads interleaved."""
-    named: dict[str, tuple[int, list[BenchRequest]]] = {str(c): (c, workloads[c]) for c in levels}
-    if args.prefix_clients:
-        count = max(args.min_requests, args.prefix_clients * args.requests_per_client)
-        named["prefix"] = (args.prefix_clients, shared_prefix_workload(tokenizer, count, args))
-    if args.speculative:
-        count = max(4, args.repeat_clients * args.requests_per_client)
-        named["repeat"] = (args.repeat_clients, repetitive_workload(tokenizer, count, args))
-    if args.json_schema_clients:
-        clients = args.json_schema_clients
-        constrained = {"structured_outputs": {"json": JSON_SCHEMA}}
-        # Requests drawn as the unconstrained level's are, but not the same ones: the same prompts would find their
-        # blocks in the prefix cache that the unconstrained run just filled, and look cheaper than they are.
-        drawn = workload(tokenizer, len(workloads[clients]), seed=clients + 1000, args=args)
-        named["json"] = (clients, [BenchRequest(r.prompt, r.max_tokens, constrained) for r in drawn])
+    """ModelDock (and vLLM, and ModelDock with speculation) up at once, the workloads interleaved.
+
+    Every round draws its requests afresh (round 1 uses ``workloads``): a round repeating the last one's prompts
+    would find them in a server's prefix cache, and measure how much of the previous rounds a cache holds rather
+    than serving. Only the shared-prefix workload's system prompt stays the same, as a chat service's would."""
+
+    def named(index: int) -> Workloads:
+        def drawn(clients: int, seed: int) -> list[BenchRequest]:
+            count = max(args.min_requests, clients * args.requests_per_client)
+            return workload(tokenizer, count, seed=seed + 7919 * index, args=args)
+
+        rounds: Workloads = {str(c): (c, workloads[c] if index == 0 else drawn(c, c)) for c in levels}
+        if args.prefix_clients:
+            count = max(args.min_requests, args.prefix_clients * args.requests_per_client)
+            requests = shared_prefix_workload(tokenizer, count, args, seed=7 + 7919 * index)
+            rounds["prefix"] = (args.prefix_clients, requests)
+        if args.speculative:
+            count = max(4, args.repeat_clients * args.requests_per_client)
+            rounds["repeat"] = (args.repeat_clients, repetitive_workload(tokenizer, count, args, 11 + 7919 * index))
+        if args.json_schema_clients:
+            clients = args.json_schema_clients
+            constrained = {"structured_outputs": {"json": JSON_SCHEMA}}
+            # Requests drawn as the unconstrained level's are, but not the same ones: the same prompts would find
+            # their blocks in the prefix cache that the unconstrained run just filled, and look cheaper than they are.
+            unconstrained = drawn(clients, clients + 1000)
+            rounds["json"] = (clients, [BenchRequest(r.prompt, r.max_tokens, constrained) for r in unconstrained])
+        return rounds
+
     systems: list[RunningSystem] = []
     try:
         for start in (
@@ -948,7 +969,15 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the model folder and the servers' logs")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     parser.add_argument("--vllm-venv", default="", help="a venv with vLLM: run its OpenAI server beside ModelDock")
-    parser.add_argument("--vllm-kv-cache-gb", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE for vLLM's CPU build")
+    parser.add_argument(
+        "--kv-cache-gb",
+        "--vllm-kv-cache-gb",
+        dest="kv_cache_gb",
+        type=int,
+        default=4,
+        help="KV cache memory of every server on the CPU (vLLM's VLLM_CPU_KVCACHE_SPACE, ModelDock's "
+        "kv_cache_memory_mb), so a larger cache does not hold more of the workload's prefixes for one of them",
+    )
     parser.add_argument(
         "--vllm-backend",
         action="store_true",

@@ -210,7 +210,7 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
 
     engine = make_engine(causal_lm_dir, max_num_batched_tokens="16", max_num_seqs="8")
     backend = engine.backend
-    scratch = backend._cache.key.shape[1] - 1
+    scratch = backend._cache.slots - 1
     backend._graphs = DecodeGraphs(backend._run_model, backend._cache, scratch, 8, 256, backend.torch_device)
     backend._graphs.capture_all()
     try:

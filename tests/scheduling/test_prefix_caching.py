@@ -238,7 +238,7 @@ def test_rows_sharing_a_cached_start_read_it_once_and_attend_as_to_their_whole_c
 
     generator = torch.Generator().manual_seed(0)
     heads, dim, rows = 4, 16, 5
-    cache_key, cache_value = (torch.randn(512, heads, dim, generator=generator) for _ in range(2))
+    cache_key, cache_value = (torch.randn(heads, 512, dim, generator=generator) for _ in range(2))
     queries = torch.randn(heads, rows, dim, generator=generator)
     # Row 0 holds the start and its own blocks as one run; rows 1-4 share the start (0, 64), then their own.
     spans = [[(0, 80)]] + [[(0, 64), (128 + 64 * row, 10 + row)] for row in range(1, rows)]
@@ -247,7 +247,7 @@ def test_rows_sharing_a_cached_start_read_it_once_and_attend_as_to_their_whole_c
     out = paged_attention._decode_attention(queries, cache_key, cache_value, spans, None)[0]
     for row, span in enumerate(spans):
         slots = torch.cat([torch.arange(first, first + count) for first, count in span])
-        keys, values = cache_key[slots].transpose(0, 1), cache_value[slots].transpose(0, 1)
+        keys, values = cache_key[:, slots], cache_value[:, slots]
         whole = torch.nn.functional.scaled_dot_product_attention(queries[:, row : row + 1], keys, values)
         torch.testing.assert_close(out[row], whole[:, 0], rtol=1e-5, atol=1e-5)
 
