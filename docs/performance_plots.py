@@ -23,7 +23,7 @@ RUNS = {
     "mlp-granian": "MLP (compute-bound)",
 }
 # Result folders of bench_llm.py runs (results.json) drawn by bench/plot_llm.py.
-LLM_RUNS = ["llm-vllm-quiet"]
+LLM_RUNS = ["llm-vllm-fair"]
 SERIES = {
     "modeldock-http-binary": ("ModelDock HTTP binary", "#3f51b5", "-"),
     "triton-http-binary": ("Triton HTTP binary", "#76b900", "-"),
