@@ -266,6 +266,14 @@ class TransformersBackend(GenerativeBackend):
         self._cache = self._paged.PagedKVCache(
             self._layers, num_slots + 1, self._kv_heads, self._head_dim, self.dtype, self.torch_device
         )
+        if (
+            self.torch_device.type == "cpu"
+            and self.dtype == self._torch.float32
+            and self.config.bool_parameter("decode_attention_kernel", default=True)
+        ):
+            from backends.transformers import decode_kernel
+
+            self._cache.decode_kernel = decode_kernel.load()
         self._graphs = None
         if self.torch_device.type == "cuda" and self._use_cuda_graphs:
             from backends.transformers.cuda_graphs import DecodeGraphs

@@ -3,8 +3,10 @@
 ``transformers`` lets a model's attention layers call a registered function instead of their built-in one, and
 passes extra keyword arguments of ``forward`` through to it. The function here writes the step's new keys and
 values into the cache slots the engine chose, gathers every cached token of each sequence, and attends with a mask
-that is causal per sequence and hides padding. On the CPU, where that gather costs more than the attention, each
-sequence attends on its own instead, reading its keys in place when its blocks are consecutive. Any model that uses
+that is causal per sequence and hides padding. On the CPU, where that gather costs more than the attention, the
+decoding sequences attend through a kernel of ModelDock's own that reads each one's keys through its block table
+(``decode_kernel.py``), or, without it, one at a time, reading their keys in place when their blocks are
+consecutive. Any model that uses
 the standard attention interface (GPT-2, Llama, Qwen, Mistral, Phi, ...) runs unchanged.
 
 A step mixes decoding sequences (one new token each) with prompt chunks, all in one row with no padding, so a new
@@ -16,12 +18,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from backends.base import StepBatch
+
+if TYPE_CHECKING:
+    from backends.transformers.decode_kernel import DecodeKernel, DecodeRows
 
 ATTENTION_NAME = "modeldock_paged"
 STEP_ARGUMENT = "modeldock_step"
@@ -44,6 +50,8 @@ class PagedKVCache:
         shape = (layers, kv_heads, slots, head_dim)
         self.key = torch.zeros(shape, dtype=dtype, device=device)
         self.value = torch.zeros(shape, dtype=dtype, device=device)
+        # Set by the backend on the CPU (float32) where the kernel builds: decoding rows then attend through it.
+        self.decode_kernel: DecodeKernel | None = None
 
     @property
     def slots(self) -> int:
@@ -78,6 +86,10 @@ class StepTensors:
     # On the CPU, each decoding sequence attends on its own too (see ``_decode_attention``): its keys as slices of
     # the cache, one (first slot, count) per run of consecutive blocks, or the slots to gather when they are many.
     decode_spans: list[list[tuple[int, int]] | torch.Tensor] | None = None
+    # With the CPU decode kernel instead (see ``_kernel_decode_attention``): every decoding row's block table, and
+    # the runs of a cached prompt start that several rows share, each (those rows, first slot, keys), attended once.
+    decode_rows: DecodeRows | None = None
+    decode_shared: list[tuple[torch.Tensor, int, int]] | None = None
 
     @classmethod
     def build(
@@ -130,8 +142,12 @@ class StepTensors:
         else:  # no padded decode group
             decode_slots = torch.zeros((0, 1), dtype=torch.long, device=flat.device)
             decode_mask = torch.zeros((0, 1, 1, 1), dtype=torch.bool, device=flat.device)
-        decode_spans = None
-        if decode and not padded_decode:
+        decode_spans = decode_rows = decode_shared = None
+        if decode and not padded_decode and cache.decode_kernel is not None:
+            decode_rows, decode_shared = _kernel_rows(
+                [batch.block_tables[i] for i in decode], [starts[i] + 1 for i in decode], size
+            )
+        elif decode and not padded_decode:
             decode_spans = [_decode_span(batch.block_tables[i], starts[i] + 1, size, i, slots) for i in decode]
         prefill_segments = None
         if prefill:
@@ -166,6 +182,8 @@ class StepTensors:
             prefill_mask=prefill_mask,
             prefill_segments=prefill_segments,
             decode_spans=decode_spans,
+            decode_rows=decode_rows,
+            decode_shared=decode_shared,
             logits_to_keep=last_t,
         )
 
@@ -186,6 +204,41 @@ def _decode_span(
             runs.append((table[start] * size, min(index * size, count) - start * size))
             start = index
     return runs
+
+
+def _kernel_rows(
+    tables: list[list[int]], contexts: list[int], size: int
+) -> tuple[DecodeRows, list[tuple[torch.Tensor, int, int]]]:
+    """The decoding rows for the kernel, and the cached prompt starts they share. Rows whose tables start with the
+    same consecutive blocks (one cached prefix) attend to those keys together, once, and the kernel then reads only
+    their own keys: 16 rows after a 500-token system prompt would otherwise read it 16 times a layer."""
+    from backends.transformers.decode_kernel import DecodeRows
+
+    begins = [0] * len(tables)
+    by_first: dict[int, list[int]] = {}
+    for row, table in enumerate(tables):
+        by_first.setdefault(table[0], []).append(row)
+    shared = []
+    for rows in by_first.values():
+        if len(rows) < 2:
+            continue
+        lead = tables[rows[0]]
+        limit = min(len(tables[row]) for row in rows)
+        common = 1
+        while (
+            common < limit
+            and lead[common] == lead[common - 1] + 1
+            and all(tables[row][common] == lead[common] for row in rows)
+        ):
+            common += 1
+        # A block two sequences hold is a full block of a cached prompt; each row keeps its newest key to itself.
+        keys = min(common * size, min(contexts[row] for row in rows) - 1)
+        if keys <= 0:
+            continue
+        shared.append((torch.tensor(rows, dtype=torch.long), lead[0] * size, keys))
+        for row in rows:
+            begins[row] = keys
+    return DecodeRows(tables, begins, contexts, size), shared
 
 
 def _prompt_segments(starts: list[int], lengths: list[int]) -> list[tuple[int, int, int, int, torch.Tensor | None]]:
@@ -233,6 +286,33 @@ def _prompt_attention(
             scale=scaling,
         )
     return out
+
+
+def _kernel_decode_attention(
+    queries: torch.Tensor,
+    cache_key: torch.Tensor,
+    cache_value: torch.Tensor,
+    step: StepTensors,
+    scaling: float | None,
+) -> torch.Tensor:
+    """Every decoding row in one kernel call per layer (see ``decode_kernel.py``), after the prompt starts that
+    rows share, each attended once by PyTorch's flash kernel with all its rows' queries (one matrix product, the
+    keys read once), whose outputs and log-sum-exps the kernel then merges with each row's own keys.
+    queries [heads, rows, dim] -> [1, rows, heads, dim]."""
+    assert step.decode_rows is not None and step.cache.decode_kernel is not None
+    heads, rows, dim = queries.shape
+    out = torch.empty((rows, heads, dim), dtype=queries.dtype)
+    lse = None
+    if step.decode_shared:
+        lse = torch.empty((rows, heads), dtype=torch.float32)
+        for members, first, count in step.decode_shared:
+            keys, values = cache_key[:, first : first + count], cache_value[:, first : first + count]
+            output, group_lse = _attend_slice(queries[:, members][None], keys, values, scaling)
+            out[members] = output.transpose(0, 1)
+            lse[members] = group_lse.transpose(0, 1).float()
+    scale = scaling if scaling is not None else dim**-0.5
+    step.cache.decode_kernel.attend(queries.transpose(0, 1), cache_key, cache_value, step.decode_rows, scale, out, lse)
+    return out[None]
 
 
 def _decode_attention(
@@ -363,7 +443,9 @@ def paged_attention(
     heads = query.shape[1]
     decoded = step.decode_count
     outputs = []
-    if decoded and step.decode_spans is not None:
+    if decoded and step.decode_rows is not None:
+        outputs.append(_kernel_decode_attention(query[0, :, :decoded], cache_key, cache_value, step, scaling))
+    elif decoded and step.decode_spans is not None:
         outputs.append(_decode_attention(query[0, :, :decoded], cache_key, cache_value, step.decode_spans, scaling))
     elif decoded:
         # index_select on the flattened slots: several times faster than indexing with the 2-D slot tensor.

@@ -224,15 +224,18 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
 
 
 def test_decode_keys_read_in_place_or_gathered_give_the_same_logits(causal_lm_dir: Path) -> None:
-    """On the CPU a decoding sequence's keys are read in place, a slice per run of consecutive blocks (merged by
-    their log-sum-exp when there are several, as for a sequence sharing a cached start), and gathered when the runs
-    are many; every way must match the padded batch that CUDA graphs use."""
+    """On the CPU a decoding sequence's keys are read by the decode kernel through its block table; without the
+    kernel, in place, a slice per run of consecutive blocks (merged by their log-sum-exp when there are several, as
+    for a sequence sharing a cached start), and gathered when the runs are many. Every way must match the padded
+    batch that CUDA graphs use."""
     from backends.base import StepBatch
     from backends.transformers.paged_attention import MAX_DECODE_RUNS, StepTensors
 
     engine = make_engine(causal_lm_dir, kv_block_size="2")
     engine.stop()
     backend = engine.backend
+    kernel = backend._cache.decode_kernel
+    assert kernel is not None  # float32 on the CPU, with a compiler at hand
     prompt = [(7 * i + 3) % 50 + 1 for i in range(10)]
     tables = {
         "consecutive": [4, 5, 6, 7, 8, 9],
@@ -243,20 +246,39 @@ def test_decode_keys_read_in_place_or_gathered_give_the_same_logits(causal_lm_di
     for name, table in tables.items():
         backend.forward(StepBatch([prompt], [0], [table], 2, [0], [0]))
         step = StepBatch([[prompt[-1]]], [10], [table], 2, [0], [0])
-        spans = StepTensors.build(step, backend._cache, backend.torch_device).decode_spans
-        assert spans is not None
-        expected_runs = {"consecutive": 1, "two runs": 2}.get(name)
-        if expected_runs is None:
-            assert isinstance(spans[0], torch.Tensor) and 6 > MAX_DECODE_RUNS  # gathered
-        else:
-            assert isinstance(spans[0], list) and len(spans[0]) == expected_runs
-            assert sum(count for _, count in spans[0]) == 11
-        logits[name] = backend.forward(step).logits[0]
+        assert StepTensors.build(step, backend._cache, backend.torch_device).decode_rows is not None
+        logits[f"{name} kernel"] = backend.forward(step).logits[0]
+        backend._cache.decode_kernel = None
+        try:
+            spans = StepTensors.build(step, backend._cache, backend.torch_device).decode_spans
+            assert spans is not None
+            expected_runs = {"consecutive": 1, "two runs": 2}.get(name)
+            if expected_runs is None:
+                assert isinstance(spans[0], torch.Tensor) and 6 > MAX_DECODE_RUNS  # gathered
+            else:
+                assert isinstance(spans[0], list) and len(spans[0]) == expected_runs
+                assert sum(count for _, count in spans[0]) == 11
+            logits[name] = backend.forward(step).logits[0]
+        finally:
+            backend._cache.decode_kernel = kernel
         padded = StepTensors.build(step, backend._cache, backend.torch_device, padded_decode=True)
         logits[f"{name} padded"] = backend._run_model(padded)[0]
     reference = logits["consecutive padded"]
     for name, values in logits.items():
         assert torch.allclose(values, reference, atol=1e-5), name
+
+
+async def test_greedy_without_the_decode_kernel_equals_generate_alone(causal_lm_dir: Path, reference) -> None:
+    """``decode_attention_kernel: false``: PyTorch's attention, the same answers."""
+    engine = make_engine(causal_lm_dir, decode_attention_kernel="false")
+    try:
+        assert engine.backend._cache.decode_kernel is None
+        lengths = [6 + 3 * i for i in range(len(PROMPTS))]
+        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
+        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
+            assert tokens(outputs) == reference(prompt, n), prompt
+    finally:
+        engine.stop()
 
 
 async def test_steps_attend_without_the_cudnn_kernel(causal_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -252,6 +252,34 @@ def test_rows_sharing_a_cached_start_read_it_once_and_attend_as_to_their_whole_c
         torch.testing.assert_close(out[row], whole[:, 0], rtol=1e-5, atol=1e-5)
 
 
+def test_rows_sharing_a_cached_start_attend_to_it_once_beside_the_decode_kernel() -> None:
+    """With the CPU decode kernel: the start the rows' block tables share is attended once for all of them, the
+    kernel reads each row's own keys and merges the two, and each row gets what its whole context at once gives."""
+    from types import SimpleNamespace
+
+    from backends.transformers import decode_kernel, paged_attention
+
+    kernel = decode_kernel.load()
+    assert kernel is not None
+    generator = torch.Generator().manual_seed(1)
+    heads, dim, size = 4, 16, 16
+    cache_key, cache_value = (torch.randn(heads, 512, dim, generator=generator) for _ in range(2))
+    # Rows 0-3 share blocks 0-3 (a 64-token start); row 0's own blocks follow them; row 4 shares nothing.
+    tables = [[0, 1, 2, 3, 4], [0, 1, 2, 3, 9], [0, 1, 2, 3, 12, 13], [0, 1, 2, 3, 20], [30, 31]]
+    contexts = [80, 66, 90, 65, 20]
+    rows, shared = paged_attention._kernel_rows(tables, contexts, size)
+    assert [(members.tolist(), first, count) for members, first, count in shared] == [([0, 1, 2, 3], 0, 64)]
+    assert rows.begins.tolist() == [64, 64, 64, 64, 0]
+    queries = torch.randn(heads, len(tables), dim, generator=generator)
+    step = SimpleNamespace(decode_rows=rows, decode_shared=shared, cache=SimpleNamespace(decode_kernel=kernel))
+    out = paged_attention._kernel_decode_attention(queries, cache_key, cache_value, step, None)[0]
+    for row, (table, context) in enumerate(zip(tables, contexts, strict=True)):
+        slots = torch.tensor([table[p // size] * size + p % size for p in range(context)])
+        keys, values = cache_key[:, slots], cache_value[:, slots]
+        whole = torch.nn.functional.scaled_dot_product_attention(queries[:, row : row + 1], keys, values)
+        torch.testing.assert_close(out[row], whole[:, 0], rtol=1e-5, atol=1e-5)
+
+
 def test_forgotten_blocks_are_empty_again() -> None:
     blocks = BlockAllocator(num_blocks=4, block_size=4, enable_prefix_caching=True)
     table, hashes = named_table(blocks, list(range(8)))
