@@ -98,7 +98,7 @@ MODEL = "busy_lm"
 @pytest.fixture(scope="module")
 def busy_server(start_server: Callable[..., ServerProcess], tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     repository = tmp_path_factory.mktemp("overload") / "models"
-    build_causal_lm(repository / MODEL / "1", n_positions=2048)
+    build_causal_lm(repository / MODEL / "1", n_positions=4096)
     (repository / MODEL / "config.yaml").write_text(
         "backend: transformers\nparameters:\n  max_num_seqs: 1\n  max_waiting_seqs: 1\n"
     )
@@ -123,7 +123,9 @@ async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an
     import openai
     import tritonclient.grpc as grpcclient
 
-    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "temperature": 0}
+    # Long enough (several seconds each, more on a loaded machine) that the engine stays full through the checks.
+    hold = 4000
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": hold, "ignore_eos": True, "temperature": 0}
     async with httpx.AsyncClient(base_url=busy_server.url, timeout=120) as http:
         # One request runs (the only seat), one waits (the only waiting place): the engine is full.
         holders = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(2)]
@@ -160,7 +162,7 @@ async def test_openai_and_the_generate_extension_answer_429_and_a_grpc_stream_an
 
         answers = await asyncio.gather(*holders)
         assert [a.status_code for a in answers] == [200, 200]
-        assert all(a.json()["usage"]["completion_tokens"] == 1500 for a in answers)
+        assert all(a.json()["usage"]["completion_tokens"] == hold for a in answers)
     metrics = httpx.get(f"{busy_server.url}/metrics").text
     rejected = [line for line in metrics.splitlines() if line.startswith("modeldock_llm_requests_rejected")]
     assert rejected and float(rejected[0].split()[-1]) >= 3
