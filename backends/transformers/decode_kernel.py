@@ -67,11 +67,10 @@ def _compiler() -> str | None:
 def _build(compiler: str, directory: Path) -> Path:
     """The library for this machine, from the cache or compiled now (atomically, so concurrent loads are safe)."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    machine = [SOURCE.read_text(), version, _cpu_features()]
     errors = []
     for compile_flags, link_flags in _BUILDS:
-        digest = hashlib.sha256(
-            "\0".join([SOURCE.read_text(), version, _cpu_features(), *compile_flags, *link_flags]).encode()
-        ).hexdigest()[:20]
+        digest = hashlib.sha256("\0".join([*machine, *compile_flags, *link_flags]).encode()).hexdigest()[:20]
         library = directory / f"decode_attention-{digest}.so"
         if library.exists():
             return library

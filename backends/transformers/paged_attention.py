@@ -6,8 +6,8 @@ values into the cache slots the engine chose, gathers every cached token of each
 that is causal per sequence and hides padding. On the CPU, where that gather costs more than the attention, the
 decoding sequences attend through a kernel of ModelDock's own that reads each one's keys through its block table
 (``decode_kernel.py``), or, without it, one at a time, reading their keys in place when their blocks are
-consecutive. Any model that uses
-the standard attention interface (GPT-2, Llama, Qwen, Mistral, Phi, ...) runs unchanged.
+consecutive. Any model that uses the standard attention interface (GPT-2, Llama, Qwen, Mistral, Phi, ...) runs
+unchanged.
 
 A step mixes decoding sequences (one new token each) with prompt chunks, all in one row with no padding, so a new
 prompt joins the running batch instead of pausing it. The model returns logits only where the engine samples:

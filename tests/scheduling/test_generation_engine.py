@@ -46,6 +46,13 @@ def tokens(outputs: list[GenerationOutput]) -> list[int]:
     return [t for o in outputs for t in o.token_ids]
 
 
+async def assert_prompts_match_generate(engine: GenerationEngine, reference, lengths: list[int]) -> None:
+    """Every one of ``PROMPTS`` at once, each to its length in ``lengths``: each answer is transformers' alone."""
+    results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
+    for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
+        assert tokens(outputs) == reference(prompt, n), prompt
+
+
 async def test_greedy_under_continuous_batching_equals_generate_alone(engine: GenerationEngine, reference) -> None:
     """The request joins a running batch of 15 others of mixed prompt and output lengths, and leaves before them."""
     others = [
@@ -214,10 +221,7 @@ async def test_decode_steps_padded_to_graph_shapes_still_match(causal_lm_dir: Pa
     backend._graphs = DecodeGraphs(backend._run_model, backend._cache, scratch, 8, 256, backend.torch_device)
     backend._graphs.capture_all()
     try:
-        lengths = [6 + 5 * i for i in range(len(PROMPTS))]
-        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
-        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
-            assert tokens(outputs) == reference(prompt, n), prompt
+        await assert_prompts_match_generate(engine, reference, [6 + 5 * i for i in range(len(PROMPTS))])
     finally:
         engine.stop()
     assert backend._graphs.captured == 4 * 2
@@ -273,10 +277,7 @@ async def test_greedy_without_the_decode_kernel_equals_generate_alone(causal_lm_
     engine = make_engine(causal_lm_dir, decode_attention_kernel="false")
     try:
         assert engine.backend._cache.decode_kernel is None
-        lengths = [6 + 3 * i for i in range(len(PROMPTS))]
-        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
-        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
-            assert tokens(outputs) == reference(prompt, n), prompt
+        await assert_prompts_match_generate(engine, reference, [6 + 3 * i for i in range(len(PROMPTS))])
     finally:
         engine.stop()
 
@@ -306,10 +307,7 @@ async def test_the_model_in_a_worker_process_generates_the_same_tokens(causal_lm
     engine = make_engine(causal_lm_dir, model_process="true", max_num_batched_tokens="8")
     try:
         assert engine.backend._worker is not None and engine.backend.model is None
-        lengths = [6 + 5 * i for i in range(len(PROMPTS))]
-        results = await asyncio.gather(*(collect(engine, p, greedy(n)) for p, n in zip(PROMPTS, lengths, strict=True)))
-        for prompt, n, outputs in zip(PROMPTS, lengths, results, strict=True):
-            assert tokens(outputs) == reference(prompt, n), prompt
+        await assert_prompts_match_generate(engine, reference, [6 + 5 * i for i in range(len(PROMPTS))])
         seeded = SamplingParams(temperature=0.9, seed=11, max_tokens=12, ignore_eos=True, repetition_penalty=1.3)
         assert tokens(await collect(engine, "Hello", seeded)) == tokens(await collect(engine, "Hello", seeded))
     finally:
