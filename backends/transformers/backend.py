@@ -190,7 +190,12 @@ class TransformersBackend(GenerativeBackend):
                         if "single_row_weights" in config.parameters
                         else None
                     )
-                    packed_linear.pack_linear_layers(self.model, single_row)
+                    row_kernel = None
+                    if config.bool_parameter("dense_row_kernel", default=True):
+                        from backends.transformers import dense_kernel
+
+                        row_kernel = dense_kernel.load()
+                    packed_linear.pack_linear_layers(self.model, single_row, row_kernel)
             if self.task == "generate" and self.torch_device.type == "cpu":
                 if config.bool_parameter("fused_activations", default=True):
                     from backends.transformers.fused_activations import fuse_tanh_gelu

@@ -2,10 +2,8 @@
 
 Why a kernel of our own: at decode sizes, PyTorch's CPU flash attention costs its setup once per row and layer
 (192 calls a step for 16 rows of a 12-layer model), and that setup, not the memory the keys take, was a third of a
-step. vLLM reads its paged cache with its own kernel for the same reason. This one is plain C with no PyTorch
-headers, so it builds in well under a second with the machine's C compiler, tuned for the CPU it runs on
-(``-march=native``); the library is cached under ``$MODELDOCK_CACHE_DIR`` (default ``~/.cache/modeldock``), keyed by
-the source, the compiler and the CPU's features, so a shared home directory never hands one CPU another's build.
+step. vLLM reads its paged cache with its own kernel for the same reason. It is built and cached as
+``native_kernels`` builds every kernel of ours.
 
 Where no compiler is at hand (or it fails), the engine uses PyTorch's attention and logs why once: slower, the same
 answers. ``parameters.decode_attention_kernel: false`` chooses that too.
@@ -14,83 +12,23 @@ answers. ``parameters.decode_attention_kernel: false`` chooses that too.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from backends.transformers import native_kernels
 
 SOURCE = Path(__file__).with_name("decode_attention.c")
 # Fast first (vectorized exponentials from glibc's libmvec need -ffast-math, which the link step leaves out so the
 # library never switches the process's floating point to flush denormals), then portable.
-_BUILDS: tuple[tuple[list[str], list[str]], ...] = (
+_BUILDS: tuple[native_kernels.Build, ...] = (
     (["-O3", "-march=native", "-ffast-math", "-fopenmp-simd"], ["-lmvec", "-lm"]),
     (["-O3", "-fopenmp-simd"], ["-lm"]),
 )
-_COMPILE_TIMEOUT_S = 120
 # A thread takes a share of the rows only when the step reads at least this many keys per thread: below it, the
 # hand-off costs more than it saves.
 _KEYS_PER_THREAD = 2048
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("MODELDOCK_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "modeldock"
-    )
-    return Path(root) / "kernels"
-
-
-def _cpu_features() -> str:
-    """The CPU's model and feature flags: a library built with -march=native runs only where these match."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            lines = [line for line in info if line.startswith(("flags", "Features", "model name", "CPU part"))]
-    except OSError:
-        lines = []
-    return "".join(sorted(set(lines))) or platform.processor() or platform.machine()
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-
-
-def _build(compiler: str, directory: Path) -> Path:
-    """The library for this machine, from the cache or compiled now (atomically, so concurrent loads are safe)."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    machine = [SOURCE.read_text(), version, _cpu_features()]
-    errors = []
-    for compile_flags, link_flags in _BUILDS:
-        digest = hashlib.sha256("\0".join([*machine, *compile_flags, *link_flags]).encode()).hexdigest()[:20]
-        library = directory / f"decode_attention-{digest}.so"
-        if library.exists():
-            return library
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as work:
-            objects = Path(work) / "decode_attention.o"
-            built = Path(work) / library.name
-            steps = [
-                [compiler, *compile_flags, "-fPIC", "-c", str(SOURCE), "-o", str(objects)],
-                [compiler, "-shared", str(objects), "-o", str(built), *link_flags],
-            ]
-            try:
-                for command in steps:
-                    subprocess.run(command, check=True, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-            except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-                errors.append(f"{' '.join(compile_flags)}: {getattr(exc, 'stderr', '') or exc}".strip())
-                continue
-            os.replace(built, library)
-            return library
-    raise RuntimeError("; ".join(errors))
 
 
 class DecodeKernel:
@@ -108,8 +46,6 @@ class DecodeKernel:
         ]  # fmt: skip
         function.restype = ctypes.c_int
         self._function = function
-        self._pool: ThreadPoolExecutor | None = None
-        self._pool_lock = threading.Lock()
 
     def attend(
         self,
@@ -127,7 +63,7 @@ class DecodeKernel:
         merge = rows.merge
         if query.stride(-1) != 1:
             query = query.contiguous()
-        count, heads, dim = query.shape
+        heads, dim = query.shape[1:]
         arguments = (
             query.data_ptr(), query.stride(0), query.stride(1),
             key.data_ptr(), value.data_ptr(), key.shape[1],
@@ -143,20 +79,12 @@ class DecodeKernel:
             out.data_ptr(),
             lse.data_ptr() if lse is not None else None,
         )
-        splits = self._splits(rows, heads)
-        if len(splits) == 1:
-            self._call(arguments, 0, count, tail)
-            return
-        pool = self._executor(len(splits) - 1)
-        futures = [pool.submit(self._call, arguments, first, last, tail) for first, last in splits[1:]]
-        self._call(arguments, *splits[0], tail)
-        for future in futures:
-            future.result()
 
-    def _call(self, arguments: tuple[object, ...], first: int, last: int, tail: tuple[object, ...]) -> None:
-        # ctypes releases the GIL for the call, so the rows' shares run on their threads at once.
-        if self._function(*arguments, first, last, *tail) != 0:
-            raise MemoryError("decode attention: no memory for the scores")
+        def call(first: int, last: int) -> None:
+            if self._function(*arguments, first, last, *tail) != 0:
+                raise MemoryError("decode attention: no memory for the scores")
+
+        native_kernels.run_shares(call, self._splits(rows, heads))
 
     @staticmethod
     def _splits(rows: DecodeRows, heads: int) -> list[tuple[int, int]]:
@@ -173,12 +101,6 @@ class DecodeKernel:
                 first = index + 1
         splits.append((first, count))
         return [split for split in splits if split[0] < split[1]]
-
-    def _executor(self, workers: int) -> ThreadPoolExecutor:
-        with self._pool_lock:
-            if self._pool is None or self._pool._max_workers < workers:
-                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode-attention")
-            return self._pool
 
 
 class DecodeRows:
@@ -201,13 +123,5 @@ class DecodeRows:
 @cache
 def load() -> DecodeKernel | None:
     """The kernel, built on first use; None (logged once) where it cannot be built here."""
-    compiler = _compiler()
-    if compiler is None:
-        logger.info("no C compiler found: decode attention runs on PyTorch's kernels (slower on the CPU)")
-        return None
-    try:
-        library = _build(compiler, _cache_dir())
-        return DecodeKernel(ctypes.CDLL(str(library)))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        logger.warning("the decode-attention kernel could not be built (%s); using PyTorch's kernels", exc)
-        return None
+    library = native_kernels.build(SOURCE, _BUILDS, "decode attention")
+    return DecodeKernel(library) if library is not None else None

@@ -1,4 +1,5 @@
-"""Dense layers packed for oneDNN: the same products as the layer they replace, in the one-row layout and the other."""
+"""Dense layers packed for oneDNN: the same products as the layer they replace, in the one-row layout and the other,
+and with one-row steps read by ModelDock's kernel (the output head too, still tied to the embeddings)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,31 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from backends.transformers import packed_linear  # noqa: E402
+from backends.transformers import dense_kernel, packed_linear  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
 
 
-@pytest.mark.parametrize("single_row", [False, True])
+@pytest.fixture(scope="module")
+def row_kernel() -> dense_kernel.DenseRowKernel:
+    built = dense_kernel.load()
+    assert built is not None, "the machine has a C compiler (CI installs one), so the kernel must build"
+    return built
+
+
+@pytest.mark.parametrize("single_row", ["no", "onednn", "kernel"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
-def test_a_packed_layer_computes_what_the_layer_did(single_row: bool, rows: int) -> None:
+def test_a_packed_layer_computes_what_the_layer_did(
+    single_row: str, rows: int, row_kernel: dense_kernel.DenseRowKernel
+) -> None:
     generator = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(96, 40)
     x = torch.randn(2, rows, 96, generator=generator)[:1]  # a step's rows: [1, rows, features]
-    packed = packed_linear.PackedLinear(layer.weight, layer.bias, single_row)
-    assert (packed.packed_row is not None) == single_row
-    torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
+    kernel = row_kernel if single_row == "kernel" else None
+    packed = packed_linear.PackedLinear(layer.weight, layer.bias, single_row != "no", kernel)
+    assert (packed.packed_row is not None) == (single_row != "no")
+    with torch.no_grad():
+        torch.testing.assert_close(packed(x), layer(x), rtol=1e-5, atol=1e-5)
 
 
 def test_a_small_model_keeps_both_layouts_unless_told_not_to() -> None:
@@ -40,3 +52,25 @@ def test_a_small_model_keeps_both_layouts_unless_told_not_to() -> None:
     plain = transformers.GPT2LMHeadModel(config).eval()
     packed_linear.pack_linear_layers(plain, single_row=False)
     assert all(m.packed_row is None for m in plain.modules() if isinstance(m, packed_linear.PackedLinear))
+
+
+def test_the_row_kernel_reads_one_row_steps_and_the_tied_head_in_place(
+    row_kernel: dense_kernel.DenseRowKernel,
+) -> None:
+    config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=2, vocab_size=67, n_positions=32)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[5, 2, 9, 4, 7]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    packed_linear.pack_linear_layers(model, row_kernel=row_kernel)
+    head = model.get_output_embeddings()
+    assert isinstance(head, packed_linear.RowKernelHead)
+    assert head.weight is model.get_input_embeddings().weight  # still tied, not copied
+    calls = []
+    project = row_kernel.project
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(row_kernel, "project", lambda *args: calls.append(1) or project(*args))
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        assert not calls  # five rows: oneDNN's packing
+        torch.testing.assert_close(model(ids[:, :1]).logits, expected[:, :1], rtol=1e-4, atol=1e-4)
+    assert len(calls) == 2 * 4 + 1  # one row: every dense layer and the head through the kernel
