@@ -13,13 +13,6 @@ from backends.transformers import decode_kernel, native_kernels  # noqa: E402
 from backends.transformers.decode_kernel import DecodeRows  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def kernel() -> decode_kernel.DecodeKernel:
-    built = decode_kernel.load()
-    assert built is not None, "the machine has a C compiler (CI installs one), so the kernel must build"
-    return built
-
-
 def _slots(table: list[int], positions: range, size: int) -> torch.Tensor:
     return torch.tensor([table[p // size] * size + p % size for p in positions])
 
@@ -41,13 +34,14 @@ def _reference(
 )
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_match_attention_over_their_gathered_keys(
-    kernel: decode_kernel.DecodeKernel,
+    decode_attention_kernel: decode_kernel.DecodeKernel,
     heads: int,
     kv_heads: int,
     dim: int,
     size: int,
     threads: int,
     monkeypatch: pytest.MonkeyPatch,
+    intra_op_threads,
 ) -> None:
     """Scattered and consecutive block tables, contexts from 1 key to several blocks, grouped-query heads, a head
     size that is not a multiple of the vector width; split between threads or not."""
@@ -68,20 +62,16 @@ def test_rows_match_attention_over_their_gathered_keys(
     lse = torch.empty(len(contexts), heads)
     scale = dim**-0.5
     monkeypatch.setattr(decode_kernel, "_KEYS_PER_THREAD", 1)  # these few keys still split between threads
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        assert len(kernel._splits(rows, heads)) == threads
-        kernel.attend(query, key, value, rows, scale, out, lse)
-    finally:
-        torch.set_num_threads(previous)
+    with intra_op_threads(threads):
+        assert len(decode_attention_kernel._splits(rows, heads)) == threads
+        decode_attention_kernel.attend(query, key, value, rows, scale, out, lse)
     for row, (table, context) in enumerate(zip(tables, contexts, strict=True)):
         expected, expected_lse = _reference(query[row], key, value, _slots(table, range(context), size), scale)
         torch.testing.assert_close(out[row].double(), expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse[row].double(), expected_lse, rtol=1e-5, atol=1e-5)
 
 
-def test_a_part_merges_with_an_earlier_parts_result(kernel: decode_kernel.DecodeKernel) -> None:
+def test_a_part_merges_with_an_earlier_parts_result(decode_attention_kernel: decode_kernel.DecodeKernel) -> None:
     """Rows sharing a prompt start: the start attended apart (its output and log-sum-exp given), the rest here."""
     generator = torch.Generator().manual_seed(7)
     heads, dim, size = 4, 32, 4
@@ -96,7 +86,7 @@ def test_a_part_merges_with_an_earlier_parts_result(kernel: decode_kernel.Decode
         start_out, start_lse = _reference(query[row], key, value, _slots(tables[row], range(12), size), 0.2)
         out[row], lse[row] = start_out.float(), start_lse.float()
     rows = DecodeRows(tables, begins, contexts, size)
-    kernel.attend(query, key, value, rows, 0.2, out, lse)
+    decode_attention_kernel.attend(query, key, value, rows, 0.2, out, lse)
     for row, (table, context) in enumerate(zip(tables, contexts, strict=True)):
         expected, expected_lse = _reference(query[row], key, value, _slots(table, range(context), size), 0.2)
         torch.testing.assert_close(out[row].double(), expected, rtol=1e-5, atol=1e-5)

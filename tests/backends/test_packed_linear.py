@@ -13,22 +13,15 @@ from backends.transformers import dense_kernel, packed_linear  # noqa: E402
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch without oneDNN")
 
 
-@pytest.fixture(scope="module")
-def row_kernel() -> dense_kernel.DenseRowKernel:
-    built = dense_kernel.load()
-    assert built is not None, "the machine has a C compiler (CI installs one), so the kernel must build"
-    return built
-
-
 @pytest.mark.parametrize("single_row", ["no", "onednn", "kernel"])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_a_packed_layer_computes_what_the_layer_did(
-    single_row: str, rows: int, row_kernel: dense_kernel.DenseRowKernel
+    single_row: str, rows: int, dense_row_kernel: dense_kernel.DenseRowKernel
 ) -> None:
     generator = torch.Generator().manual_seed(rows)
     layer = torch.nn.Linear(96, 40)
     x = torch.randn(2, rows, 96, generator=generator)[:1]  # a step's rows: [1, rows, features]
-    kernel = row_kernel if single_row == "kernel" else None
+    kernel = dense_row_kernel if single_row == "kernel" else None
     packed = packed_linear.PackedLinear(layer.weight, layer.bias, single_row != "no", kernel)
     assert (packed.packed_row is not None) == (single_row != "no")
     with torch.no_grad():
@@ -55,21 +48,21 @@ def test_a_small_model_keeps_both_layouts_unless_told_not_to() -> None:
 
 
 def test_the_row_kernel_reads_one_row_steps_and_the_tied_head_in_place(
-    row_kernel: dense_kernel.DenseRowKernel,
+    dense_row_kernel: dense_kernel.DenseRowKernel,
 ) -> None:
     config = transformers.GPT2Config(n_embd=48, n_layer=2, n_head=2, vocab_size=67, n_positions=32)
     model = transformers.GPT2LMHeadModel(config).eval()
     ids = torch.tensor([[5, 2, 9, 4, 7]])
     with torch.no_grad():
         expected = model(ids).logits
-    packed_linear.pack_linear_layers(model, row_kernel=row_kernel)
+    packed_linear.pack_linear_layers(model, row_kernel=dense_row_kernel)
     head = model.get_output_embeddings()
     assert isinstance(head, packed_linear.RowKernelHead)
     assert head.weight is model.get_input_embeddings().weight  # still tied, not copied
     calls = []
-    project = row_kernel.project
+    project = dense_row_kernel.project
     with torch.no_grad(), pytest.MonkeyPatch.context() as patch:
-        patch.setattr(row_kernel, "project", lambda *args: calls.append(1) or project(*args))
+        patch.setattr(dense_row_kernel, "project", lambda *args: calls.append(1) or project(*args))
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-4)
         assert not calls  # five rows: oneDNN's packing
         torch.testing.assert_close(model(ids[:, :1]).logits, expected[:, :1], rtol=1e-4, atol=1e-4)

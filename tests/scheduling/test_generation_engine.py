@@ -282,6 +282,29 @@ async def test_greedy_without_the_decode_kernel_equals_generate_alone(causal_lm_
         engine.stop()
 
 
+@pytest.mark.parametrize("setting", ["true", "false"])
+async def test_a_single_streams_dense_layers_follow_dense_row_kernel(
+    causal_lm_dir: Path, reference, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One prompt alone: with ``dense_row_kernel`` on (the default) its one-row steps run every dense layer and
+    the output head through the one-row kernel, off they stay on oneDNN; transformers' greedy answer either way."""
+    from backends.transformers import dense_kernel, packed_linear
+
+    kernel = dense_kernel.load()
+    assert kernel is not None
+    calls: list[int] = []
+    project = kernel.project
+    monkeypatch.setattr(kernel, "project", lambda *args: calls.append(1) or project(*args))
+    engine = make_engine(causal_lm_dir, dense_row_kernel=setting)
+    try:
+        head = engine.backend.model.get_output_embeddings()
+        assert isinstance(head, packed_linear.RowKernelHead) == (setting == "true")
+        assert tokens(await collect(engine, PROMPTS[0], greedy(8))) == reference(PROMPTS[0], 8)
+        assert bool(calls) == (setting == "true")
+    finally:
+        engine.stop()
+
+
 async def test_steps_attend_without_the_cudnn_kernel(causal_lm_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Loading a model switches PyTorch's cuDNN attention off (it builds a plan per new shape, and prompt steps
     are new shapes: 40-500 ms a step on a GPU); every attention call of a step then runs with it off."""
