@@ -87,6 +87,10 @@ async def test_a_cheap_batch_runs_on_the_loop_once_measured() -> None:
     instance, _ = make_instance()
     try:
         assert not await run(instance, 0)  # nothing measured yet: the thread
+        # The thread's first batch can pay one-time costs (a busy machine's page faults, first calls), so it may take
+        # one or two more measured batches; after that every cheap batch runs on the loop.
+        settled = [await run(instance, 0) for _ in range(3)]
+        assert settled[-1], settled
         assert all([await run(instance, 0) for _ in range(20)])
     finally:
         instance.unload()
