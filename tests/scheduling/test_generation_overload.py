@@ -23,7 +23,15 @@ from server.scheduling.generation.engine import GenerationEngine  # noqa: E402
 from tests.conftest import ServerProcess  # noqa: E402
 from tests.scheduling.generation_engines import greedy, make_engine  # noqa: E402
 
-LONG = 200  # tokens: holds the only seat for a while
+# Tokens: holds the only seat for well over the tests' delays. The tiny model decodes a token in well under a
+# millisecond on a quiet machine, so it takes thousands, and a model with room for them.
+LONG = 3000
+
+
+@pytest.fixture(scope="module")
+def long_lm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny GPT-2 with room for a ``LONG`` answer."""
+    return build_causal_lm(tmp_path_factory.mktemp("long-lm") / "model", n_positions=4096)
 
 
 async def held(engine: GenerationEngine, sequences: int) -> None:
@@ -39,8 +47,8 @@ async def run(engine: GenerationEngine, max_tokens: int) -> int:
     return len([t async for o in engine.generate(request) for t in o.token_ids])
 
 
-async def test_a_full_waiting_queue_refuses_at_once_and_the_accepted_requests_finish(causal_lm_dir: Path) -> None:
-    engine = make_engine(causal_lm_dir, max_num_seqs="1", max_waiting_seqs="2")
+async def test_a_full_waiting_queue_refuses_at_once_and_the_accepted_requests_finish(long_lm_dir: Path) -> None:
+    engine = make_engine(long_lm_dir, max_num_seqs="1", max_waiting_seqs="2")
     try:
         taken = [asyncio.create_task(run(engine, LONG))]
         await held(engine, 1)  # the first holds the seat
@@ -57,8 +65,8 @@ async def test_a_full_waiting_queue_refuses_at_once_and_the_accepted_requests_fi
         engine.stop()
 
 
-async def test_a_request_that_waits_past_the_delay_is_refused_when_it_passes(causal_lm_dir: Path) -> None:
-    engine = make_engine(causal_lm_dir, max_num_seqs="1", max_queue_delay_ms="150")
+async def test_a_request_that_waits_past_the_delay_is_refused_when_it_passes(long_lm_dir: Path) -> None:
+    engine = make_engine(long_lm_dir, max_num_seqs="1", max_queue_delay_ms="150")
     try:
         first = asyncio.create_task(run(engine, LONG))
         await held(engine, 1)
