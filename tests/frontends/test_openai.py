@@ -425,12 +425,15 @@ async def test_async_client_closing_a_stream_frees_its_sequence(
 
 
 def test_client_leaving_before_a_whole_answer_frees_its_sequence(llm_server: ServerProcess) -> None:
-    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total")
-    body = {"model": GPT, "prompt": PROMPT, "max_tokens": LONG_ANSWER, "ignore_eos": True}
+    # The long-context model: its answer takes seconds, so the client surely leaves first (tiny_gpt's whole
+    # LONG_ANSWER takes only about twice the client's timeout on a quiet machine).
+    aborted = llm_gauge(llm_server, "modeldock_llm_requests_aborted_total", ONE_SEAT)
+    body = {"model": ONE_SEAT, "prompt": PROMPT, "max_tokens": ONE_SEAT_LEN - 64, "ignore_eos": True}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(f"{llm_server.url}/v1/completions", json=body, timeout=0.3)
-    assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, timeout=5) == 0
-    assert wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1) == aborted + 1
+    assert wait_for_gauge(llm_server, "modeldock_llm_requests_running", 0, timeout=5, model=ONE_SEAT) == 0
+    aborted_now = wait_for_gauge(llm_server, "modeldock_llm_requests_aborted_total", aborted + 1, model=ONE_SEAT)
+    assert aborted_now == aborted + 1
 
 
 @pytest.mark.parametrize("stream", [True, False])
