@@ -10,12 +10,14 @@ before the chain samples, through ``Llama.generate``'s ``logits_processor``.
 Structured outputs use llama.cpp's grammars (GBNF): ``json`` goes through llama-cpp-python's JSON-schema converter,
 ``json_object`` is llama.cpp's JSON grammar, ``grammar`` is taken as GBNF, ``choice`` becomes a grammar of the
 alternatives. ``regex`` and ``structural_tag`` have no GBNF equivalent here and are refused with a 400 naming the
-field, rather than ignored.
+field, rather than ignored. With ``disable_any_whitespace`` the JSON grammars' optional whitespace matches nothing,
+so the answer is compact JSON.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,18 +67,19 @@ def structured_output_grammar(structured: StructuredOutputsParams) -> str:
     """The GBNF grammar for a request's ``structured_outputs`` (exactly one field set)."""
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-    chosen = [name for name, value in structured if value not in (None, False)]
+    chosen = structured.given_specs()
     if len(chosen) != 1:
         raise InvalidInput(f"field 'structured_outputs': set exactly one of its fields, got {chosen or 'none'}")
     if structured.json_schema is not None:
         schema = structured.json_schema
         try:
             text = schema if isinstance(schema, str) else json.dumps(schema)
-            return json_schema_to_gbnf(text)
+            grammar = json_schema_to_gbnf(text)
         except Exception as exc:  # the converter raises plain errors for schemas it cannot express
             raise InvalidInput(f"field 'structured_outputs.json': cannot be turned into a grammar: {exc}") from None
+        return _without_free_whitespace(grammar, "space") if structured.disable_any_whitespace else grammar
     if structured.json_object:
-        return JSON_GBNF
+        return _without_free_whitespace(JSON_GBNF, "ws") if structured.disable_any_whitespace else JSON_GBNF
     if structured.grammar is not None:
         if not structured.grammar.strip():
             raise InvalidInput("field 'structured_outputs.grammar': the grammar is empty")
@@ -90,6 +93,13 @@ def structured_output_grammar(structured: StructuredOutputsParams) -> str:
         f"field 'structured_outputs.{field_name}': backend llamacpp takes GBNF grammars only "
         "(structured_outputs.json, json_object, grammar or choice)"
     )
+
+
+def _without_free_whitespace(grammar: str, rule: str) -> str:
+    """``grammar`` with its optional-whitespace ``rule`` (``space`` in llama-cpp-python's schema grammars, ``ws`` in
+    its JSON grammar) matching nothing: the JSON comes out compact, with no whitespace outside its strings."""
+    compact, found = re.subn(rf"^{rule}\s*::=.*$", f'{rule} ::= ""', grammar, count=1, flags=re.MULTILINE)
+    return compact if found else grammar
 
 
 def _gbnf_literal(text: str) -> str:

@@ -20,9 +20,18 @@ def vllm_sampling_params(sampling: SamplingParams, max_tokens: int) -> Any:
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    from server.structured_output.compiler import compact_json_grammar
+
     structured = None
     if sampling.structured_outputs is not None:
-        fields = sampling.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        # vLLM takes JSON's whitespace from its server-wide setting and ignores the request's flag: a request that
+        # disables it sends the grammar ModelDock's own engine would use, so every engine answers alike.
+        compact = compact_json_grammar(sampling.structured_outputs)
+        fields = (
+            {"grammar": compact}
+            if compact is not None
+            else sampling.structured_outputs.model_dump(by_alias=True, exclude_none=True)
+        )
         try:
             structured = StructuredOutputsParams(**fields)
         except ValueError as exc:

@@ -26,6 +26,11 @@ class StructuredOutputsParams(BaseModel):
     ``choice`` one of the given strings; ``grammar`` an EBNF grammar (GBNF, as xgrammar and llama.cpp read it);
     ``structural_tag`` an xgrammar structural tag (JSON text), which tool calls use for free text with constrained
     calls inside.
+
+    ``disable_any_whitespace`` is an option, not a spec: a ``json`` or ``json_object`` answer then has no
+    whitespace of the model's choosing outside its strings (``", "`` and ``": "`` as separators on ``transformers``
+    and ``vllm``, compact JSON on ``llamacpp``). JSON allows any amount between tokens, and a weak or random-weight
+    model can spend its whole ``max_tokens`` on it.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -36,6 +41,15 @@ class StructuredOutputsParams(BaseModel):
     choice: list[str] | None = None
     grammar: str | None = None
     structural_tag: str | None = None
+    disable_any_whitespace: bool = False
+
+    def given_specs(self) -> list[str]:
+        """The spec fields set, by their wire names (``json``, not ``json_schema``); a usable request sets one."""
+        return [
+            name
+            for name in ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
+            if getattr(self, "json_schema" if name == "json" else name) not in (None, False)
+        ]
 
 
 class SamplingParams(BaseModel):

@@ -43,6 +43,7 @@ _pool_lock = threading.Lock()
 _LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
 _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"
 # xgrammar prefixes its errors with a timestamp and its C++ source location, which tell a client nothing.
+_XGRAMMAR_ERRORS = (RuntimeError, ValueError, TypeError, KeyError)
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -80,19 +81,14 @@ _KINDS = {
 def _spec(params: StructuredOutputsParams) -> tuple[str, str]:
     """``(field, canonical text)``: which field is set and its spec as text (the cache key), after the checks
     that need no compiling: exactly one field, sizes, JSON that parses, a schema valid under its metaschema."""
-    given = [
-        name
-        for name in ("json_schema", "json_object", "regex", "choice", "grammar", "structural_tag")
-        if getattr(params, name) not in (None, False)
-    ]
+    given = params.given_specs()
     if len(given) != 1:
-        names = ", ".join("json" if n == "json_schema" else n for n in given) or "none"
         raise InvalidInput(
             f"structured_outputs: set exactly one of json, json_object, regex, choice, grammar, "
-            f"structural_tag (got {names})"
+            f"structural_tag (got {', '.join(given) or 'none'})"
         )
-    name = given[0]
-    field = "json" if name == "json_schema" else name
+    field = given[0]
+    name = "json_schema" if field == "json" else field
     kind = _KINDS[field]
     if field == "json_object":
         return field, ""
@@ -131,11 +127,37 @@ def _spec(params: StructuredOutputsParams) -> tuple[str, str]:
     return field, text
 
 
-def _json_grammar(schema: str, strict_mode: bool) -> str:
-    """The EBNF grammar of a JSON schema, as xgrammar converts it (vLLM's settings: any whitespace), with no raw
-    control character in any string."""
-    grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict_mode))
+def _json_grammar(schema: str, strict_mode: bool, any_whitespace: bool) -> str:
+    """The EBNF grammar of a JSON schema, as xgrammar converts it (vLLM's settings: any whitespace unless the
+    request disables it, and then ``", "`` and ``": "`` as separators), with no raw control character in any
+    string."""
+    grammar = str(xgr.Grammar.from_json_schema(schema, strict_mode=strict_mode, any_whitespace=any_whitespace))
     return grammar.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)
+
+
+def compact_json_grammar(params: StructuredOutputsParams) -> str | None:
+    """The EBNF grammar of a ``json`` or ``json_object`` spec asked with ``disable_any_whitespace``; None for any
+    other spec, or when whitespace is allowed.
+
+    For an engine whose own structured outputs take whitespace from a server-wide setting and ignore the request's
+    flag (vLLM): it is given this grammar instead, the same one this module compiles for ``backend: transformers``.
+    A bad spec raises ``InvalidInput`` naming its field.
+    """
+    field, text = _spec(params)
+    if not params.disable_any_whitespace or field not in ("json", "json_object"):
+        return None
+    try:
+        if field == "json":
+            return _json_grammar(text, True, any_whitespace=False)
+        return _json_grammar('{"type": "object"}', False, any_whitespace=False)
+    except _XGRAMMAR_ERRORS as exc:
+        raise _invalid(field, exc) from None
+
+
+def _invalid(field: str, exc: Exception) -> InvalidGrammar:
+    """xgrammar's error about a spec, without its timestamp and source location."""
+    detail = _XGRAMMAR_LOCATION.sub("", str(exc).strip()).splitlines()
+    return InvalidGrammar(field, _KINDS[field], f"cannot be compiled: {detail[0] if detail else exc}")
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -158,7 +180,7 @@ class StructuredOutputCompiler:
         self.cache_size = cache_size
         self._compiler: xgr.GrammarCompiler | None = None
         self._lock = threading.Lock()
-        self._cache: OrderedDict[tuple[str, str], Future[xgr.CompiledGrammar]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, bool], Future[xgr.CompiledGrammar]] = OrderedDict()
 
     def compile(self, params: StructuredOutputsParams) -> Future[xgr.CompiledGrammar]:
         """The compiled grammar of ``params``, as a future (done at once when cached).
@@ -166,7 +188,9 @@ class StructuredOutputCompiler:
         Checks that need no compiling (one field set, sizes, JSON syntax, the schema's metaschema) raise
         ``InvalidInput`` here; a spec the grammar engine refuses fails the future with ``InvalidGrammar``.
         """
-        key = _spec(params)
+        field, text = _spec(params)
+        # Whether JSON may hold any whitespace is part of the grammar; the other specs spell out their own.
+        key = (field, text, not (params.disable_any_whitespace and field in ("json", "json_object")))
         with self._lock:
             future = self._cache.get(key)
             if future is not None:
@@ -179,7 +203,7 @@ class StructuredOutputCompiler:
         future.add_done_callback(lambda done: self._forget_failure(key, done))
         return future
 
-    def _forget_failure(self, key: tuple[str, str], future: Future[xgr.CompiledGrammar]) -> None:
+    def _forget_failure(self, key: tuple[str, str, bool], future: Future[xgr.CompiledGrammar]) -> None:
         if future.exception() is not None:
             with self._lock:
                 if self._cache.get(key) is future:
@@ -198,15 +222,15 @@ class StructuredOutputCompiler:
                 self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
             return self._compiler
 
-    def _compile(self, field: str, text: str) -> xgr.CompiledGrammar:
+    def _compile(self, field: str, text: str, any_whitespace: bool) -> xgr.CompiledGrammar:
         compiler = self._grammar_compiler()
         try:
             if field == "json":
-                return compiler.compile_grammar(_json_grammar(text, strict_mode=True))
+                return compiler.compile_grammar(_json_grammar(text, True, any_whitespace))
             if field == "json_object":
                 # Any JSON object (OpenAI's json_object), not any JSON value: the schema {"type": "object"}
                 # without xgrammar's strict mode, which would forbid every property.
-                return compiler.compile_grammar(_json_grammar('{"type": "object"}', strict_mode=False))
+                return compiler.compile_grammar(_json_grammar('{"type": "object"}', False, any_whitespace))
             if field == "regex":
                 return compiler.compile_regex(text)
             if field == "choice":
@@ -214,9 +238,8 @@ class StructuredOutputCompiler:
             if field == "grammar":
                 return compiler.compile_grammar(text)
             return self._structural_tag(compiler, text)
-        except (RuntimeError, ValueError, TypeError, KeyError) as exc:
-            detail = _XGRAMMAR_LOCATION.sub("", str(exc).strip()).splitlines()
-            raise InvalidGrammar(field, _KINDS[field], f"cannot be compiled: {detail[0] if detail else exc}") from None
+        except _XGRAMMAR_ERRORS as exc:
+            raise _invalid(field, exc) from None
 
     @staticmethod
     def _structural_tag(compiler: xgr.GrammarCompiler, text: str) -> xgr.CompiledGrammar:

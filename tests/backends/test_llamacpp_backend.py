@@ -302,6 +302,25 @@ def test_json_schema_output_matches_the_schema_and_llama_cpp(client: openai.Open
     jsonschema.validate(json.loads(text), SCHEMA)
 
 
+def test_disable_any_whitespace_gives_compact_json_as_llama_cpp_would(client: openai.OpenAI, reference: Any) -> None:
+    from llama_cpp.llama_grammar import LlamaGrammar
+
+    from backends.llamacpp.sampling import structured_output_grammar
+    from server.protocol.generation import StructuredOutputsParams
+
+    prompt = "Describe a person as JSON:"
+    structured = {"json": SCHEMA, "disable_any_whitespace": True}
+    compact = structured_output_grammar(StructuredOutputsParams.model_validate(structured))
+    assert 'space ::= ""' in compact
+    answer = client.completions.create(
+        model=LLAMA, prompt=prompt, max_tokens=120, temperature=0, extra_body={"structured_outputs": structured}
+    )
+    text = answer.choices[0].text
+    assert_same_as_llama_cpp(text, reference, prompt, 120, grammar=LlamaGrammar.from_string(compact, verbose=False))
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert text == json.dumps(json.loads(text), separators=(",", ":"))  # the names are letters only: no escapes
+
+
 def test_response_format_json_schema_through_chat(client: openai.OpenAI) -> None:
     answer = client.chat.completions.create(
         model=LLAMA,

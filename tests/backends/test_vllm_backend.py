@@ -317,6 +317,20 @@ def test_json_schema_is_enforced_by_vllms_structured_outputs(client: openai.Open
     )
     assert result.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(result.choices[0].text), schema)
+    # Without free whitespace the same schema needs no lucky prompt: every greedy answer closes the object, with
+    # the grammar ModelDock's own engine uses (vLLM alone reads the flag from its server-wide settings only).
+    for prompt in ("Hello", "Once upon a time", "JSON:"):
+        compact = client.completions.create(
+            model=BASE,
+            prompt=prompt,
+            max_tokens=60,
+            temperature=0,
+            extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True}},
+        )
+        text = compact.choices[0].text
+        assert compact.choices[0].finish_reason == "stop", text
+        assert text == json.dumps(json.loads(text)), text  # ", " and ": " only
+        jsonschema.validate(json.loads(text), schema)
     # A regular expression pins the shape down completely, whatever the model would rather write.
     shaped = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}}}
     person = client.completions.create(

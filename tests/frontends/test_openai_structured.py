@@ -105,6 +105,21 @@ def test_json_object(client: openai.OpenAI) -> None:
         assert (answer.choices[0].message.content or "").lstrip().startswith("{")
 
 
+def test_disable_any_whitespace_keeps_greedy_json_to_its_separators(client: openai.OpenAI) -> None:
+    """Greedy decoding of a random model is the case that fills ``max_tokens`` with the whitespace JSON allows;
+    without it, every prompt's answer is the object, closed."""
+    structured = {"json": Forecast.model_json_schema(), "disable_any_whitespace": True}
+    for prompt in ("Once upon a time", "The weather:", "{"):
+        answer = client.completions.create(
+            model=GPT, prompt=prompt, temperature=0, max_tokens=200, extra_body={"structured_outputs": structured}
+        )
+        text = answer.choices[0].text
+        assert answer.choices[0].finish_reason == "stop", text
+        Forecast.model_validate_json(text)
+        outside_strings = re.sub(r'"(?:\\.|[^"\\])*"', '""', text)
+        assert not re.search(r"\s", outside_strings.replace(", ", ",").replace(": ", ":")), text
+
+
 @pytest.mark.parametrize(
     ("extra", "check"),
     [

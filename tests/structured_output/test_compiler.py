@@ -19,6 +19,7 @@ from server.structured_output.compiler import (  # noqa: E402
     MAX_SPEC_CHARS,
     InvalidGrammar,
     StructuredOutputCompiler,
+    compact_json_grammar,
 )
 from server.structured_output.matcher import GrammarMasks  # noqa: E402
 
@@ -67,6 +68,46 @@ def test_json_object_any_object_but_nothing_else(compiler, tokenizer) -> None:
     assert accepts(compiler, tokenizer, params, '{"a": [1, {"b": null}], "c": "d"}')
     assert not accepts(compiler, tokenizer, params, "[1, 2]")
     assert not accepts(compiler, tokenizer, params, '"text"')
+
+
+def test_disable_any_whitespace_leaves_json_only_its_separators_spaces(compiler, tokenizer) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 5}, "tags": {"type": "array"}},
+        "required": ["name", "tags"],
+    }
+    for loose, tight in (
+        (spec(json=schema), spec(json=schema, disable_any_whitespace=True)),
+        (spec(json_object=True), spec(json_object=True, disable_any_whitespace=True)),
+    ):
+        assert accepts(compiler, tokenizer, tight, '{"name": "A b", "tags": [1, "x"]}')  # strings keep theirs
+        for spaced in (
+            '{ "name": "A b", "tags": [1, "x"]}',
+            '{"name":  "A b", "tags": [1, "x"]}',
+            '{"name": "A b",\n"tags": [1, "x"]}',
+            '{"name": "A b", "tags": [1,\t"x"]}',
+            '{"name": "A b", "tags": [1, "x"] }',
+        ):
+            assert accepts(compiler, tokenizer, loose, spaced), spaced
+            assert not accepts(compiler, tokenizer, tight, spaced), spaced
+    # Other specs spell out their own whitespace: the flag leaves them as they are (the same compiled grammar).
+    regex = compiler.compile(spec(regex="a b"))
+    assert compiler.compile(spec(regex="a b", disable_any_whitespace=True)) is regex
+
+
+def test_compact_json_grammar_is_the_compiled_ones_text(compiler, tokenizer) -> None:
+    """What an engine with its own structured outputs (vLLM) is sent: the grammar compiled here, for JSON only."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    grammar = compact_json_grammar(spec(json=schema, disable_any_whitespace=True))
+    assert grammar is not None
+    assert accepts(compiler, tokenizer, spec(grammar=grammar), '{"a": 12}')
+    assert not accepts(compiler, tokenizer, spec(grammar=grammar), '{ "a": 12}')
+    assert not accepts(compiler, tokenizer, spec(grammar=grammar), '{"a": "12"}')
+    assert compact_json_grammar(spec(json=schema)) is None
+    assert compact_json_grammar(spec(regex="a b", disable_any_whitespace=True)) is None
+    assert compact_json_grammar(spec(json_object=True, disable_any_whitespace=True)) is not None
+    with pytest.raises(InvalidInput, match="structured_outputs.json"):
+        compact_json_grammar(spec(json={"type": "objectx"}, disable_any_whitespace=True))
 
 
 def test_regex_choice_and_grammar(compiler, tokenizer) -> None:

@@ -131,7 +131,7 @@ def structured_outputs(request: SamplingFields) -> tuple[StructuredOutputsParams
             name = "response_format.json_schema.schema" if request.response_format.type == "json_schema" else ""
             found.append((params, name or "response_format"))
     if request.structured_outputs is not None:
-        set_fields = [k for k, v in request.structured_outputs.model_dump(by_alias=True).items() if v is not None]
+        set_fields = request.structured_outputs.given_specs()
         if len(set_fields) != 1:
             raise OpenAIRequestError(
                 "'structured_outputs': set exactly one of json, json_object, regex, choice, grammar, structural_tag",
