@@ -31,6 +31,7 @@ from server.repository.watcher import RepositoryWatcher
 from server.scheduling.instances import place_instances_remotely
 from server.scheduling.response_cache import CacheSettings, ResponseCache
 from server.shutdown import ShutdownSignals, drain
+from server.worker_processes import import_path_editing_libraries
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ async def serve(settings: ServeSettings) -> int:
         except Exception as exc:  # unreachable, or refused: nothing to serve with, so a clear exit
             where = settings.ray_address or "(Ray's default)"
             raise SystemExit(f"--ray {where}: cannot join the Ray cluster: {type(exc).__name__}: {exc}") from None
+    import_path_editing_libraries()
     cache = ResponseCache(settings.cache.size_bytes) if settings.cache is not None else None
     manager = ModelManager(ModelRepository(settings.model_repositories), cache)
     configure_limits(settings.limits)

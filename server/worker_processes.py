@@ -7,7 +7,10 @@ error raised in a child reaches the client exactly as it would from a thread.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
+import logging
 import queue
 import signal
 import threading
@@ -17,6 +20,11 @@ from typing import Any
 
 from server import errors
 from server.errors import ModelDockError
+
+log = logging.getLogger(__name__)
+
+# Installed libraries that put a folder of their own on sys.path for the length of their import.
+PATH_EDITING_IMPORTS = ("cv2",)
 
 
 def error_payload(exc: BaseException) -> tuple[str, str]:
@@ -165,3 +173,22 @@ def worker_outputs(status: str, payload: Any, model_name: str) -> Any:
         raise known
     type_name, message = payload
     raise errors.BackendError(f"model '{model_name}': {type_name}: {message}")
+
+
+def import_path_editing_libraries() -> None:
+    """Import the installed ``PATH_EDITING_IMPORTS`` once, in the calling thread, before models load concurrently.
+
+    multiprocessing's spawn gives a child the parent's sys.path as it is at the moment the child starts. OpenCV's
+    ``cv2`` puts site-packages/cv2 on sys.path while it imports, and in that folder ``cv2/typing`` shadows the
+    standard library's ``typing``. A worker process started by one loading thread (a Python-backend model, an
+    engine process) while another thread imports cv2 (mistral_common's tokenizers, which vLLM uses, import it on
+    first use) dies at its first ``import typing``, and its model fails to load. Once imported here, every later
+    import finds cv2 in sys.modules and leaves sys.path alone.
+    """
+    for name in PATH_EDITING_IMPORTS:
+        if importlib.util.find_spec(name) is None:
+            continue
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # a broken optional library is the models' problem, reported when they load
+            log.warning("could not import %s ahead of loading models: %s: %s", name, type(exc).__name__, exc)
