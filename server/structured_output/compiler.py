@@ -42,8 +42,9 @@ _pool_lock = threading.Lock()
 # compiled with the same exclusion in both.
 _LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
 _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"
-# xgrammar prefixes its errors with a timestamp and its C++ source location, which tell a client nothing.
+# What xgrammar raises for a spec it cannot compile.
 _XGRAMMAR_ERRORS = (RuntimeError, ValueError, TypeError, KeyError)
+# xgrammar prefixes its errors with a timestamp and its C++ source location, which tell a client nothing.
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
 
 
@@ -143,8 +144,10 @@ def compact_json_grammar(params: StructuredOutputsParams) -> str | None:
     flag (vLLM): it is given this grammar instead, the same one this module compiles for ``backend: transformers``.
     A bad spec raises ``InvalidInput`` naming its field.
     """
+    if not params.disable_any_whitespace:
+        return None
     field, text = _spec(params)
-    if not params.disable_any_whitespace or field not in ("json", "json_object"):
+    if field not in ("json", "json_object"):
         return None
     try:
         if field == "json":
