@@ -42,6 +42,8 @@ _pool_lock = threading.Lock()
 # compiled with the same exclusion in both.
 _LOOSE_STRING_CHARACTER = r"[^\"\\\r\n]"
 _JSON_STRING_CHARACTER = r"[^\0-\x1f\"\\\r\n]"
+# The specs whose grammar is JSON, where whitespace between tokens is the model's choice unless the request says not.
+_JSON_SPECS = ("json", "json_object")
 # What xgrammar raises for a spec it cannot compile.
 _XGRAMMAR_ERRORS = (RuntimeError, ValueError, TypeError, KeyError)
 # xgrammar prefixes its errors with a timestamp and its C++ source location, which tell a client nothing.
@@ -136,6 +138,20 @@ def _json_grammar(schema: str, strict_mode: bool, any_whitespace: bool) -> str:
     return grammar.replace(_LOOSE_STRING_CHARACTER, _JSON_STRING_CHARACTER)
 
 
+def _json_spec_grammar(field: str, text: str, any_whitespace: bool) -> str:
+    """The EBNF grammar of a ``json`` spec (its schema's text) or of ``json_object``: any JSON object (OpenAI's
+    json_object), not any JSON value, so the schema {"type": "object"} without xgrammar's strict mode, which would
+    forbid every property."""
+    if field == "json":
+        return _json_grammar(text, True, any_whitespace)
+    return _json_grammar('{"type": "object"}', False, any_whitespace)
+
+
+def _any_whitespace(params: StructuredOutputsParams, field: str) -> bool:
+    """Whether the grammar lets JSON hold any whitespace; the other specs spell out their own."""
+    return not (params.disable_any_whitespace and field in _JSON_SPECS)
+
+
 def compact_json_grammar(params: StructuredOutputsParams) -> str | None:
     """The EBNF grammar of a ``json`` or ``json_object`` spec asked with ``disable_any_whitespace``; None for any
     other spec, or when whitespace is allowed.
@@ -147,12 +163,10 @@ def compact_json_grammar(params: StructuredOutputsParams) -> str | None:
     if not params.disable_any_whitespace:
         return None
     field, text = _spec(params)
-    if field not in ("json", "json_object"):
+    if _any_whitespace(params, field):
         return None
     try:
-        if field == "json":
-            return _json_grammar(text, True, any_whitespace=False)
-        return _json_grammar('{"type": "object"}', False, any_whitespace=False)
+        return _json_spec_grammar(field, text, any_whitespace=False)
     except _XGRAMMAR_ERRORS as exc:
         raise _invalid(field, exc) from None
 
@@ -192,8 +206,7 @@ class StructuredOutputCompiler:
         ``InvalidInput`` here; a spec the grammar engine refuses fails the future with ``InvalidGrammar``.
         """
         field, text = _spec(params)
-        # Whether JSON may hold any whitespace is part of the grammar; the other specs spell out their own.
-        key = (field, text, not (params.disable_any_whitespace and field in ("json", "json_object")))
+        key = (field, text, _any_whitespace(params, field))
         with self._lock:
             future = self._cache.get(key)
             if future is not None:
@@ -228,12 +241,8 @@ class StructuredOutputCompiler:
     def _compile(self, field: str, text: str, any_whitespace: bool) -> xgr.CompiledGrammar:
         compiler = self._grammar_compiler()
         try:
-            if field == "json":
-                return compiler.compile_grammar(_json_grammar(text, True, any_whitespace))
-            if field == "json_object":
-                # Any JSON object (OpenAI's json_object), not any JSON value: the schema {"type": "object"}
-                # without xgrammar's strict mode, which would forbid every property.
-                return compiler.compile_grammar(_json_grammar('{"type": "object"}', False, any_whitespace))
+            if field in _JSON_SPECS:
+                return compiler.compile_grammar(_json_spec_grammar(field, text, any_whitespace))
             if field == "regex":
                 return compiler.compile_regex(text)
             if field == "choice":
